@@ -1,0 +1,344 @@
+"""Configuration: one schema, four sources, one precedence.
+
+Every setting tokenpak reads is declared once in SCHEMA below, with its type, default,
+environment variable and a one-line help. The CLI (`tokenpak config ...`), the man page and
+the tests all read this table, so a key cannot exist in one place and not the others.
+
+Sources, strongest first: command-line flags > environment > the JSON file at
+~/.tokenpak/config.json (or $TOKENPAK_CONFIG) > defaults. The file is nested JSON, as the
+seed docs show (`{"proxy": {"port": 8766}}`); dotted names (`proxy.port`) address it.
+Two families of keys carry a user-chosen name in the middle: `proxy.providers.<name>.url`
+(custom providers) and `pricing.<model>.<field>` (model names may contain dots, so those
+name segments are opaque).
+"""
+
+import difflib
+import json
+import os
+import re
+import tempfile
+
+from .errors import ExitStatus, TokenpakError
+
+LEVELS = ("strict", "hybrid", "balanced", "aggressive")
+
+
+class Key:
+    """One setting: its dotted name, type, default, environment variable and help."""
+
+    __slots__ = ("name", "type", "default", "help", "env", "choices")
+
+    def __init__(self, name, type, default, help, env=None, choices=None):
+        self.name = name
+        self.type = type  # "str" | "int" | "float" | "bool" | "path" | "choice" | "list"
+        self.default = default
+        self.help = help
+        self.env = env
+        self.choices = choices
+
+    def __repr__(self):
+        return "Key(%r)" % self.name
+
+
+_KEYS = [
+    Key("proxy.host", "str", "127.0.0.1", "address to listen on; non-loopback exposes the proxy",
+        env="TOKENPAK_HOST"),
+    Key("proxy.port", "int", 8766, "TCP port to listen on", env="TOKENPAK_PORT"),
+    Key("proxy.providers.openai.url", "str", "https://api.openai.com",
+        "upstream URL for OpenAI", env="TOKENPAK_OPENAI_URL"),
+    Key("proxy.providers.anthropic.url", "str", "https://api.anthropic.com",
+        "upstream URL for Anthropic", env="TOKENPAK_ANTHROPIC_URL"),
+    Key("proxy.providers.google.url", "str",
+        "https://generativelanguage.googleapis.com/v1beta/openai",
+        "upstream URL for Gemini's OpenAI-compatible API", env="TOKENPAK_GOOGLE_URL"),
+    Key("proxy.providers.<name>.url", "str", None,
+        "upstream URL of a custom provider (a base path replaces the client's /v1)"),
+    Key("proxy.providers.<name>.models", "list", None,
+        "comma-separated model-name prefixes routed to the custom provider <name>"),
+    Key("proxy.passthrough_url", "str", "",
+        "upstream for requests no rule recognises (empty: answer 400)",
+        env="TOKENPAK_PASSTHROUGH_URL"),
+    Key("proxy.max_request_bytes", "int", 10 * 1024 * 1024,
+        "largest request body accepted; larger ones get 413 unread"),
+    Key("proxy.connect_timeout", "float", 10.0, "seconds to wait for an upstream connection"),
+    Key("proxy.read_timeout", "float", 600.0,
+        "seconds to wait for upstream data before answering 504"),
+    Key("proxy.client_timeout", "float", 120.0,
+        "seconds a client connection may sit idle or trickle a request before it is closed"),
+    Key("proxy.auth_token", "str", "",
+        "token clients must send in X-TokenPak-Auth (recommended when not on loopback)",
+        env="TOKENPAK_AUTH_TOKEN"),
+    Key("proxy.shutdown_grace_seconds", "float", 30.0,
+        "on SIGTERM, how long in-flight requests and streams may finish"),
+    Key("proxy.pid_file", "path", "~/.tokenpak/tokenpak.pid", "pid file of `serve --daemon`"),
+    Key("proxy.log_file", "path", "~/.tokenpak/tokenpak.log",
+        "log file of `serve --daemon` (rotated)"),
+    Key("compression.enabled", "bool", True, "master switch for prompt compression",
+        env="TOKENPAK_COMPACT"),
+    Key("compression.level", "choice", "hybrid",
+        "strict (lossless), hybrid (= balanced; adds references), aggressive (adds elision)",
+        env="TOKENPAK_MODE", choices=LEVELS),
+    Key("compression.threshold_tokens", "int", 4500,
+        "strict and hybrid leave prompts below this many tokens untouched",
+        env="TOKENPAK_COMPACT_THRESHOLD_TOKENS"),
+    Key("compression.preserve_code", "bool", True, "keep fenced code and code-like output exact"),
+    Key("compression.preserve_json", "bool", False, "do not minify JSON text"),
+    Key("cache.enabled", "bool", True, "serve identical requests from the local cache",
+        env="TOKENPAK_CACHE"),
+    Key("cache.ttl_seconds", "int", 86400, "how long a cached answer stays valid"),
+    Key("cache.max_mb", "int", 256, "cache size cap; least recently used entries go first"),
+    Key("cache.scope", "choice", "key",
+        "key: entries belong to the API key that made them; shared: one cache for all keys",
+        choices=("key", "shared")),
+    Key("footer.enabled", "bool", True, "append the one-line [tokenpak] stats footer to answers",
+        env="TOKENPAK_FOOTER"),
+    Key("db.path", "path", "~/.tokenpak/tokenpak.db", "sqlite3 database: cache and accounting",
+        env="TOKENPAK_DB"),
+    Key("pricing.<model>.<field>", "float", None,
+        "price override in USD per million tokens; field is input, output, cache_read or "
+        "cache_write"),
+    Key("log.level", "choice", "info", "log verbosity",
+        choices=("debug", "info", "warning", "error")),
+]
+
+SCHEMA = {key.name: key for key in _KEYS}
+
+# Environment variables that are not a key's value source.
+EXTRA_ENV = {
+    "TOKENPAK_CONFIG": "path of the config file (default ~/.tokenpak/config.json)",
+}
+
+DEFAULT_CONFIG_PATH = "~/.tokenpak/config.json"
+PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
+_PROVIDER_KEY = re.compile(r"^proxy\.providers\.([A-Za-z0-9_-]+)\.(url|models)$")
+_PRICING_KEY = re.compile(r"^pricing\.(.+)\.(%s)$" % "|".join(PRICE_FIELDS))
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def schema_key(name):
+    """The Key that governs `name`, resolving the <name>/<model> families; None if unknown."""
+    key = SCHEMA.get(name)
+    if key is not None and "<" not in name:
+        return key
+    match = _PROVIDER_KEY.match(name)
+    if match:
+        return SCHEMA["proxy.providers.<name>." + match.group(2)]
+    if _PRICING_KEY.match(name):
+        return SCHEMA["pricing.<model>.<field>"]
+    return None
+
+
+def require_key(name):
+    """schema_key() that raises a usage error with a "did you mean" for unknown names."""
+    key = schema_key(name)
+    if key is None:
+        known = [k for k in SCHEMA if "<" not in k]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = "did you mean %r?" % close[0] if close else "see `tokenpak config list`"
+        raise TokenpakError("unknown config key %r" % name, hint=hint, status=ExitStatus.USAGE)
+    return key
+
+
+def parse_value(name, value):
+    """Check and convert `value` (a string from the CLI or environment, or a JSON value from
+    the file) to the type the schema gives `name`."""
+    key = require_key(name)
+    try:
+        return _convert(key, value)
+    except (TypeError, ValueError) as exc:
+        raise TokenpakError("invalid value for %s: %s" % (name, exc),
+                            hint=key.help, status=ExitStatus.USAGE)
+
+
+def _convert(key, value):
+    kind = key.type
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError("expected true/false (or 1/0), got %r" % (value,))
+    if kind == "int":
+        if isinstance(value, bool) or isinstance(value, float):
+            raise ValueError("expected a whole number, got %r" % (value,))
+        number = int(str(value).strip().replace("_", ""))
+        if number < 0:
+            raise ValueError("expected a number >= 0, got %d" % number)
+        return number
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got %r" % (value,))
+        number = float(value)
+        if number < 0 or number != number:
+            raise ValueError("expected a number >= 0, got %r" % (value,))
+        return number
+    if kind == "choice":
+        text = str(value).strip().lower()
+        if text not in key.choices:
+            raise ValueError("expected one of %s, got %r" % (", ".join(key.choices), value))
+        return text
+    if kind == "list":
+        items = value if isinstance(value, list) else str(value).split(",")
+        return [str(item).strip() for item in items if str(item).strip()]
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError("expected text, got %r" % (value,))
+    text = str(value)
+    if key.name.endswith(".url") and text and not re.match(r"^https?://[^/\s]+", text):
+        raise ValueError("expected an http:// or https:// URL, got %r" % text)
+    return text
+
+
+def config_path(environ=None):
+    """Where the config file lives: $TOKENPAK_CONFIG or ~/.tokenpak/config.json."""
+    environ = os.environ if environ is None else environ
+    return os.path.expanduser(environ.get("TOKENPAK_CONFIG") or DEFAULT_CONFIG_PATH)
+
+
+def _flatten(tree, prefix=""):
+    """Nested JSON -> {"dotted.name": value}; provider and model names stay whole."""
+    flat = {}
+    for name, value in tree.items():
+        dotted = prefix + str(name)
+        opaque_parent = prefix in ("proxy.providers.", "pricing.")
+        if isinstance(value, dict) and (value or opaque_parent):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _nest(flat):
+    """{"dotted.name": value} -> nested JSON, the inverse of _flatten for schema keys."""
+    tree = {}
+    for name, value in sorted(flat.items()):
+        match = _PROVIDER_KEY.match(name) or _PRICING_KEY.match(name)
+        if match:
+            head = "proxy.providers" if name.startswith("proxy.") else "pricing"
+            parts = head.split(".") + [match.group(1), match.group(2)]
+        else:
+            parts = name.split(".")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def read_file(path):
+    """The file's settings as {dotted name: typed value}; {} when the file does not exist.
+
+    A file that is not valid JSON, or holds an unknown key or a badly typed value, is an
+    error naming the file: silently ignoring a typo would run with settings the user did not
+    choose."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise TokenpakError("cannot read config file %s: %s" % (path, exc.strerror))
+    if not text.strip():
+        return {}
+    try:
+        tree = json.loads(text)
+    except ValueError as exc:
+        raise TokenpakError("config file %s is not valid JSON: %s" % (path, exc),
+                            hint="fix or remove the file; `tokenpak config set` rewrites it")
+    if not isinstance(tree, dict):
+        raise TokenpakError("config file %s must hold a JSON object" % path)
+    values = {}
+    for name, value in _flatten(tree).items():
+        try:
+            values[name] = parse_value(name, value)
+        except TokenpakError as exc:
+            raise TokenpakError("config file %s: %s" % (path, exc.message), hint=exc.hint)
+    return values
+
+
+def write_file(path, values):
+    """Atomically replace the config file with `values` (temp file + rename, mode 0600)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(_nest(values), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.chmod(temp, 0o600)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def _env_values(environ):
+    values = {}
+    for key in _KEYS:
+        if key.env and environ.get(key.env, "") != "":
+            try:
+                values[key.name] = _convert(key, environ[key.env])
+            except (TypeError, ValueError) as exc:
+                raise TokenpakError("invalid value in $%s: %s" % (key.env, exc),
+                                    hint=key.help, status=ExitStatus.USAGE)
+    return values
+
+
+class Config:
+    """Effective settings with the source of each: "cli", "env", "file" or "default"."""
+
+    def __init__(self, values, sources, path):
+        self._values = values
+        self._sources = sources
+        self.path = path
+
+    def get(self, name):
+        value = self._values[name]
+        if value is not None and SCHEMA.get(name) is not None and SCHEMA[name].type == "path":
+            return os.path.expanduser(value)
+        return value
+
+    __getitem__ = get
+
+    def source(self, name):
+        return self._sources[name]
+
+    def names(self):
+        return sorted(self._values)
+
+    def providers(self):
+        """{name: {"url": ..., "models": [...]}} for built-in and custom providers."""
+        found = {}
+        for name, value in self._values.items():
+            match = _PROVIDER_KEY.match(name)
+            if match and value is not None:
+                found.setdefault(match.group(1), {"url": "", "models": []})[match.group(2)] = value
+        return found
+
+    def pricing_overrides(self):
+        """{model: {field: usd_per_million}} from pricing.<model>.<field> keys."""
+        prices = {}
+        for name, value in self._values.items():
+            match = _PRICING_KEY.match(name)
+            if match:
+                prices.setdefault(match.group(1), {})[match.group(2)] = value
+        return prices
+
+
+def load(overrides=None, environ=None, path=None):
+    """Build the effective Config: defaults < file < environment < `overrides` (CLI flags)."""
+    environ = os.environ if environ is None else environ
+    path = path or config_path(environ)
+    values, sources = {}, {}
+    for key in _KEYS:
+        if "<" not in key.name:
+            values[key.name], sources[key.name] = key.default, "default"
+    for origin, layer in (("file", read_file(path)), ("env", _env_values(environ)),
+                          ("cli", {n: parse_value(n, v) for n, v in (overrides or {}).items()})):
+        for name, value in layer.items():
+            values[name], sources[name] = value, origin
+    return Config(values, sources, path)

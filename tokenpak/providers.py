@@ -1,0 +1,169 @@
+"""Which provider a request goes to, and the exact upstream URL.
+
+Clients keep their own API keys and only change their base URL, so the request itself must
+say where it goes. The rules, first match wins:
+
+1. explicit: an `X-TokenPak-Provider: <name>` header, or a model name starting with one of a
+   custom provider's `models` prefixes;
+2. the credential (`x-api-key`, or `Authorization: Bearer`): `sk-ant-` -> anthropic (API keys
+   and Claude Code's OAuth tokens alike), `AIza` -> google, any other `sk-` -> openai;
+3. the path: `/v1/messages...` is Anthropic's API;
+4. the model name: `claude-*` -> anthropic, `gemini-*` -> google, `gpt-*`, `o1..o9*`,
+   `chatgpt-*`, `text-embedding-*` ... -> openai;
+5. `proxy.passthrough_url`, for everything else.
+
+Which *shape* a body has (OpenAI chat or Anthropic messages) depends on the path, not the
+provider: an OpenAI-format request with an Anthropic key goes to Anthropic's own
+OpenAI-compatible endpoint and is still an OpenAI-shaped body.
+"""
+
+import re
+from urllib.parse import urlsplit
+
+BUILTIN = ("openai", "anthropic", "google")
+PROVIDER_HEADER = "x-tokenpak-provider"
+
+_MODEL_RULES = (
+    (re.compile(r"^(claude)"), "anthropic"),
+    (re.compile(r"^(gemini|gemma|learnlm)"), "google"),
+    (re.compile(r"^(gpt-|o\d|chatgpt-|text-embedding-|davinci|babbage|dall-e|whisper|tts-|"
+                r"omni-moderation|text-moderation|computer-use)"), "openai"),
+)
+
+
+class Route:
+    """Where one request goes. `api` names the body shape tokenpak understands ("openai"
+    chat completions or "anthropic" messages) or is None: forward the body untouched."""
+
+    __slots__ = ("provider", "url", "host", "api")
+
+    def __init__(self, provider, url, host, api):
+        self.provider = provider
+        self.url = url
+        self.host = host
+        self.api = api
+
+    def __repr__(self):
+        return "Route(%s, %s, api=%s)" % (self.provider, self.url, self.api)
+
+
+class NoRoute(Exception):
+    """No rule matched and no passthrough URL is configured."""
+
+
+def credential(headers):
+    """The client's API key or token, from x-api-key or a Bearer Authorization header.
+
+    `headers` is a mapping with lower-case names. The value is only ever used to pick a
+    provider and (hashed) to scope the cache: it is never logged or stored."""
+    key = headers.get("x-api-key")
+    if key:
+        return key.strip()
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return None
+
+
+def api_of(path):
+    """The body shape for a path: "openai", "anthropic" or None (unknown: pass it through)."""
+    bare = path.split("?", 1)[0].rstrip("/")
+    if bare.endswith("/chat/completions"):
+        return "openai"
+    if bare.endswith("/v1/messages") or bare == "/messages":
+        return "anthropic"
+    return None
+
+
+def provider_for_model(model, providers):
+    """The provider a model name belongs to: custom prefixes first, then the well-known
+    families; None when the name says nothing."""
+    if not isinstance(model, str) or not model:
+        return None
+    for name, spec in providers.items():
+        for prefix in spec.get("models") or ():
+            if model.startswith(prefix):
+                return name
+    for pattern, name in _MODEL_RULES:
+        if pattern.match(model):
+            return name
+    return None
+
+
+def _provider_for_key(key):
+    if not key:
+        return None
+    if key.startswith("sk-ant-"):
+        return "anthropic"
+    if key.startswith("AIza"):
+        return "google"
+    if key.startswith("sk-"):
+        return "openai"
+    return None
+
+
+def choose(path, headers, model_of, providers, passthrough_url):
+    """Pick the provider name for a request (rules 1-5 of the module docstring).
+
+    `model_of` is a function returning the body's model name: the body is only parsed
+    when the credential and the path have not decided already."""
+    explicit = headers.get(PROVIDER_HEADER)
+    if explicit:
+        if explicit not in providers:
+            raise NoRoute("unknown provider %r in X-TokenPak-Provider (configured: %s)"
+                          % (explicit, ", ".join(sorted(providers))))
+        return explicit
+    custom = {n: s for n, s in providers.items() if s.get("models")}
+    if custom:
+        name = provider_for_model(model_of(), custom)
+        if name:
+            return name
+    name = _provider_for_key(credential(headers))
+    if name:
+        return name
+    if api_of(path) == "anthropic" or path.startswith("/v1/messages"):
+        return "anthropic"
+    name = provider_for_model(model_of(), {})
+    if name:
+        return name
+    if passthrough_url:
+        return "passthrough"
+    raise NoRoute("cannot tell which provider this request is for: no recognisable API key, "
+                  "path or model name, and proxy.passthrough_url is not set")
+
+
+def upstream_url(base_url, path):
+    """Join a provider URL and the client's path.
+
+    A provider URL with a base path (Gemini's https://.../v1beta/openai) takes the place of
+    the client's leading /v1, so `/v1/chat/completions` becomes
+    `.../v1beta/openai/chat/completions`; a bare host gets the path as it came."""
+    base = base_url.rstrip("/")
+    base_path = urlsplit(base).path
+    if base_path and base_path != "/":
+        if path == "/v1" or path.startswith(("/v1/", "/v1?")):
+            path = path[3:]
+    return base + path
+
+
+class Router:
+    """The routing table built from the config; cheap to call once per request."""
+
+    def __init__(self, providers, passthrough_url=""):
+        self.providers = providers
+        self.passthrough_url = passthrough_url
+        self._hosts = {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.providers(), config.get("proxy.passthrough_url"))
+
+    def route(self, path, headers, model_of):
+        name = choose(path, headers, model_of, self.providers, self.passthrough_url)
+        base = self.passthrough_url if name == "passthrough" else self.providers[name]["url"]
+        if not base:
+            raise NoRoute("provider %r has no URL: set proxy.providers.%s.url" % (name, name))
+        host = self._hosts.get(base)
+        if host is None:
+            host = self._hosts[base] = urlsplit(base).netloc
+        return Route(name, upstream_url(base, path), host, api_of(path))

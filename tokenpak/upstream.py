@@ -1,0 +1,116 @@
+"""Forwarding to the provider over pooled keep-alive connections.
+
+One `requests.Session` for the whole process, with an adapter sized for many concurrent
+streams: connections to api.openai.com and friends are reused across requests, which saves a
+TLS handshake (tens of milliseconds) on every call.
+
+Retries follow one rule: never send twice what the provider may already have received. A
+connection that fails before the request is written (connect errors, including a pooled
+keep-alive connection the provider had already closed, which urllib3 detects before reuse)
+is retried; a failure after the request went out is retried only for idempotent methods.
+A POST to /v1/chat/completions is therefore never re-sent: it may have been billed.
+
+Responses are always opened with `stream=True` and handed to the caller undecoded
+(`Content-Encoding` passes through as it came), so the proxy decides per response whether to
+relay chunk by chunk or read it whole.
+"""
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) belong to one connection, never forwarded.
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+))
+IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"))
+CHUNK_SIZE = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """The provider could not be reached or did not answer in time.
+
+    `status` is what the client gets: 502 (unreachable, connection broken) or 504 (timed
+    out). The message never contains request headers."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Upstream:
+    """The pooled HTTP client all requests go through."""
+
+    def __init__(self, connect_timeout=10.0, read_timeout=600.0, pool_size=64):
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = requests.Session()
+        # Forward exactly what the client sent: no default User-Agent/Accept headers, no
+        # proxy or netrc lookups from the environment on every request.
+        self.session.headers.clear()
+        self.session.trust_env = False
+        retry = Retry(total=2, connect=2, read=1, status=0, other=0, redirect=0,
+                      allowed_methods=IDEMPOTENT, raise_on_status=False,
+                      respect_retry_after_header=False)
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=pool_size, max_retries=retry,
+                              pool_block=False)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def send(self, method, url, headers, body):
+        """Send one request; returns the open `requests.Response` (stream=True).
+
+        `headers` is a dict of the headers to forward (hop-by-hop ones already removed).
+        Raises UpstreamError when there is no response to relay."""
+        try:
+            return self.session.request(method, url, data=body, headers=headers, stream=True,
+                                        timeout=self.timeout, allow_redirects=False)
+        except requests.exceptions.ConnectTimeout:
+            raise UpstreamError(504, "timed out connecting to %s" % _origin(url))
+        except requests.exceptions.ReadTimeout:
+            raise UpstreamError(504, "%s did not answer within %.0f s (proxy.read_timeout)"
+                                % (_origin(url), self.timeout[1]))
+        except requests.exceptions.RequestException as exc:
+            raise UpstreamError(502, "cannot reach %s: %s" % (_origin(url), _reason(exc)))
+
+    def close(self):
+        self.session.close()
+
+
+def iter_body(response):
+    """Yield the response body as it arrives, undecoded, one network read at a time.
+
+    Chunked responses (SSE from OpenAI and Anthropic) yield each chunk as the provider sends
+    it; others yield whatever one read returns (`read1`), never waiting to fill a buffer."""
+    raw = response.raw
+    if raw.chunked and raw.supports_chunked_reads():
+        yield from raw.read_chunked(CHUNK_SIZE, decode_content=False)
+        return
+    read1 = getattr(raw, "read1", None)  # urllib3 >= 2; Debian's 1.26 lacks it
+    while True:
+        data = read1(CHUNK_SIZE, decode_content=False) if read1 else raw._fp.read1(CHUNK_SIZE)
+        if not data:
+            return
+        yield data
+
+
+def read_body(response):
+    """The whole body, undecoded (for small non-stream answers)."""
+    return response.raw.read(decode_content=False)
+
+
+def _origin(url):
+    head, _, rest = url.partition("://")
+    return head + "://" + rest.split("/", 1)[0]
+
+
+def _reason(exc):
+    """A short human reason for a connection failure, without urllib3's object reprs."""
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "timed out",
+                   "Connection reset", "Remote end closed", "No route to host",
+                   "Temporary failure in name resolution", "certificate verify failed"):
+        if marker in text:
+            return marker.lower()
+    return exc.__class__.__name__
