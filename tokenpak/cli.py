@@ -9,6 +9,7 @@ arguments and returning an exit status. `main()` turns a TokenpakError into one 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import __version__
@@ -149,3 +150,7 @@ def main(argv=None):
         return int(exc.status)
     except KeyboardInterrupt:
         return ExitStatus.ERROR
+    except BrokenPipeError:
+        # `tokenpak config list | head`: the reader left; that is not an error.
+        sys.stdout = open(os.devnull, "w")
+        return ExitStatus.OK

@@ -75,15 +75,21 @@ def api_of(path):
     return None
 
 
-def provider_for_model(model, providers):
-    """The provider a model name belongs to: custom prefixes first, then the well-known
-    families; None when the name says nothing."""
+def custom_provider_for_model(model, providers):
+    """The provider whose configured `models` prefixes match the model name, or None."""
     if not isinstance(model, str) or not model:
         return None
     for name, spec in providers.items():
         for prefix in spec.get("models") or ():
             if model.startswith(prefix):
                 return name
+    return None
+
+
+def provider_for_model(model):
+    """The provider a well-known model family belongs to; None when the name says nothing."""
+    if not isinstance(model, str) or not model:
+        return None
     for pattern, name in _MODEL_RULES:
         if pattern.match(model):
             return name
@@ -115,7 +121,7 @@ def choose(path, headers, model_of, providers, passthrough_url):
         return explicit
     custom = {n: s for n, s in providers.items() if s.get("models")}
     if custom:
-        name = provider_for_model(model_of(), custom)
+        name = custom_provider_for_model(model_of(), custom)
         if name:
             return name
     name = _provider_for_key(credential(headers))
@@ -123,7 +129,7 @@ def choose(path, headers, model_of, providers, passthrough_url):
         return name
     if api_of(path) == "anthropic" or path.startswith("/v1/messages"):
         return "anthropic"
-    name = provider_for_model(model_of(), {})
+    name = provider_for_model(model_of())
     if name:
         return name
     if passthrough_url:

@@ -1,0 +1,207 @@
+"""Transparent forwarding at the HTTP level: headers, bodies, limits, bad input, the log."""
+
+import base64
+import hashlib
+import http.client
+import json
+import logging
+import socket
+import time
+
+import pytest
+
+from conftest import ALL_KEYS, OPENAI_KEY
+
+
+def raw_request(proxy, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response, data
+
+
+def send_raw(proxy, data, read=True, timeout=5):
+    """Write raw bytes on a socket and return whatever the server answers."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if not read:
+            return b""
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def assert_healthy(proxy):
+    status, _, body = proxy.get("/health")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_health(proxy):
+    status, headers, body = proxy.get("/health")
+    data = json.loads(body)
+    assert status == 200
+    assert data["status"] == "ok"
+    assert set(data) >= {"version", "uptime_s", "requests"}
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_request_headers_pass_through_except_hop_by_hop(proxy, fake):
+    headers = {"Authorization": "Bearer " + OPENAI_KEY, "OpenAI-Organization": "org-1",
+               "X-Custom-Thing": "Value With Case", "Content-Type": "application/json",
+               "Keep-Alive": "timeout=5", "Proxy-Authorization": "Basic xyz", "TE": "trailers",
+               "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "hop"}
+    body = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "h"}]}'
+    response, _ = raw_request(proxy, "POST", "/v1/chat/completions", body, headers)
+    assert response.status == 200
+    received = fake.last()
+    names = {n for n, _ in received.headers}
+    assert received.header("X-Custom-Thing") == "Value With Case"
+    assert "X-Custom-Thing" in names  # the name's case as the client sent it
+    assert received.header("OpenAI-Organization") == "org-1"
+    for hop in ("Keep-Alive", "Proxy-Authorization", "TE"):
+        assert received.header(hop) is None
+    assert received.body == body  # the body's bytes, untouched
+    assert received.header("Host") == fake.url.split("//")[1]
+
+
+def test_response_headers_pass_through(proxy, fake):
+    response, _ = raw_request(proxy, "POST", "/v1/chat/completions",
+                              b'{"model":"gpt-4o","messages":[]}',
+                              {"Authorization": "Bearer sk-x", "x-fake": "429"})
+    assert response.status == 429
+    assert response.getheader("Retry-After") == "7"
+    assert response.getheader("x-ratelimit-remaining-requests") == "0"
+    assert response.getheader("anthropic-ratelimit-requests-reset") == "2026-01-01T00:00:07Z"
+
+
+def test_non_json_body_forwarded_byte_for_byte(proxy, fake):
+    body = bytes(range(256)) * 40 + b"\r\n--boundary--\r\n"
+    response, data = raw_request(proxy, "POST", "/v1/files", body, {
+        "Authorization": "Bearer sk-x", "Content-Type": "multipart/form-data; boundary=b"})
+    echo = json.loads(data)
+    assert response.status == 200
+    assert echo["sha256"] == hashlib.sha256(body).hexdigest()
+    assert base64.b64decode(echo["body_b64"]) == body
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND"])
+def test_any_method_is_forwarded(proxy, fake, method):
+    response, data = raw_request(proxy, method, "/v1/things/1", b"x" if method != "DELETE"
+                                 else b"", {"Authorization": "Bearer sk-x"})
+    assert response.status == 200
+    assert json.loads(data)["method"] == method
+
+
+def test_invalid_json_is_forwarded_untouched(proxy, fake):
+    body = b'{"model": "gpt-4o", "messages": [oops'
+    response, _ = raw_request(proxy, "POST", "/v1/chat/completions", body,
+                              {"Authorization": "Bearer sk-x"})
+    assert fake.last().body == body  # the provider, not tokenpak, judges its own API
+
+
+def test_oversized_body_is_413_before_reading(make_proxy, fake):
+    proxy = make_proxy(proxy__max_request_bytes=1000)
+    # Declare 50 MB but send nothing: tokenpak must answer without waiting for the body.
+    answer = send_raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Authorization: Bearer sk-x\r\nContent-Length: 50000000\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"proxy.max_request_bytes" in body
+    assert json.loads(body)["error"]["type"] == "request_too_large"
+    assert fake.requests == []
+    assert_healthy(proxy)
+
+
+def test_oversized_chunked_body_is_413(make_proxy, fake):
+    proxy = make_proxy(proxy__max_request_bytes=1000)
+    chunk = b"%x\r\n%s\r\n" % (600, b"a" * 600)
+    answer = send_raw(proxy, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: sk-ant-x\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n" + chunk + chunk + chunk)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["type"] == "error"  # Anthropic shape
+    assert fake.requests == []
+
+
+def test_chunked_request_body_is_forwarded(proxy, fake):
+    body = b'{"model":"gpt-4o","messages":[{"role":"user","content":"chunky"}]}'
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:]))
+    answer = send_raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                             b"Authorization: Bearer sk-x\r\nTransfer-Encoding: chunked\r\n"
+                             b"Connection: close\r\n\r\n" + chunked + b"0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert fake.last().body == body
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x00\xff\xfe garbage\r\n\r\n",
+    b"GET\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/9.9\r\n\r\n",
+    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\n" + b"X-H: v\r\n" * 200 + b"\r\n",
+])
+def test_garbage_gets_a_4xx_and_server_stays_healthy(proxy, fake, garbage):
+    answer = send_raw(proxy, garbage)
+    # 4xx, or 505 for an HTTP version from the future; never a crash or a forward
+    assert answer == b"" or answer[9:10] == b"4" or answer[9:12] == b"505", answer[:80]
+    assert fake.requests == []
+    assert_healthy(proxy)
+
+
+def test_truncated_request_leaves_server_healthy(proxy, fake):
+    send_raw(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+                    b"\r\n\r\n{\"model\":", read=False)
+    send_raw(proxy, b"POST /v1/chat/co", read=False)
+    assert_healthy(proxy)
+    assert fake.requests == []
+
+
+def test_unroutable_request_is_a_clear_400(proxy, fake):
+    response, data = raw_request(proxy, "POST", "/v2/unknown", b"{}", {})
+    assert response.status == 400
+    assert "proxy.passthrough_url" in json.loads(data)["error"]["message"]
+
+
+def test_passthrough_url(make_proxy, fake):
+    proxy = make_proxy(proxy__passthrough_url=fake.url + "/up")
+    response, data = raw_request(proxy, "GET", "/anything?q=1", b"", {})
+    assert response.status == 200
+    assert json.loads(data)["path"] == "/up/anything?q=1"
+
+
+def test_http10_client_gets_a_close_delimited_stream(proxy, fake):
+    body = b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"old"}]}'
+    answer = send_raw(proxy, b"POST /v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer sk-x"
+                             b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head
+    assert rest.endswith(b"data: [DONE]\n\n")
+
+
+def test_access_log_has_one_line_per_request_and_no_credentials(proxy, fake, caplog):
+    caplog.set_level(logging.INFO, logger="tokenpak")
+    for key in ALL_KEYS:
+        raw_request(proxy, "POST", "/v1/chat/completions?key=" + key,
+                    b'{"model":"gpt-4o","messages":[]}', {"Authorization": "Bearer " + key})
+    # The line is written once the response has gone out: wait for the server thread.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [r.getMessage() for r in caplog.records if r.name == "tokenpak.access"]
+        if len(lines) >= 3:
+            break
+        time.sleep(0.01)
+    assert len(lines) == 3
+    assert lines[0].startswith("POST /v1/chat/completions openai 200 ")
+    assert lines[1].startswith("POST /v1/chat/completions anthropic 200 ")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    for key in ALL_KEYS:
+        assert key not in text
