@@ -1,0 +1,160 @@
+"""Shared plumbing for the benchmarks: processes for the fake provider and tokenpak, a lean
+keep-alive HTTP client, percentiles and a process's CPU counters.
+
+Client, fake provider and tokenpak each run in their own process, as they would for real,
+so the figures include the kernel's loopback and scheduling costs and tokenpak's CPU can be
+read from its own /proc counters.
+"""
+
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, REPO)
+
+FAKE_MAIN = """
+import sys, time
+sys.path.insert(0, %r)
+from fakeprovider import FakeProvider
+fake = FakeProvider()
+fake.server.server_address
+print(fake.url, flush=True)
+fake.thread.run()
+"""
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_fake():
+    """The fake provider in its own process; returns (process, url)."""
+    process = subprocess.Popen([sys.executable, "-c", FAKE_MAIN % os.path.join(REPO, "tests")],
+                               stdout=subprocess.PIPE, text=True)
+    url = process.stdout.readline().strip()
+    return process, url
+
+
+def start_tokenpak(fake_url, state_dir, extra_env=None, args=()):
+    """`python -m tokenpak serve` pointed at the fake provider; returns (process, url)."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=REPO, HOME=state_dir,
+               TOKENPAK_CONFIG=os.path.join(state_dir, "config.json"),
+               TOKENPAK_DB=os.path.join(state_dir, "tokenpak.db"),
+               TOKENPAK_OPENAI_URL=fake_url, TOKENPAK_ANTHROPIC_URL=fake_url)
+    env.update(extra_env or {})
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "tokenpak", "serve", "--port", str(port)]
+                               + list(args), env=env, stderr=subprocess.DEVNULL)
+    url = "http://127.0.0.1:%d" % port
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise SystemExit("tokenpak exited with %s" % process.returncode)
+            time.sleep(0.005)
+    process.startup_s = time.monotonic() - started
+    return process, url
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    with open("/proc/%d/stat" % pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def threads_and_fds(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        threads = [int(l.split()[1]) for l in handle if l.startswith("Threads:")][0]
+    return threads, len(os.listdir("/proc/%d/fd" % pid))
+
+
+class Client:
+    """A minimal keep-alive HTTP/1.1 client: the cheapest honest way to drive a server."""
+
+    def __init__(self, url, keep_alive=True):
+        host, port = url.split("//")[1].split(":")
+        self.address = (host, int(port))
+        self.keep_alive = keep_alive
+        self.conn = None
+
+    def request(self, method, path, body=b"", headers=None):
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(*self.address, timeout=30)
+        hdrs = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+        hdrs.update(headers or {})
+        if not self.keep_alive:
+            hdrs["Connection"] = "close"
+        self.conn.request(method, path, body=body, headers=hdrs)
+        response = self.conn.getresponse()
+        data = response.read()
+        if not self.keep_alive:
+            self.conn.close()
+            self.conn = None
+        return response.status, data
+
+    def first_byte(self, path, body, headers=None):
+        """Seconds from sending a request to the first body byte of its answer."""
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(*self.address, timeout=30)
+        hdrs = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+        hdrs.update(headers or {})
+        started = time.perf_counter()
+        self.conn.request("POST", path, body=body, headers=hdrs)
+        response = self.conn.getresponse()
+        response.read1(1) if hasattr(response, "read1") else response.read(1)
+        elapsed = time.perf_counter() - started
+        response.read()
+        return elapsed
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, int(round(p / 100.0 * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+def chat_body(i, stream=False, size=1):
+    text = "request %d %s" % (i, "lorem ipsum " * size)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def machine():
+    """One line describing where the figures were measured."""
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return "%s, %d cores, Python %s, %s" % (cpu, os.cpu_count(), platform.python_version(),
+                                            time.strftime("%Y-%m-%d"))
