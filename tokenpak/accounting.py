@@ -1,0 +1,315 @@
+"""Per-request accounting: one row per proxied request, written off the hot path.
+
+A handler thread calls `Recorder.record(row)` with a plain dict and goes on; the call only
+puts the dict on a bounded queue (it never blocks and never raises). One writer thread
+drains the queue and writes rows in batches, one transaction per batch, to the `requests`
+table of the shared DB file. Cost is computed there too, from the shipped price table, so
+pricing costs the request nothing.
+
+Rows are never what fails a request: when the DB is locked the batch is retried, when it is
+full, read-only, deleted or corrupt the rows are dropped and counted (`rows_dropped`), the
+problem is logged once, and writing resumes by itself when the DB is usable again.
+
+Row keys (all optional except what you know; missing ones are stored as NULL):
+  ts, provider, model, path, status, streamed, cache ("hit" | "miss" | "bypass" |
+  "coalesced"), usage (normalised, see pricing.normalise_usage) or input_tokens,
+  output_tokens, cache_read_tokens, cache_write_tokens; tokens_before, tokens_after,
+  cost_usd, saved_usd (computed when absent), latency_ms, ttfb_ms, key_id (12 chars of the
+  scope HMAC; longer values are cut), error, complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+
+from tokenpak import pricing
+from tokenpak.cache import DbFile, Health, classify, close_quietly
+
+log = logging.getLogger("tokenpak.accounting")
+
+SCHEMA_VERSION = 1
+SERVED_LOCALLY = ("hit", "coalesced")  # answered without a provider call of their own
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '%d');
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL, provider TEXT, model TEXT, path TEXT, status INTEGER,
+    streamed INTEGER, cache TEXT,
+    input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER,
+    cache_write_tokens INTEGER, tokens_before INTEGER, tokens_after INTEGER,
+    cost_usd REAL, saved_usd REAL, latency_ms REAL, ttfb_ms REAL,
+    key_id TEXT, error TEXT, complete INTEGER);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+""" % SCHEMA_VERSION
+COLUMNS = ("ts", "provider", "model", "path", "status", "streamed", "cache", "input_tokens",
+           "output_tokens", "cache_read_tokens", "cache_write_tokens", "tokens_before",
+           "tokens_after", "cost_usd", "saved_usd", "latency_ms", "ttfb_ms", "key_id", "error",
+           "complete")
+_INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
+_USAGE_COLUMNS = (("input", "input_tokens"), ("output", "output_tokens"),
+                  ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"))
+_BUSY_RETRIES = 5
+
+
+def row_usage(row: dict):
+    """The normalised usage of a row (from "usage" or the *_tokens keys); None if unknown."""
+    usage = row.get("usage")
+    if isinstance(usage, dict):
+        return usage
+    if row.get("input_tokens") is None and row.get("output_tokens") is None:
+        return None
+    return {short: row.get(col) or 0 for short, col in _USAGE_COLUMNS}
+
+
+def price_row(row: dict, table=None):
+    """(cost_usd, saved_usd) of a row; cost None when the model or the usage is unknown.
+
+    A row served locally ("hit", "coalesced") cost nothing; it saved what it would have
+    cost. Compression saved the input price times the tokens it removed.
+    """
+    usage = row_usage(row)
+    model = row.get("model") or ""
+    # what the request cost (or, served locally, would have cost) at the provider
+    full = pricing.cost(model, usage, table) if usage is not None else None
+    saved = 0.0
+    before, after = row.get("tokens_before"), row.get("tokens_after")
+    if before is not None and after is not None and before > after:
+        prices = pricing.price_for(model, table)
+        if prices is not None:
+            saved += (before - after) * prices["input"] / 1_000_000
+    if row.get("cache") in SERVED_LOCALLY:
+        if full is not None:
+            saved += full
+        return (0.0, saved)
+    return (full, saved)
+
+
+def _as_int(value):
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def to_record(row: dict, table=None) -> tuple:
+    """The INSERT parameters for `row` (see module doc for the keys)."""
+    rec = dict(row)
+    usage = row_usage(row)
+    if isinstance(row.get("usage"), dict):
+        for short, col in _USAGE_COLUMNS:
+            rec[col] = usage.get(short, 0)
+    if "cost_usd" not in rec or "saved_usd" not in rec:
+        cost, saved = price_row(row, table)
+        rec.setdefault("cost_usd", cost)
+        rec.setdefault("saved_usd", saved)
+    rec["ts"] = rec.get("ts") or time.time()
+    # 12 hex characters tell keys apart in a report; the full HMAC is the cache scope
+    key_id = rec.get("key_id")
+    rec["key_id"] = str(key_id)[:12] if key_id else None
+    error = rec.get("error")
+    rec["error"] = str(error)[:200] if error else None
+    for col in ("streamed", "complete"):
+        if rec.get(col) is not None:
+            rec[col] = int(bool(rec[col]))
+    for col in ("status", "input_tokens", "output_tokens", "cache_read_tokens",
+                "cache_write_tokens", "tokens_before", "tokens_after"):
+        rec[col] = _as_int(rec.get(col))
+    return tuple(rec.get(col) for col in COLUMNS)
+
+
+class Recorder:
+    """Writes request rows in batches from one writer thread; see the module doc."""
+
+    def __init__(self, db_path: str, batch_size: int = 256, flush_interval: float = 0.5,
+                 max_queue: int = 10000, prices=None, busy_timeout: float = 2.0):
+        self.db = DbFile(db_path, _SCHEMA, ("meta", "requests"))
+        self.batch_size = max(1, int(batch_size))
+        self.flush_interval = flush_interval
+        self.prices = prices
+        self.busy_timeout = busy_timeout
+        self.rows_written = 0
+        self.rows_dropped = 0
+        self._queue = queue.Queue(maxsize=max_queue)
+        self._drop_lock = threading.Lock()
+        self._health = Health(log, "writing the accounting database %s" % self.db.path)
+        self._conn = None
+        self._retry_at = 0.0
+        self._failures = 0
+        self._next_check = 0.0
+        self._thread = None
+        self._stopped = False
+
+    def start(self) -> None:
+        """Start the writer thread (rows recorded before this wait in the queue)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tokenpak-accounting", daemon=True)
+            self._thread.start()
+
+    def record(self, row: dict) -> None:
+        """Queue one row; never blocks, never raises. Do not mutate `row` afterwards."""
+        if not isinstance(row, dict) or self._stopped:  # None and Events are the writer's signals
+            self._dropped(1)
+            return
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self._dropped(1)
+        except Exception:  # fail open, whatever happens
+            self._dropped(1)
+
+    def _dropped(self, n):
+        with self._drop_lock:
+            self.rows_dropped += n
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every row recorded before this call is written (or dropped)."""
+        if self._thread is None or not self._thread.is_alive():
+            return self._queue.empty()
+        marker = threading.Event()
+        try:
+            self._queue.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return marker.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the writer thread and close the DB."""
+        if self._stopped:
+            return
+        if self._thread is None and not self._queue.empty():
+            self.start()  # never started: still write what was recorded
+        self._stopped = True
+        if self._thread is not None and self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+        else:
+            close_quietly(self._conn)
+            self._conn = None
+
+    # -- writer thread -------------------------------------------------------
+
+    def _run(self):
+        pending, markers = [], []  # rows taken from the queue, not yet written; flush() waiters
+        while True:
+            stop = self._collect(pending, markers)
+            self._maintain()
+            if pending:
+                pending = self._write(pending, final=stop)
+            if not pending:
+                for marker in markers:
+                    marker.set()
+                markers = []
+            if stop:
+                break
+        close_quietly(self._conn)
+        self._conn = None
+
+    def _collect(self, pending, markers) -> bool:
+        """Take rows until a batch is full or `flush_interval` has passed since the first of
+        them (fewer, larger transactions), or until flush()/close() ask; True on close()."""
+        deadline = None
+        while len(pending) < self.batch_size:
+            timeout = self.flush_interval if deadline is None else deadline - time.monotonic()
+            if timeout <= 0:
+                return False
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            if isinstance(item, threading.Event):
+                markers.append(item)
+                return False
+            pending.append(item)
+            if deadline is None:
+                deadline = time.monotonic() + self.flush_interval
+        return False
+
+    def _write(self, rows, final=False):
+        """Write `rows`; returns the rows to retry (only when the DB is busy)."""
+        conn = self._connection()
+        if conn is None:
+            self._dropped(len(rows))
+            return []
+        try:
+            records = [to_record(r, self.prices) for r in rows]
+        except Exception:
+            log.exception("accounting rows could not be converted; dropping them")
+            self._dropped(len(rows))
+            return []
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # one transaction per batch: one WAL append
+            conn.executemany(_INSERT, records)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return self._failed(exc, rows, final)
+        self.rows_written += len(rows)
+        self._failures = 0
+        self._health.ok()
+        return []
+
+    def _failed(self, exc, rows, final):
+        kind = classify(exc)
+        self._health.failed(kind, exc)
+        self._failures += 1
+        # Another process holding the lock (a `sqlite3` shell, a backup) usually lets go
+        # soon: keep the rows for a few rounds. Anything else will not fix itself by retrying.
+        if kind == "busy" and not final and self._failures <= _BUSY_RETRIES:
+            return rows
+        if kind == "corrupt":
+            close_quietly(self._conn)
+            self._conn = None
+            self.db.quarantine()
+        elif kind != "busy":  # full, read-only, I/O error: reopen after a back-off
+            close_quietly(self._conn)
+            self._conn = None
+            self._retry_at = time.monotonic() + min(0.25 * 2 ** self._failures, 10.0)
+        self._dropped(len(rows))
+        return []
+
+    def _connection(self):
+        if self._conn is None and time.monotonic() >= self._retry_at:
+            for attempt in (1, 2):
+                try:
+                    self._conn = self.db.connect_writer(timeout=self.busy_timeout)
+                    break
+                except (sqlite3.Error, OSError) as exc:
+                    corrupt = isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt"
+                    if corrupt and attempt == 1:
+                        self.db.quarantine()
+                        continue
+                    self._health.failed(classify(exc) if isinstance(exc, sqlite3.Error)
+                                        else "unavailable", exc)
+                    self._failures += 1
+                    self._retry_at = time.monotonic() + min(0.25 * 2 ** self._failures, 10.0)
+        return self._conn
+
+    def _maintain(self):
+        """At most once a second: reopen if the file was deleted, replaced or corrupted."""
+        now = time.monotonic()
+        if self._conn is None or now < self._next_check:
+            return
+        self._next_check = now + 1.0
+        state = self.db.check()
+        if state != "ok":
+            log.warning("the accounting database %s was %s; re-creating it", self.db.path,
+                        "corrupted" if state == "corrupt" else "deleted or replaced")
+            close_quietly(self._conn)
+            self._conn = None
+            if state == "corrupt":
+                self.db.quarantine()

@@ -1,0 +1,667 @@
+"""The response cache: keys, per-credential scopes and a fail-open sqlite3 store.
+
+Why it is built this way:
+- The key is a SHA-256 over a canonical JSON form of the provider, the path and every body
+  field that can change the answer (temperature, top_p, max_tokens, ... all count); only
+  `IGNORED_FIELDS` are left out, so a changed parameter is a miss, never a wrong answer.
+- Entries are stored under a *scope*: an HMAC-SHA-256 of the credential with a per-install
+  secret. One API key never sees another's answers, and the DB holds no key, only HMACs.
+- A proxied request must not wait on disk. `get()` is one prepared SELECT on a pooled
+  connection; LRU access times are remembered in memory and written later; `put()` only
+  queues the entry for a writer thread (and serves it from memory until it is committed).
+- The cache is an optimisation, so it fails open: a locked, deleted, corrupt or full DB
+  makes `get()` a miss and `put()` a no-op, is logged once, and is recovered from without
+  a restart (a deleted or replaced file is re-created, a corrupt one is moved aside as
+  `<db>.corrupt-<ts>`). `DbFile` holds that machinery and is shared with accounting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+import urllib.parse
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger("tokenpak.cache")
+
+IGNORED_FIELDS = frozenset({"stream", "stream_options", "metadata", "user"})
+ANONYMOUS = b"\x00tokenpak-anonymous"  # no real credential can equal this
+SQLITE_MAGIC = b"SQLite format 3\x00"
+MAX_IDLE_READERS = 8
+MAX_PENDING_ENTRIES = 512
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+MAINTENANCE_SECONDS = 1.0  # how often the writer checks the file is still there and sane
+PURGE_SECONDS = 60.0
+WRITER_BUSY_TIMEOUT = 2.0  # the writer thread may wait this long for another writer's lock
+
+
+# ---------------------------------------------------------------- keys and scopes
+
+def cache_key(provider: str, path: str, body: dict) -> str:
+    """SHA-256 hex of provider, path and every answer-changing field of `body`."""
+    fields = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    # ensure_ascii=True is as canonical as False and ~40% faster on a 120 KB agent prompt
+    # (escaping keeps the str narrow); it also copes with lone surrogates from "\ud800".
+    text = json.dumps([provider, path, fields], sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True, check_circular=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def load_secret(path: str) -> bytes:
+    """The per-install 32-byte HMAC secret at `path`, created (0600, dir 0700) if missing.
+
+    Creation is race-safe: the secret is written to a private temporary file that is then
+    hard-linked into place, so a concurrent process sees either no file or a complete one.
+    """
+    from tokenpak.errors import TokenpakError
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not os.path.exists(path):
+        _create_secret(path, directory)
+    try:
+        with open(path, "rb") as fh:
+            secret = fh.read()
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("tightened permissions of %s to 0600", path)
+    except OSError as exc:
+        raise TokenpakError("cannot read the cache secret %s: %s" % (path, exc.strerror),
+                            hint="check the file's owner and permissions") from None
+    if len(secret) < 16:
+        raise TokenpakError("the cache secret %s is truncated" % path,
+                            hint="delete it; tokenpak creates a new one (existing cache entries become unreachable)")
+    return secret
+
+
+def _create_secret(path, directory):
+    tmp = os.path.join(directory, ".secret-%d-%s" % (os.getpid(), secrets.token_hex(4)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process won the race: use its secret
+        except OSError:  # a filesystem without hard links: exclusive create instead
+            try:
+                fd2 = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return
+            with os.fdopen(fd2, "wb") as out, open(tmp, "rb") as src:
+                out.write(src.read())
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def scope_id(credential, secret: bytes) -> str:
+    """HMAC-SHA-256 hex of `credential`; no credential gets one fixed "anonymous" scope."""
+    if credential is None or credential == "" or credential == b"":
+        msg = ANONYMOUS
+    elif isinstance(credential, bytes):
+        msg = credential
+    else:
+        msg = str(credential).encode("utf-8", "surrogatepass")
+    return hmac.digest(secret, msg, "sha256").hex()
+
+
+# ---------------------------------------------------------------- the shared DB file
+
+def classify(exc) -> str:
+    """"busy" (locked, try again), "corrupt" (move the file aside) or "unavailable"."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        primary = code & 0xFF
+        if primary in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED
+            return "busy"
+        if primary in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB
+            return "corrupt"
+        return "unavailable"
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return "busy"
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return "corrupt"
+    return "unavailable"
+
+
+class Health:
+    """Logs a failure once per kind and the recovery once, instead of once per request."""
+
+    def __init__(self, logger, what):
+        self.log, self.what, self.state = logger, what, None
+
+    def failed(self, kind, exc):
+        if self.state != kind:
+            self.state = kind
+            self.log.warning("%s failed (%s; %s: %s); continuing without it", self.what, kind,
+                             type(exc).__name__, exc)
+
+    def ok(self):
+        if self.state is not None:
+            self.state = None
+            self.log.info("%s works again", self.what)
+
+
+class DbFile:
+    """One sqlite3 file shared by the cache and accounting: opening it with the right
+    modes and pragmas, noticing it was deleted, replaced or corrupted, moving a corrupt
+    file aside."""
+
+    def __init__(self, path: str, schema: str, tables: tuple):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.schema = schema
+        self.tables = tables  # when these exist the schema is not re-run (that needs a write lock)
+        self.identity = None  # (st_dev, st_ino) of the file the writer has open
+
+    # Never open() and close() an existing DB file from Python: closing any descriptor of a
+    # file drops every POSIX lock this process holds on it, including sqlite's, and another
+    # process may then delete a WAL that our connections still use.
+    def _prepare(self):
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        try:
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            if os.stat(self.path).st_mode & 0o077:
+                os.chmod(self.path, 0o600)  # it holds prompts and answers
+        return os.stat(self.path)
+
+    def connect_writer(self, timeout: float = 5.0, track: bool = True) -> sqlite3.Connection:
+        """A read-write autocommit connection; creates the file and the schema.
+
+        track=True: this is the owner's long-lived writer, whose file `check()` watches.
+        """
+        st = self._prepare()
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # effective on a new file only
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            found = conn.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN (%s)"
+                                 % ",".join("?" * len(self.tables)), self.tables).fetchone()[0]
+            if found < len(self.tables):
+                conn.executescript(self.schema)
+        except BaseException:
+            conn.close()
+            raise
+        if track:
+            self.identity = (st.st_dev, st.st_ino)
+        return conn
+
+    def connect_reader(self, timeout: float = 0.02, readonly: bool = False) -> sqlite3.Connection:
+        """A connection that never creates the file (a missing file is an error)."""
+        uri = "file:%s?mode=%s" % (urllib.parse.quote(self.path), "ro" if readonly else "rw")
+        return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None,
+                               check_same_thread=False)
+
+    def check(self) -> str:
+        """"ok", "moved" (deleted or replaced since the writer opened it) or "corrupt"."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return "moved"
+        if self.identity is not None and (st.st_dev, st.st_ino) != self.identity:
+            return "moved"
+        if st.st_size >= 100 and _read_header((st.st_dev, st.st_ino), self.path) not in (SQLITE_MAGIC, None):
+            return "corrupt"
+        return "ok"
+
+    def quarantine(self) -> None:
+        """Move a corrupt file (and its -wal/-shm) aside as `<db>.corrupt-<ts>`."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        if self.identity is not None and (st.st_dev, st.st_ino) != self.identity:
+            return  # someone (the other writer) already moved it
+        stamp = "%s-%s" % (time.strftime("%Y%m%d-%H%M%S"), secrets.token_hex(3))
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.rename(self.path + suffix, "%s.corrupt-%s%s" % (self.path, stamp, suffix))
+            except OSError:
+                pass
+        log.warning("moved the corrupt database %s aside as %s.corrupt-%s; starting a fresh one",
+                    self.path, self.path, stamp)
+
+
+_PROBES = {}  # (st_dev, st_ino) -> a read-only descriptor kept open for good (see _prepare)
+_PROBES_LOCK = threading.Lock()
+
+
+def _read_header(identity, path):
+    """The first 16 bytes of the file `identity`, or None if it cannot be read."""
+    with _PROBES_LOCK:
+        fd = _PROBES.get(identity)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return None
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != identity:
+                _PROBES[(st.st_dev, st.st_ino)] = fd  # raced with a replacement: keep it anyway
+                return None
+            _PROBES[identity] = fd
+    try:
+        return os.pread(fd, 16, 0)
+    except OSError:
+        return None
+
+
+def close_quietly(conn) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------- the store
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('cache_schema', '1');
+CREATE TABLE IF NOT EXISTS cache_entries (
+    id INTEGER PRIMARY KEY,
+    scope TEXT NOT NULL, key TEXT NOT NULL,
+    size INTEGER NOT NULL, accessed REAL NOT NULL, created REAL NOT NULL,
+    status INTEGER NOT NULL, streamed INTEGER NOT NULL, model TEXT NOT NULL,
+    usage TEXT NOT NULL, headers TEXT NOT NULL,
+    body BLOB NOT NULL,  -- last, so scans of size/accessed never read overflow pages
+    UNIQUE (scope, key));
+CREATE INDEX IF NOT EXISTS cache_entries_accessed ON cache_entries (accessed);
+CREATE INDEX IF NOT EXISTS cache_entries_created ON cache_entries (created);
+"""
+_GET = ("SELECT status, headers, body, streamed, created, usage, model FROM cache_entries"
+        " WHERE scope = ? AND key = ?")
+_PUT = ("INSERT OR REPLACE INTO cache_entries (scope, key, size, accessed, created, status,"
+        " streamed, model, usage, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_TOUCH = "UPDATE cache_entries SET accessed = ? WHERE scope = ? AND key = ? AND accessed < ?"
+
+
+@dataclass
+class Entry:
+    """One cached upstream answer; `usage` is normalised (see pricing.normalise_usage)."""
+
+    status: int
+    headers: list
+    body: bytes
+    streamed: bool
+    created: float
+    usage: dict = field(default_factory=dict)
+    model: str = ""
+
+
+class CacheStore:
+    """Entries keyed by (scope, key) in sqlite3, with TTL and LRU eviction past `max_mb`.
+
+    Thread-safe. `get` runs in the caller's thread (one SELECT, no write); `put`, access
+    times, expiry and eviction are handled by one background writer thread. No method
+    raises on a database problem. `clock` is injectable so tests can age entries.
+    """
+
+    def __init__(self, db_path: str, ttl_seconds: int, max_mb, clock=time.time):
+        self.db = DbFile(db_path, _SCHEMA, ("meta", "cache_entries"))
+        self.ttl = float(ttl_seconds)
+        self.max_bytes = int(float(max_mb) * 1024 * 1024)
+        self.clock = clock
+        self.dropped = 0  # puts not stored: queue full, too big, or the DB failing
+        # reads and writes fail separately (a full disk still reads): one log line each
+        self._read_health = Health(log, "reading the cache database %s" % self.db.path)
+        self._health = Health(log, "writing the cache database %s" % self.db.path)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending, self._queue, self._pending_bytes = {}, deque(), 0
+        self._writing = False
+        self._touched = {}
+        self._readers, self._gen = [], 0
+        self._read_retry_at = 0.0
+        self._writer, self._write_retry_at, self._write_failures = None, 0.0, 0
+        self._corrupt_gen = None  # generation on which a reader saw corruption
+        self._approx_bytes = None  # total entry size as last counted; None: count again
+        self._next_purge = 0.0
+        self._closed = False
+        self._wake = threading.Event()
+        self._open_writer()
+        self._thread = threading.Thread(target=self._run, name="tokenpak-cache-writer", daemon=True)
+        self._thread.start()
+
+    # -- hot path ------------------------------------------------------------
+
+    def get(self, scope: str, key: str):
+        """The fresh Entry for (scope, key), or None (missing, expired, or DB unusable)."""
+        try:
+            now = self.clock()
+            entry = self._pending.get((scope, key))
+            if entry is not None:
+                return entry if now < entry.created + self.ttl else None
+            if self._closed or time.monotonic() < self._read_retry_at:
+                return None
+            row = self._select(scope, key)
+            if self._read_health.state is not None:
+                self._read_health.ok()
+            if row is None or now >= row[4] + self.ttl:
+                return None
+            self._touched[(scope, key)] = now  # written by the writer thread
+            return Entry(row[0], [tuple(h) for h in json.loads(row[1])], row[2], bool(row[3]),
+                         row[4], json.loads(row[5]), row[6])
+        except Exception as exc:
+            self._read_failed(exc)
+            return None
+
+    def put(self, scope: str, key: str, entry: Entry) -> None:
+        """Queue `entry` for the writer thread; readable from memory at once."""
+        try:
+            size = len(entry.body) + 1024
+            if self._closed or size > self.max_bytes or self.ttl <= 0:
+                self.dropped += 1
+                return
+            with self._lock:
+                if (len(self._queue) >= MAX_PENDING_ENTRIES
+                        or self._pending_bytes + size > MAX_PENDING_BYTES):
+                    self.dropped += 1
+                    return
+                self._pending[(scope, key)] = entry
+                self._queue.append((scope, key, entry, size))
+                self._pending_bytes += size
+            self._wake.set()
+        except Exception:
+            log.exception("cache put failed; the answer is not cached")
+
+    def _select(self, scope, key):
+        gen, conn = self._take_reader()
+        try:
+            row = conn.execute(_GET, (scope, key)).fetchone()
+        except BaseException as exc:
+            close_quietly(conn)
+            if isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt":
+                self._corrupt_gen = gen  # the writer moves the file aside if still current
+            raise
+        if gen == self._gen and len(self._readers) < MAX_IDLE_READERS:
+            self._readers.append((gen, conn))
+        else:
+            close_quietly(conn)
+        return row
+
+    def _take_reader(self):
+        gen = self._gen
+        while True:
+            try:
+                item = self._readers.pop()  # list.pop/append are atomic: no lock needed
+            except IndexError:
+                return gen, self.db.connect_reader()
+            if item[0] == gen:
+                return item
+            close_quietly(item[1])
+
+    def _read_failed(self, exc):
+        kind = classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable"
+        self._read_health.failed(kind, exc)
+        # A miss costs nothing but the saving; stop asking a broken DB for a while.
+        self._read_retry_at = time.monotonic() + (0.5 if kind == "busy" else 1.0)
+        if kind == "corrupt":
+            self._wake.set()
+
+    # -- writer thread -------------------------------------------------------
+
+    def _run(self):
+        next_maintenance = 0.0
+        while True:
+            self._wake.wait(MAINTENANCE_SECONDS)
+            self._wake.clear()
+            stopping = self._closed
+            try:
+                self._write_batch()
+                if not stopping and time.monotonic() >= next_maintenance:
+                    self._maintain()
+                    next_maintenance = time.monotonic() + MAINTENANCE_SECONDS
+            except Exception:
+                log.exception("cache writer error")
+            if stopping:
+                break
+        close_quietly(self._writer)
+        self._writer = None
+
+    def _write_batch(self):
+        with self._lock:
+            batch = list(self._queue)
+            self._queue.clear()
+            self._writing = True
+        touched, self._touched = self._touched, {}
+        try:
+            if batch or touched:
+                self._commit(batch, touched)
+        finally:
+            with self._lock:
+                for scope, key, entry, size in batch:
+                    if self._pending.get((scope, key)) is entry:
+                        del self._pending[(scope, key)]
+                    self._pending_bytes -= size
+                self._writing = False
+                self._idle.notify_all()
+
+    def _commit(self, batch, touched):
+        conn = self._writer_conn()
+        if conn is None:
+            self.dropped += len(batch)
+            return
+        now = self.clock()
+        rows, added = [], 0
+        for scope, key, e, _ in batch:
+            headers = json.dumps([list(h) for h in e.headers], ensure_ascii=False)
+            usage = json.dumps(e.usage or {})
+            size = len(e.body) + len(headers) + len(usage) + len(e.model or "") + 200
+            added += size
+            rows.append((scope, key, size, now, float(e.created), int(e.status),
+                         int(bool(e.streamed)), e.model or "", usage, headers, bytes(e.body)))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_PUT, rows)
+            conn.executemany(_TOUCH, [(t, s, k, t) for (s, k), t in touched.items()])
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            self.dropped += len(batch)
+            self._write_failed(exc)
+            return
+        self._health.ok()
+        if self._approx_bytes is not None:
+            self._approx_bytes += added
+        if self._approx_bytes is None or self._approx_bytes > self.max_bytes:
+            self._evict(conn)
+
+    def _evict(self, conn):
+        """Delete least-recently-used entries until the total is under 90% of the cap."""
+        try:
+            total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM cache_entries").fetchone()[0]
+            if total > self.max_bytes:
+                excess = total - int(self.max_bytes * 0.9)
+                victims, freed = [], 0
+                oldest = conn.execute("SELECT id, size FROM cache_entries ORDER BY accessed, id"
+                                      " LIMIT 10000").fetchall()  # the rest at the next write
+                for rowid, size in oldest:
+                    if freed >= excess:
+                        break
+                    victims.append((rowid,))
+                    freed += size
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("DELETE FROM cache_entries WHERE id = ?", victims)
+                conn.execute("COMMIT")
+                conn.execute("PRAGMA incremental_vacuum")
+                total -= freed
+            self._approx_bytes = total
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            self._write_failed(exc)
+
+    def _maintain(self):
+        """Once a second: notice a deleted/replaced/corrupt file; expire old entries."""
+        reported, self._corrupt_gen = self._corrupt_gen, None
+        state = "corrupt" if reported == self._gen else self.db.check()
+        if state == "corrupt":
+            self._reset(quarantine=True)
+        elif state == "moved" and self._writer is not None:
+            log.warning("the cache database %s was deleted or replaced; re-creating it", self.db.path)
+            self._reset(quarantine=False)
+        conn = self._writer_conn()
+        if conn is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_SECONDS
+            self.purge_expired()
+
+    def purge_expired(self) -> int:
+        """Delete expired entries now (the writer does this every minute); returns the count."""
+        conn = self._writer_conn() if threading.current_thread() is self._thread else None
+        own = conn is None
+        try:
+            if own:
+                conn = self.db.connect_writer(track=False)
+            cur = conn.execute("DELETE FROM cache_entries WHERE created <= ?", (self.clock() - self.ttl,))
+            if cur.rowcount:
+                self._approx_bytes = None  # recount at the next write
+            return max(cur.rowcount, 0)
+        except (sqlite3.Error, OSError) as exc:
+            if not own:
+                self._write_failed(exc)
+            return 0
+        finally:
+            if own:
+                close_quietly(conn)
+
+    def _writer_conn(self):
+        if self._writer is None and time.monotonic() >= self._write_retry_at:
+            self._open_writer()
+        return self._writer
+
+    def _open_writer(self):
+        for attempt in (1, 2):
+            previous = self.db.identity
+            try:
+                self._writer = self.db.connect_writer(timeout=WRITER_BUSY_TIMEOUT)
+                if self.db.identity != previous:
+                    self._gen += 1  # a new file: pooled readers must reconnect
+                self._write_failures = 0
+                self._health.ok()
+                return
+            except (sqlite3.Error, OSError) as exc:
+                if attempt == 1 and isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt":
+                    self.db.quarantine()
+                    continue
+                self._write_failed(exc)
+                return
+
+    def _write_failed(self, exc):
+        kind = classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable"
+        self._health.failed(kind, exc)
+        if kind == "corrupt":
+            self._reset(quarantine=True)
+        elif kind != "busy":  # full, read-only, I/O error, missing table: reopen later
+            close_quietly(self._writer)
+            self._writer = None
+            self._write_failures += 1
+            self._write_retry_at = time.monotonic() + min(0.5 * 2 ** self._write_failures, 10.0)
+
+    def _reset(self, quarantine):
+        close_quietly(self._writer)
+        self._writer = None
+        if quarantine:
+            self.db.quarantine()
+        self._gen += 1  # pooled readers let go of the old file
+        self._approx_bytes = None
+        self._write_retry_at = 0.0
+        self._read_retry_at = 0.0
+        self._open_writer()
+
+    @staticmethod
+    def _rollback(conn):
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    # -- management (CLI) ----------------------------------------------------
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued put is committed (or dropped); False on timeout."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        with self._lock:
+            while self._queue or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._wake.set()
+                self._idle.wait(min(left, 0.1))
+        return True
+
+    def stats(self) -> dict:
+        """entries, bytes, oldest/newest (epoch), per-scope counts (12-char scope ids)."""
+        out = {"path": self.db.path, "entries": 0, "bytes": 0, "oldest": None, "newest": None,
+               "scopes": {}, "max_bytes": self.max_bytes, "ttl_seconds": self.ttl,
+               "pending": len(self._queue), "dropped": self.dropped, "file_bytes": 0}
+        try:
+            out["file_bytes"] = sum(os.path.getsize(self.db.path + s) for s in ("", "-wal")
+                                    if os.path.exists(self.db.path + s))
+            conn = self.db.connect_reader(timeout=1.0)
+            try:
+                n, size, oldest, newest = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), MAX(created)"
+                    " FROM cache_entries").fetchone()
+                out.update(entries=n, bytes=size, oldest=oldest, newest=newest)
+                for scope, count in conn.execute(
+                        "SELECT substr(scope, 1, 12), COUNT(*) FROM cache_entries GROUP BY 1"):
+                    out["scopes"][scope] = count
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError) as exc:
+            out["error"] = str(exc)
+        return out
+
+    def clear(self) -> int:
+        """Delete every entry (pending ones too); returns how many were stored."""
+        with self._lock:
+            pending = len(self._pending)
+            self._pending.clear()
+            self._queue.clear()
+            self._pending_bytes = 0
+        conn = None
+        try:
+            conn = self.db.connect_writer(track=False)
+            n = conn.execute("DELETE FROM cache_entries").rowcount
+            conn.execute("PRAGMA incremental_vacuum")
+            self._approx_bytes = None
+            return max(n, 0) + pending
+        except (sqlite3.Error, OSError) as exc:
+            self._health.failed(classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable", exc)
+            return pending
+        finally:
+            close_quietly(conn)
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer, close every connection."""
+        if self._closed:
+            return
+        self.flush(timeout=5.0)
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5.0)
+        self._gen += 1
+        while self._readers:
+            close_quietly(self._readers.pop()[1])

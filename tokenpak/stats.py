@@ -1,0 +1,367 @@
+"""Reporting: `/stats`, `tokenpak stats` and `/metrics`.
+
+`summary()` and `report()` read the accounting table directly, opening the DB read-only: they
+work while the daemon runs (WAL lets readers in beside the writer) and while it is down, and
+they never create the file. `Metrics` is the in-memory side: counters the proxy bumps per
+request and renders as Prometheus text, so a scrape never touches the DB.
+
+Token vocabulary (the same everywhere here):
+- "input": every prompt token sent to a provider, including those it read from its own
+  prompt cache ("cache_read" is that subset), for requests that went upstream;
+- "output": completion tokens of those requests;
+- "cached": tokens of requests tokenpak answered itself (cache hits and coalesced
+  followers), i.e. tokens no provider was paid for;
+- "tokens_saved": "cached" plus the prompt tokens compression removed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+import urllib.parse
+
+from tokenpak import __version__
+from tokenpak.accounting import SERVED_LOCALLY, price_row, row_usage
+from tokenpak.errors import ExitStatus, TokenpakError
+from tokenpak.pricing import FIELDS
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_LOCAL = "cache IN ('hit', 'coalesced')"
+_PROMPT = "COALESCE(input_tokens, 0) + COALESCE(cache_read_tokens, 0) + COALESCE(cache_write_tokens, 0)"
+# One pass over the rows of a group. Requests answered locally ("hit", "coalesced") paid no
+# provider, so their tokens count as "cached" and not as input/output; a NULL cost with
+# known tokens is a request whose model has no price ("unpriced").
+_AGGREGATES = """
+    COUNT(*),
+    COALESCE(SUM(cache = 'hit'), 0),
+    COALESCE(SUM(cache = 'coalesced'), 0),
+    COALESCE(SUM(tokens_after < tokens_before), 0),
+    COALESCE(SUM(CASE WHEN {local} THEN 0 ELSE {prompt} END), 0),
+    COALESCE(SUM(CASE WHEN {local} THEN 0 ELSE COALESCE(output_tokens, 0) END), 0),
+    COALESCE(SUM(CASE WHEN {local} THEN 0 ELSE COALESCE(cache_read_tokens, 0) END), 0),
+    COALESCE(SUM(CASE WHEN {local} THEN {prompt} + COALESCE(output_tokens, 0) ELSE 0 END), 0),
+    COALESCE(SUM(CASE WHEN tokens_after < tokens_before THEN tokens_before - tokens_after
+                 ELSE 0 END), 0),
+    SUM(cost_usd),
+    COALESCE(SUM(saved_usd), 0),
+    COALESCE(SUM(cost_usd IS NULL AND (input_tokens IS NOT NULL OR output_tokens IS NOT NULL)), 0),
+    MIN(ts)
+""".format(local=_LOCAL, prompt=_PROMPT)
+_NAMES = ("requests", "cached", "coalesced", "compressed_requests", "input", "output",
+          "cache_read", "cached_tokens", "compression_saved", "cost_usd", "saved_usd",
+          "unpriced", "first_ts")
+_GROUPS = {
+    "model": "COALESCE(NULLIF(model, ''), '(unknown)')",
+    "provider": "COALESCE(NULLIF(provider, ''), '(unknown)')",
+    "day": "date(ts, 'unixepoch', 'localtime')",
+}
+
+
+def parse_since(text: str) -> float:
+    """"90s", "30m", "24h", "7d", "2w" or a date "2026-11-01" → the epoch-seconds cutoff."""
+    value = str(text or "").strip().lower()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", value)
+    if match and float(match.group(1)) > 0:
+        return time.time() - float(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return time.mktime(time.strptime(value, "%Y-%m-%d"))
+    except ValueError:
+        pass
+    raise TokenpakError("invalid --since value %r" % text,
+                        hint="use a duration like 90s, 30m, 24h, 7d, 2w, or a date like 2026-11-01",
+                        status=ExitStatus.USAGE)
+
+
+def _connect(db_path):
+    """A read-only connection, or None when there is no DB yet."""
+    path = os.path.abspath(os.path.expanduser(db_path))
+    if not os.path.exists(path):
+        return None
+    uri = "file:%s?mode=ro" % urllib.parse.quote(path)
+    return sqlite3.connect(uri, uri=True, timeout=1.0, isolation_level=None)
+
+
+def _query(db_path, group_sql, since):
+    conn = _connect(db_path)
+    if conn is None:
+        return []
+    try:
+        sql = "SELECT %s, %s FROM requests WHERE ts >= ? GROUP BY 1" % (group_sql, _AGGREGATES)
+        return conn.execute(sql, (since or 0.0,)).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []  # a DB the cache made before any request was recorded
+        raise
+    finally:
+        conn.close()
+
+
+def _empty():
+    return {"cached": 0, "compressed_requests": 0,
+            "token_usage": {"input": 0, "output": 0, "cached": 0},
+            "requests": 0, "coalesced": 0, "tokens_saved": 0, "cost_usd": 0.0,
+            "saved_usd": 0.0, "unpriced_requests": 0, "since": None, "by_model": {}}
+
+
+def summary(db_path: str, since: float | None = None) -> dict:
+    """The /stats document: the seed's shape plus totals and a per-model breakdown.
+
+    Never raises: a missing DB gives zeros, an unreadable one zeros and an "error" text.
+    """
+    out = _empty()
+    try:
+        rows = _query(db_path, _GROUPS["model"], since)
+    except sqlite3.Error as exc:
+        out["error"] = "accounting database unreadable: %s" % exc
+        return out
+    first = None
+    for row in rows:
+        d = dict(zip(_NAMES, row[1:]))
+        saved_tokens = d["cached_tokens"] + d["compression_saved"]
+        out["by_model"][row[0]] = {
+            "requests": d["requests"], "cached": d["cached"], "coalesced": d["coalesced"],
+            "compressed_requests": d["compressed_requests"], "input": d["input"],
+            "output": d["output"], "cache_read": d["cache_read"],
+            "cached_tokens": d["cached_tokens"], "tokens_saved": saved_tokens,
+            "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"], "unpriced": d["unpriced"]}
+        for name in ("requests", "cached", "coalesced", "compressed_requests"):
+            out[name] += d[name]
+        out["token_usage"]["input"] += d["input"]
+        out["token_usage"]["output"] += d["output"]
+        out["token_usage"]["cached"] += d["cached_tokens"]
+        out["tokens_saved"] += saved_tokens
+        out["cost_usd"] += d["cost_usd"] or 0.0
+        out["saved_usd"] += d["saved_usd"]
+        out["unpriced_requests"] += d["unpriced"]
+        if d["first_ts"] is not None and (first is None or d["first_ts"] < first):
+            first = d["first_ts"]
+    if first is not None:
+        out["since"] = datetime.datetime.fromtimestamp(first).astimezone().isoformat(timespec="seconds")
+    return out
+
+
+def report(db_path: str, since: float | None, by: str) -> list:
+    """Rows for `tokenpak stats --by model|provider|day` (most expensive first; days in order).
+
+    Each row: {by, requests, cached, input, output, cache_read, tokens_saved, cost_usd,
+    saved_usd} plus "unpriced" when some requests had no known price. cost_usd is None
+    when no request in the group had a known price.
+    """
+    if by not in _GROUPS:
+        raise TokenpakError("cannot group by %r" % by, hint="use --by model, provider or day",
+                            status=ExitStatus.USAGE)
+    try:
+        rows = _query(db_path, _GROUPS[by], since)
+    except sqlite3.Error as exc:
+        raise TokenpakError("cannot read the accounting database %s: %s" % (db_path, exc),
+                            hint="check the file; tokenpak moves a corrupt DB aside when it starts") from None
+    any_unpriced = any(dict(zip(_NAMES, r[1:]))["unpriced"] for r in rows)
+    out = []
+    for row in rows:
+        d = dict(zip(_NAMES, row[1:]))
+        item = {by: row[0], "requests": d["requests"], "cached": d["cached"],
+                "input": d["input"], "output": d["output"], "cache_read": d["cache_read"],
+                "tokens_saved": d["cached_tokens"] + d["compression_saved"],
+                "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"]}
+        if any_unpriced:
+            item["unpriced"] = d["unpriced"]
+        out.append(item)
+    if by == "day":
+        out.sort(key=lambda r: r["day"])
+    else:
+        out.sort(key=lambda r: (-(r["cost_usd"] or 0.0), -r["requests"], r[by]))
+    return out
+
+
+_LABELS = {"model": "Model", "provider": "Provider", "day": "Day", "requests": "Requests",
+           "cached": "Cached", "input": "Input tok", "output": "Output tok",
+           "cache_read": "Prompt-cached", "tokens_saved": "Tokens saved", "cost_usd": "Cost",
+           "saved_usd": "Saved", "unpriced": "Unpriced"}
+
+
+def _money(value):
+    if value is None:
+        return "unknown"
+    if 0 < abs(value) < 0.01:  # a cheap model's day is real money, not "$0.00"
+        return "$%.4f" % value
+    return "${:,.2f}".format(value)
+
+
+def _cell(column, value):
+    if column.endswith("_usd"):
+        return _money(value)
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return "{:,}".format(value)
+    if isinstance(value, float):
+        return "{:,.2f}".format(value)
+    return str(value)
+
+
+def format_table(rows: list) -> str:
+    """Rows of dicts as an aligned text table with a totals row (first column is the label)."""
+    if not rows:
+        return "No requests recorded yet."
+    columns = list(rows[0])
+    totals = {columns[0]: "Total"}
+    for col in columns[1:]:
+        values = [r.get(col) for r in rows]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if col.endswith("_usd"):
+            totals[col] = sum(numbers) if numbers else None
+        elif numbers:
+            totals[col] = sum(numbers)
+        else:
+            totals[col] = None
+    table = [[_LABELS.get(c, c.replace("_", " ").capitalize()) for c in columns]]
+    table += [[_cell(c, r.get(c)) for c in columns] for r in rows]
+    footer = [_cell(c, totals[c]) for c in columns]
+    widths = [max(len(line[i]) for line in table + [footer]) for i in range(len(columns))]
+
+    def fmt(line):
+        cells = [line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(table[0]), rule] + [fmt(line) for line in table[1:]] + [rule, fmt(footer)])
+
+
+# ---------------------------------------------------------------- /metrics
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+MAX_MODELS = 200  # model names come from clients: bound the label cardinality (and memory)
+
+
+def escape_label(value) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(names, values):
+    return "{%s}" % ",".join('%s="%s"' % (n, escape_label(v)) for n, v in zip(names, values))
+
+
+def _number(value):
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+class Metrics:
+    """In-memory counters for GET /metrics (Prometheus text exposition format 0.0.4)."""
+
+    def __init__(self, prices=None):
+        self.prices = prices
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._requests = {}
+        self._tokens = {}
+        self._cost = {}
+        self._saved = {}
+        self._hist = {}  # (provider, cache) -> [bucket counts..., sum, count]
+        self._models = set()
+
+    def observe(self, row: dict) -> None:
+        """Count one finished request (the same dict as Recorder.record). Never raises."""
+        try:
+            provider = str(row.get("provider") or "")
+            model = str(row.get("model") or "")
+            status = str(row.get("status") if row.get("status") is not None else "error")
+            cache = str(row.get("cache") or "")
+            if "cost_usd" in row:
+                cost, saved = row.get("cost_usd"), row.get("saved_usd")
+            else:
+                cost, saved = price_row(row, self.prices)
+            usage = None if cache in SERVED_LOCALLY else row_usage(row)  # billed tokens only
+            latency = row.get("latency_ms")
+            with self._lock:
+                if model not in self._models:
+                    if len(self._models) >= MAX_MODELS:
+                        model = "other"
+                    else:
+                        self._models.add(model)
+                key = (provider, model, status, cache)
+                self._requests[key] = self._requests.get(key, 0) + 1
+                if usage:
+                    for kind in FIELDS:
+                        n = usage.get(kind) or 0
+                        if n > 0:
+                            tkey = (provider, model, kind)
+                            self._tokens[tkey] = self._tokens.get(tkey, 0) + int(n)
+                if cost:
+                    self._cost[(provider, model)] = self._cost.get((provider, model), 0.0) + cost
+                if saved:
+                    self._saved[(provider, model)] = self._saved.get((provider, model), 0.0) + saved
+                if latency is not None:
+                    self._observe_latency((provider, cache), float(latency) / 1000.0)
+        except Exception:
+            pass  # metrics must never cost a request its answer
+
+    def _observe_latency(self, key, seconds):
+        hist = self._hist.get(key)
+        if hist is None:
+            hist = self._hist[key] = [0] * len(BUCKETS) + [0.0, 0]
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                hist[i] += 1
+                break
+        hist[-2] += seconds
+        hist[-1] += 1
+
+    def render(self, gauges: dict | None = None) -> str:
+        """The exposition text. `gauges` adds {name: (help, value)} (e.g. dropped rows)."""
+        with self._lock:  # copy, then format without holding up observe()
+            requests, tokens = dict(self._requests), dict(self._tokens)
+            cost, saved = dict(self._cost), dict(self._saved)
+            hists = {k: list(v) for k, v in self._hist.items()}
+        out = []
+
+        def family(name, kind, help_text):
+            out.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\").replace("\n", "\\n")))
+            out.append("# TYPE %s %s" % (name, kind))
+
+        family("tokenpak_up", "gauge", "1 while tokenpak is serving.")
+        out.append("tokenpak_up 1")
+        family("tokenpak_build_info", "gauge", "tokenpak version and Python version.")
+        out.append("tokenpak_build_info%s 1" % _labels(
+            ("version", "python"), (__version__, "%d.%d.%d" % sys.version_info[:3])))
+        family("tokenpak_start_time_seconds", "gauge", "Start time of the process (Unix epoch).")
+        out.append("tokenpak_start_time_seconds %s" % _number(self.started))
+        family("tokenpak_requests_total", "counter", "Proxied requests by provider, model, status and cache result.")
+        for key in sorted(requests):
+            out.append("tokenpak_requests_total%s %d" % (
+                _labels(("provider", "model", "status", "cache"), key), requests[key]))
+        family("tokenpak_tokens_total", "counter",
+               "Tokens the providers reported for requests that went upstream, by kind.")
+        for key in sorted(tokens):
+            out.append("tokenpak_tokens_total%s %d" % (_labels(("provider", "model", "kind"), key), tokens[key]))
+        family("tokenpak_cost_usd_total", "counter", "Spend in USD at the shipped or configured prices.")
+        for key in sorted(cost):
+            out.append("tokenpak_cost_usd_total%s %s" % (_labels(("provider", "model"), key), _number(cost[key])))
+        family("tokenpak_saved_usd_total", "counter", "USD saved by cache hits, coalescing and compression.")
+        for key in sorted(saved):
+            out.append("tokenpak_saved_usd_total%s %s" % (_labels(("provider", "model"), key), _number(saved[key])))
+        family("tokenpak_request_duration_seconds", "histogram", "Request latency through tokenpak.")
+        for key in sorted(hists):
+            self._render_histogram(out, key, hists[key])
+        for name, (help_text, value) in sorted((gauges or {}).items()):
+            family(name, "gauge", help_text)
+            out.append("%s %s" % (name, _number(value)))
+        return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _render_histogram(out, key, hist):
+        name = "tokenpak_request_duration_seconds"
+        running = 0  # Prometheus buckets are cumulative: each counts everything up to `le`
+        for bound, n in zip(BUCKETS, hist):
+            running += n
+            out.append("%s_bucket%s %d" % (name, _labels(("provider", "cache", "le"), key + (repr(bound),)), running))
+        out.append("%s_bucket%s %d" % (name, _labels(("provider", "cache", "le"), key + ("+Inf",)), hist[-1]))
+        out.append("%s_sum%s %s" % (name, _labels(("provider", "cache"), key), _number(hist[-2])))
+        out.append("%s_count%s %d" % (name, _labels(("provider", "cache"), key), hist[-1]))
