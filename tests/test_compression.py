@@ -1,0 +1,407 @@
+"""Unit tests for tokenpak.compression and tokenpak.transforms: transforms, walker, reports."""
+
+import copy
+import json
+
+import pytest
+
+from tokenpak import compression as C
+from tokenpak import transforms as T
+from tokenpak import tokens
+
+HYBRID0 = C.Settings(threshold_tokens=0)
+STRICT0 = C.Settings(level="strict", threshold_tokens=0)
+AGGRESSIVE = C.Settings(level="aggressive")
+
+LOG_LINE = "\x1b[32m[worker-1] heartbeat ok queue=0 lag=0ms\x1b[0m"
+PRETTY = json.dumps({"items": [{"name": "pkg%d" % i, "version": "1.%d" % i, "files": i,
+                                "summary": "a package with a fairly long summary %d" % i}
+                               for i in range(6)]}, indent=4)
+
+
+# ------------------------------------------------------------------ settings
+
+def test_settings_normalise_level_and_reject_unknown():
+    assert C.Settings(level="balanced").level == "hybrid"
+    assert C.Settings(level=" Strict ").level == "strict"
+    with pytest.raises(ValueError):
+        C.Settings(level="extreme")
+
+
+# ------------------------------------------------------------------ text transforms
+
+def test_strip_ansi_removes_colour_cursor_and_title_sequences():
+    text = "\x1b[1;31mERROR\x1b[0m done\x1b[2K\x1b]0;title\x07 ok"
+    assert T.strip_ansi(text) == "ERROR done ok"
+    plain = "no escapes here"
+    assert T.strip_ansi(plain) is plain
+
+
+def test_normalize_whitespace_crlf_and_trailing_only():
+    assert T.normalize_whitespace("a  b   \r\nc\t\n  d  ") == "a  b\nc\n  d"
+
+
+def test_collapse_redraws_keeps_final_state():
+    text = "Downloading\n 10%\r 50%\r100%\r\ndone"
+    assert T.collapse_redraws(T.normalize_whitespace(text)) == "Downloading\n100%\ndone"
+    # No newline at all: could be old Mac line endings, so left alone.
+    assert T.collapse_redraws("one\rtwo") == "one\rtwo"
+
+
+def test_collapse_repeats_counts_runs_and_is_idempotent():
+    text = "start\n" + "\n".join([LOG_LINE] * 5) + "\nend"
+    out = T.collapse_repeats(T.strip_ansi(text))
+    assert out == "start\n[worker-1] heartbeat ok queue=0 lag=0ms [×5]\nend"
+    assert T.collapse_repeats(out) == out
+    # A marker line next to more copies merges into one count.
+    assert T.collapse_repeats(out.replace("\nend", "\n[worker-1] heartbeat ok queue=0 lag=0ms")) \
+        == "start\n[worker-1] heartbeat ok queue=0 lag=0ms [×6]"
+
+
+def test_collapse_repeats_leaves_short_and_blank_runs():
+    assert T.collapse_repeats("}\n}\n\n\n\nx") == "}\n}\n\n\n\nx"
+    assert T.collapse_repeats("solo [×1]\nnext") == "solo [×1]\nnext"
+
+
+def test_minify_json_is_lexical_and_exact():
+    assert T.minify_json('{\n  "a": "x  y",\n  "b": [1, 2.50, 1e5]\n}') == '{"a":"x  y","b":[1,2.50,1e5]}'
+    assert T.minify_json("[worker-0] not json") == "[worker-0] not json"
+    assert T.minify_json('{"broken": ') == '{"broken": '
+
+
+def test_table_round_trip_is_exact():
+    minified = T.minify_json(PRETTY)
+    table = T.tabulate_json(minified)
+    assert table != minified and len(table) < len(minified)
+    assert '"columns":["name","version","files","summary"]' in table
+    restored = T.table_decode(json.loads(table))
+    assert json.dumps(restored, ensure_ascii=False, separators=(",", ":")) == minified
+
+
+def test_table_nested_and_mixed_arrays_round_trip():
+    value = {"a": [{"k": 1, "v": [{"x": 1}, {"x": 2}, {"x": 3}]}] * 3,
+             "b": [{"k": 1}, {"j": 2}, {"k": 3}], "c": [1, 2, 3]}
+    encoded = T.table_encode(value)
+    assert T.table_decode(encoded) == value
+    assert isinstance(encoded["b"], list)  # keys differ: not a table
+    cells = [{"a": {"x": 1}, "b": {"x": 2}, "c": {"x": 3}}] * 3  # a row must stay a list
+    assert T.table_decode(T.table_encode(cells)) == cells
+
+
+def test_tabulate_refuses_ambiguous_or_inexact_input():
+    ambiguous = json.dumps([{"columns": ["a"], "rows": [[1]]}] * 3, separators=(",", ":"))
+    assert T.tabulate_json(ambiguous) == ambiguous
+    inexact = '[{"a":1.0e2},{"a":2},{"a":3}]'  # 1.0e2 would re-serialise as 100.0
+    assert T.tabulate_json(inexact) == inexact
+
+
+def test_elide_middle_keeps_ends_errors_and_says_how_much():
+    lines = ["line %05d ok" % i for i in range(3000)]
+    lines[1500] = "ERROR disk full on /dev/sda1"
+    text = "\n".join(lines)
+    out = T.elide_middle(text)
+    assert out.startswith("line 00000 ok") and out.endswith("line 02999 ok")
+    assert "ERROR disk full on /dev/sda1" in out
+    assert "elided from the middle of this output by tokenpak" in out
+    assert "lines (" in out and "characters)" in out
+    assert len(out) < len(text) / 4
+    assert T.elide_middle(out) == out
+    assert T.elide_middle("short\noutput") == "short\noutput"
+
+
+def _undo_ditto(text):
+    lines = text.split("\n")[1:]  # drop the legend
+    current = None
+    for i, line in enumerate(lines):
+        if line.startswith(T.DITTO + " "):
+            lines[i] = current + " " + line[2:]
+        else:
+            match = T._TIMESTAMP_RE.match(line)
+            current = match.group(1) if match else current
+    return "\n".join(lines)
+
+
+def test_ditto_timestamps_round_trip():
+    text = "\n".join(["2026-05-09 07:29:12 status unpacked pkg%d" % i for i in range(6)]
+                     + ["[worker-1] heartbeat", "2026-05-09 07:29:12 install other",
+                        "2026-05-09 07:29:13 install third"])
+    out = T.ditto_timestamps(text)
+    assert out.startswith(T.DITTO_LEGEND + "\n")
+    assert sum(line.startswith(T.DITTO + " ") for line in out.split("\n")) == 6
+    assert "2026-05-09 07:29:13 install third" in out
+    assert _undo_ditto(out) == text
+    assert T.ditto_timestamps(out) == out
+    assert T.ditto_timestamps("2026-05-09 07:29:12 a\n2026-05-09 07:29:12 b") == \
+        "2026-05-09 07:29:12 a\n2026-05-09 07:29:12 b"  # too few to pay for the legend
+
+
+def test_split_fences_and_code_detection():
+    text = "intro  \n```python\nx = 1   \n```\noutro  "
+    chunks = T.split_fences(text)
+    assert "".join(c for _, c in chunks) == text
+    assert [code for code, _ in chunks] == [False, True, False]
+    listing = "\n".join("%6d\t    return f(x)" % i for i in range(1, 20))
+    assert T.looks_like_code(listing)
+    assert T.looks_like_code("def f(x):\n    if x:\n        return 1\n    return 2\n")
+    prose = "The proxy forwards requests.\nIt keeps every fact.\nNothing is lost here.\n"
+    assert not T.looks_like_code(prose)
+    assert not T.looks_like_code("\x1b[31mdef f():\x1b[0m\n    return 1\n    x = {\n")
+
+
+# ------------------------------------------------------------------ per-block pipeline
+
+def test_transform_block_keeps_fenced_code_exact():
+    code = "```python\ndef f():   \n    return 1   \n```"
+    text = "Look at this:   \n" + code + "\nThanks   "
+    out = C.transform_block(text, HYBRID0)
+    assert code in out
+    assert out == "Look at this:\n" + code + "\nThanks"
+    loose = C.transform_block(text, C.Settings(preserve_code=False))
+    assert "def f():\n" in loose
+
+
+def test_transform_block_leaves_code_like_output_and_honours_preserve_json():
+    listing = "\n".join("%6d\t    value = compute(%d)   " % (i, i) for i in range(1, 30))
+    assert C.transform_block(listing, HYBRID0, is_tool=True) == listing
+    assert C.transform_block(PRETTY, C.Settings(preserve_json=True)) == PRETTY
+    assert C.transform_block(PRETTY, STRICT0) == T.minify_json(PRETTY)
+
+
+def test_transform_block_reports_each_step():
+    seen = []
+    text = "\n".join([LOG_LINE + "   "] * 4)
+    C.transform_block(text, HYBRID0, observe=lambda name, before, after: seen.append(name))
+    assert seen == ["ansi", "whitespace", "repeats"]
+
+
+def test_transform_block_elides_only_tool_output_in_aggressive():
+    text = "\n".join("step %05d finished without problems" % i for i in range(2000))
+    assert "elided" in C.transform_block(text, AGGRESSIVE, is_tool=True)
+    assert "elided" not in C.transform_block(text, AGGRESSIVE, is_tool=False)
+    assert "elided" not in C.transform_block(text, HYBRID0, is_tool=True)
+
+
+# ------------------------------------------------------------------ requests
+
+def _log(n=60, tag="a"):
+    steps = ["%s: step %d of 20 finished in %d ms   " % (tag, i, 7 * i) for i in range(20)]
+    return "\n".join([LOG_LINE] * n + steps)
+
+
+def openai_body():
+    return {
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "You are terse.   \n" + _log(5)},
+            {"role": "developer", "content": _log(5)},
+            {"role": "user", "content": "Run it.   "},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "bash", "arguments": '{"cmd": "make   "}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": _log()},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Here is a screenshot   \n" + _log(10)},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA   "}}]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "bash", "description": "run   "}}],
+    }
+
+
+def anthropic_body():
+    return {
+        "model": "claude-sonnet-4",
+        "max_tokens": 100,
+        "system": [{"type": "text", "text": _log(5)}],
+        "messages": [
+            {"role": "user", "content": "Build it."},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Running make."},
+                {"type": "tool_use", "id": "toolu_1", "name": "bash", "input": {"cmd": "make   "}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": _log()}]},
+            {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "toolu_2", "name": "bash", "input": {"cmd": "make"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_2",
+                 "content": [{"type": "text", "text": _log()},
+                             {"type": "image", "source": {"type": "base64", "data": "AAAA   "}}]}]},
+        ],
+    }
+
+
+def test_openai_request_compresses_only_user_assistant_and_tool_text():
+    body = openai_body()
+    before = copy.deepcopy(body)
+    result = C.compress_request("openai", body, HYBRID0)
+    assert body == before  # input never mutated
+    out = result.body
+    assert result.changed and out is not body
+    assert out["messages"][0] == body["messages"][0]  # system
+    assert out["messages"][1] == body["messages"][1]  # developer
+    assert out["messages"][3] is body["messages"][3]  # untouched message shared, not copied
+    assert out["tools"] is body["tools"]
+    assert out["messages"][2]["content"] == "Run it."
+    assert out["messages"][4]["content"].startswith("[worker-1] heartbeat ok queue=0 lag=0ms [×60]")
+    assert out["messages"][4]["tool_call_id"] == "call_1"
+    assert out["messages"][5]["content"][1] == body["messages"][5]["content"][1]  # image
+
+
+def test_anthropic_request_keeps_tool_use_images_and_system():
+    body = anthropic_body()
+    before = copy.deepcopy(body)
+    out = C.compress_request("anthropic", body, HYBRID0).body
+    assert body == before
+    assert out["system"] is body["system"]
+    assert out["messages"][1] is body["messages"][1]
+    first = out["messages"][2]["content"][0]
+    assert first["tool_use_id"] == "toolu_1" and "[×60]" in first["content"]
+    second = out["messages"][4]["content"][0]["content"]
+    assert second[1] == body["messages"][4]["content"][0]["content"][1]  # image block
+    # The same output again: a reference that says where the first copy is.
+    assert second[0]["text"].startswith("[tokenpak: identical to the bash result for tool_use_id toolu_1")
+
+
+def test_backref_keeps_first_copy_and_needs_hybrid():
+    body = anthropic_body()
+    strict = C.compress_request("anthropic", body, STRICT0).body
+    assert "[×60]" in strict["messages"][4]["content"][0]["content"][0]["text"]
+    small = {"messages": [{"role": "user", "content": "same short text"},
+                          {"role": "user", "content": "same short text"}]}
+    assert C.compress_request("openai", small, HYBRID0).changed is False
+
+
+def test_cache_control_freezes_everything_up_to_the_last_marker():
+    body = anthropic_body()
+    body["messages"][2]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    out = C.compress_request("anthropic", body, HYBRID0).body
+    assert out["messages"][2] is body["messages"][2]
+    assert out["messages"][0] is body["messages"][0]
+    # After the marker: compressed; the repeat names the frozen (raw) first copy.
+    after = out["messages"][4]["content"][0]["content"][0]["text"]
+    assert after.startswith("[tokenpak: identical to the bash result for tool_use_id toolu_1")
+
+
+def test_thinking_turns_and_unknown_blocks_are_left_alone():
+    body = {"messages": [
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+            {"type": "text", "text": _log()}]},
+        {"role": "user", "content": [{"type": "mystery", "text": _log()},
+                                     {"type": "text", "text": _log(), "citations": []}]},
+    ]}
+    result = C.compress_request("anthropic", body, HYBRID0)
+    assert result.changed is False and result.body is body
+
+
+def test_threshold_disabled_and_odd_shapes_return_the_same_object():
+    body = openai_body()
+    assert C.compress_request("openai", body, C.Settings()).body is body  # ~1k tokens < 4500
+    assert C.compress_request("openai", body, C.Settings()).reason == "below threshold"
+    off = C.compress_request("openai", body, C.Settings(enabled=False, threshold_tokens=0))
+    assert off.body is body and off.reason == "disabled"
+    for odd in ({}, {"messages": "hi"}, {"messages": [None, 3, {"role": "user"}]}, [1, 2]):
+        assert C.compress_request("openai", odd, HYBRID0).body is odd
+    assert C.compress_request("gemini", body, HYBRID0).body is body
+
+
+def test_aggressive_ignores_threshold():
+    body = openai_body()
+    assert C.compress_request("openai", body, C.Settings(level="aggressive")).changed
+
+
+def test_idempotent_and_prefix_stable():
+    body = anthropic_body()
+    once = C.compress_request("anthropic", body, HYBRID0).body
+    assert C.compress_request("anthropic", once, HYBRID0).changed is False
+    longer = copy.deepcopy(body)
+    longer["messages"] += [{"role": "assistant", "content": "done"},
+                           {"role": "user", "content": _log(30, "b")}]
+    grown = C.compress_request("anthropic", longer, HYBRID0).body
+    assert grown["messages"][:len(once["messages"])] == once["messages"]
+
+
+def test_references_name_only_earlier_messages():
+    text = _log()
+    body = {"messages": [
+        {"role": "tool", "tool_call_id": "c9", "content": text},
+        {"role": "tool", "tool_call_id": "c9", "content": text},
+    ]}
+    before = C.compress_request("openai", body, HYBRID0).body
+    assert before["messages"][1]["content"].startswith(
+        "[tokenpak: identical to the tool result for tool_call_id c9,")
+    later = {"role": "assistant", "tool_calls": [
+        {"id": "c9", "type": "function", "function": {"name": "bash", "arguments": "{}"}}]}
+    grown = C.compress_request("openai", dict(body, messages=body["messages"] + [later]), HYBRID0)
+    assert grown.body["messages"][:2] == before["messages"]
+
+
+def test_json_tool_output_tables_and_element_references():
+    page1 = json.dumps({"items": [{"name": "pkg%d" % i, "summary": "package number %d " % i * 8}
+                                  for i in range(5)]}, indent=2)
+    page2 = json.dumps({"items": [{"name": "pkg%d" % i, "summary": "package number %d " % i * 8}
+                                  for i in range(3, 8)]}, indent=2)
+    body = {"messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "inventory", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": page1},
+        {"role": "assistant", "tool_calls": [{"id": "c2", "type": "function",
+                                              "function": {"name": "inventory", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": page2},
+    ]}
+    out = C.compress_request("openai", body, HYBRID0).body["messages"]
+    first, second = json.loads(out[1]["content"]), json.loads(out[3]["content"])
+    assert T.table_decode(first) == json.loads(page1)  # first copy complete and exact
+    rows = second["items"]["rows"]
+    assert rows[0] == "[tokenpak: same as items[3] of the inventory result for tool_call_id c1]"
+    assert rows[1] == "[tokenpak: same as items[4] of the inventory result for tool_call_id c1]"
+    assert rows[2][0] == "pkg5"
+    strict = C.compress_request("openai", body, STRICT0).body["messages"]
+    assert json.loads(strict[3]["content"]) == json.loads(page2)
+
+
+def test_result_counts_are_exact_and_lazy(monkeypatch):
+    body = openai_body()
+    result = C.compress_request("openai", body, HYBRID0)
+    assert result._cache == {}  # nothing counted on the hot path
+    assert result.tokens_before == tokens.count_request("openai", body)
+    assert result.tokens_after == tokens.count_request("openai", result.body)
+    assert result.tokens_after < result.tokens_before
+    saved = result.saved_by_transform
+    assert saved["repeats"] > 0 and saved["ansi"] > 0
+    assert sum(saved.values()) == result.tokens_before - result.tokens_after
+    again = C.compress_request("openai", body, HYBRID0)
+    again.prefetch()
+    assert again.tokens_before == result.tokens_before  # waits for the counting thread's lock
+    unchanged = C.compress_request("openai", body, C.Settings())
+    assert unchanged.tokens_after == unchanged.tokens_before
+    assert unchanged.saved_by_transform == {}
+
+
+def test_memo_makes_a_resent_history_free(monkeypatch):
+    body = anthropic_body()
+    C.compress_request("anthropic", body, HYBRID0)
+    calls = []
+    real = C.transform_block
+    monkeypatch.setattr(C, "transform_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    longer = copy.deepcopy(body)
+    longer["messages"].append({"role": "user", "content": "and now?   "})
+    C.compress_request("anthropic", longer, HYBRID0)
+    assert len(calls) == 1  # only the new turn
+
+
+def test_dry_run_and_format_report():
+    body = anthropic_body()
+    report = C.dry_run("anthropic", body, HYBRID0)
+    assert report.tokens_before == tokens.count_request("anthropic", body)
+    assert [m.index for m in report.messages] == list(range(5))
+    assert report.messages[2].tokens_after < report.messages[2].tokens_before
+    assert "repeats" in report.messages[2].transforms
+    assert "backref" in report.messages[4].transforms
+    text = C.format_report(report)
+    assert "mode hybrid" in text and "threshold 0 tokens" in text
+    assert "{:,}".format(report.tokens_before) in text
+    assert "total" in text and "%" in text
+    table = [line for line in text.splitlines() if line.strip().startswith(("0 ", "2 ", "4 "))]
+    assert len(table) == 3 and len({line.index("user") for line in table}) == 1  # aligned
+    below = C.format_report(C.dry_run("anthropic", body, C.Settings()))
+    assert "below threshold: forwarded unchanged" in below

@@ -1,0 +1,549 @@
+"""Prompt compression: which blocks of a request may change, and how, without losing a fact.
+
+Why it looks like this. A rewrite that saves 30% of a prompt but changes a prefix the
+provider has cached costs more than it saves (a peer raised Claude Code bills 2-7x that
+way). So every transform is a pure function of one text block (transforms.py holds them,
+with what each one saves), each message's output depends only on itself, the messages
+before it and the settings, and results are memoised per block by content hash: turn N's
+history is forwarded byte-identical in turn N+1, and a resent 100k-token history costs a
+hash per block, not a re-compression.
+
+What is never altered: roles, order, ids, tool_use inputs and tool_calls, tool
+definitions, the system prompt and system/developer messages, images, documents, thinking
+blocks (and the assistant turn holding them), blocks with extra fields (citations...),
+unknown shapes, and every block at or before the last `cache_control` marker in the
+messages. That last rule is stronger than "never alter the marked block": clients such as
+Claude Code move the marker forward every turn, so a block left raw while marked and
+compressed once unmarked would change the cached prefix on every turn.
+
+This module walks the request, chains the transforms per block (transform_block), adds
+back-references across messages (a repeated block, or a repeated JSON array element, names
+its first copy, which stays), and reports exact savings per transform (dry_run).
+Fenced code blocks and code-like blocks keep their exact text when preserve_code.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import tokens
+from .transforms import (collapse_redraws, collapse_repeats, ditto_timestamps, dumps_compact,
+                         elide_middle, json_elements, json_minified, json_with_refs,
+                         looks_like_code, normalize_whitespace, parse_json_text, path_text,
+                         split_fences, strip_ansi, tabulate_value)
+
+LEVELS = ("strict", "hybrid", "aggressive")
+LEVEL_ALIASES = {"balanced": "hybrid"}
+MIN_REF_CHARS = 400        # a back-reference costs ~35 tokens: only replace bigger blocks
+MEMO_ENTRIES = 8192
+MEMO_CHARS = 16 << 20      # bound on memoised output text (characters)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """compression.* config values; `level` is normalised ("balanced" -> "hybrid")."""
+
+    enabled: bool = True
+    level: str = "hybrid"
+    threshold_tokens: int = 4500
+    preserve_code: bool = True
+    preserve_json: bool = False
+
+    def __post_init__(self):
+        level = LEVEL_ALIASES.get(str(self.level).strip().lower(), str(self.level).strip().lower())
+        if level not in LEVELS:
+            raise ValueError("compression level must be strict, hybrid (balanced) or aggressive, "
+                             "not %r" % (self.level,))
+        object.__setattr__(self, "level", level)
+
+
+# ------------------------------------------------------------------ per-block pipeline
+
+_PROSE_STEPS = (
+    ("ansi", strip_ansi),
+    ("whitespace", normalize_whitespace),
+    ("redraws", collapse_redraws),
+    ("repeats", collapse_repeats),
+)
+
+
+def _settings_key(settings):
+    return (settings.level, settings.preserve_code, settings.preserve_json)
+
+
+def transform_block(text: str, settings: Settings, is_tool: bool = False,
+                    observe: Optional[Callable[[str, str, str], None]] = None) -> str:
+    """Compress one text block: a pure function of (text, settings, is_tool).
+
+    `observe(name, before, after)` is called for every step that changed the text.
+    """
+    def step(name, before, after):
+        if observe is not None and after != before:
+            observe(name, before, after)
+        return after
+
+    hybrid = settings.level != "strict"
+    # JSON first: line-based steps could break it (a run of identical "1," lines).
+    if parse_json_text(text) is not None:
+        return text if settings.preserve_json else _json_steps(text, hybrid, step)
+    chunks = split_fences(text) if settings.preserve_code else [(False, text)]
+    if settings.preserve_code and looks_like_code("".join(c for code, c in chunks if not code)):
+        return text  # unfenced code: indentation and every character are meaning
+    out = text
+    for name, function in _PROSE_STEPS:  # fenced code chunks pass through untouched
+        chunks = [(code, chunk if code else function(chunk)) for code, chunk in chunks]
+        out = step(name, out, "".join(chunk for _, chunk in chunks))
+    if parse_json_text(out) is not None:  # JSON once its colour codes are gone
+        return out if settings.preserve_json else _json_steps(out, hybrid, step)
+    if is_tool and settings.level == "aggressive" and len(chunks) == 1:
+        out = step("elide", out, elide_middle(out))
+    # Last, so no later step can drop the line a ditto mark refers to.
+    if hybrid:
+        chunks = split_fences(out) if settings.preserve_code else [(False, out)]
+        out = step("timestamps", out, "".join(
+            chunk if code else ditto_timestamps(chunk) for code, chunk in chunks))
+    return out
+
+
+def _json_steps(text, hybrid, step):
+    value = json.loads(text)
+    minified, canonical = json_minified(text, value)
+    out = step("json", text, minified)
+    return step("table", out, tabulate_value(minified, value, canonical)) if hybrid else out
+
+
+def _transform_memo(text, settings, is_tool, key):
+    """(output, output digest) of `transform_block`, memoised by content hash."""
+    memo_key = (_settings_key(settings), is_tool, key)
+    hit = _memo.get(memo_key)
+    if hit is None:
+        out = transform_block(text, settings, is_tool)
+        # An unchanged block stores no copy of its text: the caller has it.
+        hit = (None, key) if out == text else (out, tokens.digest(out))
+        _memo.put(memo_key, hit, 64 + len(out if hit[0] is not None else ""))
+    return (text if hit[0] is None else hit[0]), hit[1]
+
+
+_memo = tokens.LRU(MEMO_ENTRIES, max_weight=MEMO_CHARS)
+
+
+# ------------------------------------------------------------------ request walking
+
+@dataclass(frozen=True)
+class _Unit:
+    """One replaceable text in a request: messages[msg].content[part].content[inner]."""
+
+    msg: int
+    part: Optional[int]
+    inner: Optional[int]
+    text: str
+    is_tool: bool
+    label: str      # how a back-reference names this block to the model
+    short: str      # the same without the tool input, for element references
+    frozen: bool    # at or before the last cache_control marker: never altered
+
+
+# Blocks with any other field (citations, ...) are left alone. A cache_control block is
+# always frozen (it is at or before the last marker) but can be the first copy of a repeat.
+_TEXT_KEYS = frozenset({"type", "text", "cache_control"})
+_TOOL_RESULT_KEYS = frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"})
+_THINKING = frozenset({"thinking", "redacted_thinking"})
+_ANTHROPIC_ROLES = ("user", "assistant")
+_OPENAI_ROLES = ("user", "assistant", "tool", "function")  # never system or developer
+
+
+def _plain_text(block):
+    return (isinstance(block, dict) and block.get("type") == "text"
+            and isinstance(block.get("text"), str) and _TEXT_KEYS.issuperset(block))
+
+
+def _last_marker(messages):
+    """(message, block) position of the last cache_control marker, or (-1, -1)."""
+    last = (-1, -1)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        if "cache_control" in message:  # not in either API today, but it would mean the same
+            last = (i, 1 << 30)
+        content = message.get("content")
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            inner = block.get("content") if isinstance(block, dict) else None
+            if isinstance(block, dict) and ("cache_control" in block or any(
+                    isinstance(b, dict) and "cache_control" in b
+                    for b in (inner if isinstance(inner, list) else ()))):
+                last = max(last, (i, j))
+    return last
+
+
+def _text_label(role, text):
+    start = " ".join(text[:200].split())
+    snippet = start[:60] + ("..." if len(start) > 60 else "")
+    return 'the %s message that begins "%s"' % (role, snippet.replace('"', "'"))
+
+
+def _tool_labels(call, call_id, id_field):
+    """(label with the tool input, short label) naming one tool result."""
+    name, args = call if call else ("tool", None)
+    short = "the %s result for %s %s" % (name or "tool", id_field, call_id)
+    if args is None:
+        return short, short
+    args = args if isinstance(args, str) else dumps_compact(args)
+    return short + " (input %s)" % (args[:100] + ("..." if len(args) > 100 else "")), short
+
+
+def _tool_calls(api, message):
+    """(call id, (tool name, input)) for the tool calls an assistant message makes."""
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        return
+    if api == "anthropic":
+        content = message.get("content")
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                yield block.get("id"), (block.get("name"), block.get("input"))
+        return
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            yield call.get("id"), (function.get("name"), function.get("arguments"))
+
+
+def _units(api, messages):
+    """Every text tokenpak may rewrite, in conversation order."""
+    calls = {}  # tool call id -> (name, input), from this and earlier messages only
+    marker = _last_marker(messages)
+    roles = _ANTHROPIC_ROLES if api == "anthropic" else _OPENAI_ROLES
+    for i, message in enumerate(messages):
+        # Labels may only use this and earlier messages, or a later turn could change them.
+        calls.update(_tool_calls(api, message))
+        if not isinstance(message, dict) or message.get("role") not in roles:
+            continue
+        role, content = message["role"], message.get("content")
+        tool_msg = role in ("tool", "function")
+        labels = (_tool_labels(calls.get(message.get("tool_call_id")), message.get("tool_call_id"),
+                               "tool_call_id") if tool_msg else None)
+        if isinstance(content, str):
+            yield _Unit(i, None, None, content, tool_msg,
+                        *(labels or (_text_label(role, content),) * 2), (i, 0) <= marker)
+            continue
+        if not isinstance(content, list):
+            continue
+        if any(isinstance(b, dict) and b.get("type") in _THINKING for b in content):
+            continue  # thinking signatures cover the turn: leave it whole
+        for j, block in enumerate(content):
+            frozen = (i, j) <= marker
+            if _plain_text(block):
+                yield _Unit(i, j, None, block["text"], tool_msg,
+                            *(labels or (_text_label(role, block["text"]),) * 2), frozen)
+            elif (api == "anthropic" and isinstance(block, dict)
+                  and block.get("type") == "tool_result" and _TOOL_RESULT_KEYS.issuperset(block)):
+                tool_id = block.get("tool_use_id")
+                tool_labels = _tool_labels(calls.get(tool_id), tool_id, "tool_use_id")
+                inner = block.get("content")
+                if isinstance(inner, str):
+                    yield _Unit(i, j, None, inner, True, *tool_labels, frozen)
+                for k, item in enumerate(inner if isinstance(inner, list) else ()):
+                    if _plain_text(item):
+                        yield _Unit(i, j, k, item["text"], True, *tool_labels, frozen)
+
+
+def reference_text(label: str) -> str:
+    """What replaces a repeated block: where the first copy is, in words a model can follow."""
+    return "[tokenpak: identical to %s, earlier in this conversation; not repeated here]" % label
+
+
+def _rewrite(messages, changes):
+    """A new messages list sharing every untouched message, block and string."""
+    out = list(messages)
+    copied = {}  # message index -> content indexes already copied for this request
+    for unit, text, _ in changes:
+        message = out[unit.msg]
+        if unit.msg not in copied:
+            message = out[unit.msg] = dict(message)
+            if isinstance(message.get("content"), list):
+                message["content"] = list(message["content"])
+            copied[unit.msg] = set()
+        if unit.part is None:
+            message["content"] = text
+            continue
+        content = message["content"]
+        if unit.part not in copied[unit.msg]:
+            content[unit.part] = dict(content[unit.part])
+            if isinstance(content[unit.part].get("content"), list):
+                content[unit.part]["content"] = list(content[unit.part]["content"])
+            copied[unit.msg].add(unit.part)
+        block = content[unit.part]
+        if unit.inner is not None:
+            block["content"][unit.inner] = dict(block["content"][unit.inner], text=text)
+        elif block.get("type") == "tool_result":
+            block["content"] = text
+        else:
+            block["text"] = text
+    return out
+
+
+_elements_memo = tokens.LRU(MEMO_ENTRIES)
+
+
+def _element_refs(unit, key, seen):
+    """{path: reference} for this unit's JSON elements already seen; records the new ones."""
+    index = _elements_memo.get(key, False)
+    if index is False:
+        index = json_elements(unit.text)
+        _elements_memo.put(key, index)
+    refs, skip = {}, None
+    for path, element_key, size in index or ():
+        if skip is not None and path[:len(skip)] == skip:
+            continue  # inside an element already replaced
+        first = seen.get(element_key)
+        if first is None:
+            seen[element_key] = (path, unit.short)  # formatted only if ever referenced
+            continue
+        ref = "[tokenpak: same as %s of %s]" % (path_text(first[0]), first[1])
+        if not unit.frozen and len(ref) + 4 < size:
+            refs[path], skip = ref, path
+    return refs
+
+
+def _with_element_refs(unit, key, refs, settings):
+    memo_key = ("refs", _settings_key(settings), key, tuple(refs.items()))
+    out = _memo.get(memo_key)
+    if out is None:
+        out = json_with_refs(unit.text, refs, table=True)
+        _memo.put(memo_key, out, 64 + len(out))
+    return out
+
+
+def _compress_messages(api, messages, settings):
+    """[(unit, new_text, how)] for every unit whose forwarded text changes.
+
+    `how` is "transforms" (its own pipeline), "backref" (replaced by a reference to an
+    earlier copy) or "elements" (JSON whose repeated elements became references).
+
+    Back-references look only backwards: the first copy of a block (or of a JSON array
+    element) stays, later copies name it. Each decision depends on earlier units only.
+    """
+    hybrid = settings.level != "strict"
+    seen, seen_elements = {}, {}
+    changes = []
+    for unit in _units(api, messages):
+        # One hash per block is all a memoised history costs.
+        key = tokens.digest(unit.text)
+        if unit.frozen:
+            out, out_key = unit.text, key
+        else:
+            out, out_key = _transform_memo(unit.text, settings, unit.is_tool, key)
+        how = "transforms"
+        if hybrid and len(out) >= MIN_REF_CHARS:
+            # Same output, or same raw text as a frozen (uncompressed) first copy.
+            first = seen.get(out_key) or seen.get(key)
+            if first is not None and not unit.frozen:
+                out, how = reference_text(first), "backref"
+            else:
+                seen.setdefault(out_key, unit.label)
+                seen.setdefault(key, unit.label)
+        if hybrid and how != "backref" and not settings.preserve_json:
+            refs = _element_refs(unit, key, seen_elements)
+            if refs:
+                out, how = _with_element_refs(unit, key, refs, settings), "elements"
+        if out is not unit.text and out != unit.text:
+            changes.append((unit, out, how))
+    return changes
+
+
+# ------------------------------------------------------------------ results
+
+_savings_memo = tokens.LRU(MEMO_ENTRIES)
+
+
+def _block_savings(unit, new_text, how, settings):
+    """{transform: tokens saved} for one changed block (exact counts, memoised)."""
+    if how == "elements":  # the block's own transforms, then element references
+        saved = dict(_block_savings(unit, None, "transforms", settings))
+        plain = transform_block(unit.text, settings, unit.is_tool)
+        saved["backref"] = tokens.count_block(plain) - tokens.count_block(new_text)
+        return saved
+    if how == "backref":
+        return {"backref": tokens.count_block(unit.text) - tokens.count(new_text)}
+    memo_key = (_settings_key(settings), unit.is_tool, tokens.digest(unit.text))
+    saved = _savings_memo.get(memo_key)
+    if saved is None:
+        saved = {}
+
+        def observe(name, before, after):
+            saved[name] = (saved.get(name, 0)
+                           + tokens.count_block(before) - tokens.count_block(after))
+
+        transform_block(unit.text, settings, unit.is_tool, observe)
+        _savings_memo.put(memo_key, saved)
+    return saved
+
+
+@dataclass
+class Result:
+    """What `compress_request` decided. `body` is the input object itself when unchanged.
+
+    tokens_before / tokens_after / saved_by_transform are exact o200k counts, computed
+    on first access (memoised per block): read them after forwarding, off the hot path.
+    """
+
+    body: dict
+    changed: bool
+    reason: str = "compressed"  # or: disabled, unknown shape, below threshold, nothing to save
+    api: str = "openai"
+    original: Optional[dict] = field(default=None, repr=False)
+    settings: Settings = field(default_factory=Settings, repr=False)
+    changes: list = field(default_factory=list, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def prefetch(self) -> None:
+        """Count in a daemon thread now (e.g. while the upstream call runs)."""
+        threading.Thread(target=lambda: (self.tokens_before, self.tokens_after),
+                         name="tokenpak-count", daemon=True).start()
+
+    def _lazy(self, name, compute):
+        with self._lock:
+            if name not in self._cache:
+                self._cache[name] = compute()
+            return self._cache[name]
+
+    @property
+    def tokens_before(self) -> int:
+        original = self.body if self.original is None else self.original
+        return self._lazy("before", lambda: tokens.count_request(self.api, original))
+
+    @property
+    def tokens_after(self) -> int:
+        if not self.changed:
+            return self.tokens_before
+        return self._lazy("after", lambda: tokens.count_request(self.api, self.body))
+
+    @property
+    def saved_by_transform(self) -> Dict[str, int]:
+        def compute():
+            total = {}
+            for unit, text, how in self.changes:
+                for name, saved in _block_savings(unit, text, how, self.settings).items():
+                    total[name] = total.get(name, 0) + saved
+            return total
+        return self._lazy("saved", compute)
+
+
+def _unchanged(api, body, settings, reason):
+    return Result(body=body, changed=False, reason=reason, api=api, original=body,
+                  settings=settings)
+
+
+def compress_request(api: str, body: dict, settings: Settings) -> Result:
+    """Compress the prompt of an OpenAI chat or Anthropic messages body, copy-on-write.
+
+    Below `threshold_tokens` (estimated, strict/hybrid), when disabled, for unknown
+    shapes, or when nothing changes, returns the input body object itself.
+    """
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not settings.enabled:
+        return _unchanged(api, body, settings, "disabled")
+    if api not in ("openai", "anthropic") or not isinstance(messages, list) or not messages:
+        return _unchanged(api, body, settings, "unknown shape")
+    if settings.level != "aggressive":
+        # Estimated, and only up to the threshold: never a full tokenisation on the hot path.
+        estimated = tokens.estimate_request(api, body, stop_at=settings.threshold_tokens)
+        if estimated < settings.threshold_tokens:
+            return _unchanged(api, body, settings, "below threshold")
+    changes = _compress_messages(api, messages, settings)
+    if not changes:
+        return _unchanged(api, body, settings, "nothing to save")
+    new_body = dict(body)
+    new_body["messages"] = _rewrite(messages, changes)
+    return Result(body=new_body, changed=True, api=api, original=body, settings=settings,
+                  changes=changes)
+
+
+# ------------------------------------------------------------------ dry run / report
+
+@dataclass
+class MessageReport:
+    """Tokens of one message before and after, and the transforms that touched it."""
+
+    index: int
+    role: str
+    tokens_before: int
+    tokens_after: int
+    transforms: Tuple[str, ...] = ()
+
+
+@dataclass
+class Report:
+    """A dry run of `compress_request`: per message, per transform and in total."""
+
+    api: str
+    settings: Settings
+    backend: str
+    note: str
+    messages: List[MessageReport]
+    transforms: Dict[str, int]
+    tokens_before: int
+    tokens_after: int
+    body: dict
+
+
+def _message_tokens(message):
+    texts = tokens.message_texts(message)
+    return sum(tokens.count_block(t) for t in texts if isinstance(t, str) and t)
+
+
+def dry_run(api: str, body: dict, settings: Settings) -> Report:
+    """What compression would do to `body`, with exact token counts (for `tokenpak compress`)."""
+    result = compress_request(api, body, settings)
+    before_msgs = body.get("messages") if isinstance(body, dict) else None
+    after_msgs = result.body.get("messages") if isinstance(result.body, dict) else None
+    touched = {}
+    for unit, text, how in result.changes:
+        names = tuple(_block_savings(unit, text, how, settings))
+        touched[unit.msg] = tuple(dict.fromkeys(touched.get(unit.msg, ()) + names))
+    rows = []
+    for i, message in enumerate(before_msgs if isinstance(before_msgs, list) else ()):
+        role = message.get("role", "?") if isinstance(message, dict) else "?"
+        rows.append(MessageReport(i, str(role), _message_tokens(message),
+                                  _message_tokens(after_msgs[i]), touched.get(i, ())))
+    note = "compressed" if result.changed else result.reason + ": forwarded unchanged"
+    return Report(api, settings, tokens.backend(), note, rows, dict(result.saved_by_transform),
+                  result.tokens_before, result.tokens_after, result.body)
+
+
+def _pct(saved, before):
+    return "%.1f%%" % (100.0 * saved / before) if before else "0.0%"
+
+
+def format_report(report: Report) -> str:
+    """The dry run as an aligned plain-text table with thousands separators."""
+    s = report.settings
+    lines = ["tokenpak compress: %s request, mode %s, threshold %s tokens, tokenizer %s" % (
+        report.api, s.level, format(s.threshold_tokens, ","), report.backend), report.note, ""]
+    rows = [("#", "role", "before", "after", "saved", "transforms")]
+    for m in report.messages:
+        rows.append((str(m.index), m.role, format(m.tokens_before, ","),
+                     format(m.tokens_after, ","), format(m.tokens_before - m.tokens_after, ","),
+                     ", ".join(m.transforms)))
+    # What no message row holds (system, tools, per-message framing), so columns add up.
+    rest_before = report.tokens_before - sum(m.tokens_before for m in report.messages)
+    rest_after = report.tokens_after - sum(m.tokens_after for m in report.messages)
+    rows.append(("", "system, tools, framing", format(rest_before, ","), format(rest_after, ","),
+                 format(rest_before - rest_after, ","), ""))
+    saved = report.tokens_before - report.tokens_after
+    rows.append(("", "total", format(report.tokens_before, ","), format(report.tokens_after, ","),
+                 format(saved, ","), _pct(saved, report.tokens_before)))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        lines.append("  ".join([r[0].rjust(widths[0]), r[1].ljust(widths[1])]
+                               + [r[c].rjust(widths[c]) for c in (2, 3, 4)] + [r[5]]).rstrip())
+    if report.transforms:
+        lines.append("")
+        width = max(len(n) for n in report.transforms)
+        lines.append("transform".ljust(width) + "  tokens saved")
+        for name, value in sorted(report.transforms.items(), key=lambda kv: -kv[1]):
+            lines.append(name.ljust(width) + "  " + format(value, ",").rjust(12))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,462 @@
+"""Text transforms: small pure functions, each one a str -> str rewrite of one block.
+
+Why they live apart from compression.py. Each transform here is measured on its own
+(exact o200k_base counts on ../shared/corpus), tested on its own (tests/test_compression.py)
+and knows nothing about requests, roles, cache markers or memoisation: that is
+compression.py, which decides which blocks may be touched and chains these in a fixed
+order. Keeping them pure is what makes a block's output depend on its text alone, so a
+resent history compresses byte-identically and the provider's prompt cache survives.
+
+Transforms, in pipeline order, with what each saved on ../shared/corpus (exact o200k_base
+counts, share of all 290,209 prompt tokens of the 18 cases, hybrid unless noted):
+    ansi        strip ANSI escape sequences                        7.5%  strict+
+    whitespace  CRLF -> LF, trailing spaces/tabs                   0.2%  strict+ (lossless, cheap)
+    redraws     "\\r" progress redraws -> their final state        0.0%  strict+ (no "\\r" in the
+                                                                         corpus; a pip/curl log is
+                                                                         mostly redraws)
+    repeats     runs of identical lines -> line + " [×N]"          9.9%  strict+
+    json        minify JSON text, byte-exact tokens                5.0%  strict+ (19.5% median per
+                                                                         JSON block; preserve_json)
+    table       uniform object arrays -> {"columns","rows"}        2.3%  hybrid+ (reversible)
+    backref     repeated block or JSON array element -> a          7.3%  hybrid+
+                reference naming the first copy, which stays
+    timestamps  a log line's timestamp equal to the one above      6.2%  hybrid+ (reversible)
+                -> "〃", with a one-line legend
+    elide       middle of tool outputs > 12,000 chars -> a        18.5%  aggressive only
+                marker with the lines/characters cut
+Over the agent-session, json-tools and code-review cases hybrid saves 40.3%: 31.1% with
+the issue's list alone, 33.8% with element references, 37.6% with timestamps.
+"backref" (whole repeated blocks) spans messages, so it lives in compression.py; element
+references use json_elements / json_with_refs from here.
+Measured and dropped (on hybrid output): collapsing blank-line runs 0.00% (a run of
+newlines is one token), collapsing inner space runs in prose 0.32% and dedenting prose
+0.52% (both break alignment), tabs for code indentation 0.47% (code must stay exact).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Dict, List, Tuple
+
+from . import tokens
+
+MIN_TABLE_ROWS = 3         # fewer rows rarely repay the {"columns","rows"} wrapper
+MIN_ELEMENT_REF_CHARS = 160  # a JSON element reference costs ~25 tokens
+ELIDE_MIN_CHARS = 12000    # "very long" tool output (~3k tokens)
+ELIDE_KEEP_CHARS = 2500    # kept at each end when eliding
+ELIDE_KEEP_IMPORTANT = 40  # error/warning lines kept from the elided middle
+REPEAT_MARK = " [×{}]"
+
+
+# ------------------------------------------------------------------ line transforms
+
+# CSI (colours, cursor), OSC (window title; only when terminated, so an unterminated one
+# cannot swallow text) and two-character escapes.
+_ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b\n]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_TRAILING_RE = re.compile(r"(?<![ \t])[ \t]+(?=\n|\Z)")
+
+
+def strip_ansi(text: str) -> str:
+    """Remove ANSI colour/cursor escape sequences (terminal output pasted into a prompt)."""
+    while "\x1b" in text:  # until stable: removing one can join the pieces of another
+        stripped = _ANSI_RE.sub("", text)
+        if stripped == text:
+            break
+        text = stripped
+    return text
+
+
+def normalize_whitespace(text: str) -> str:
+    """CRLF -> LF and drop spaces/tabs at line ends; nothing else (runs are 1 token anyway)."""
+    if "\r\n" in text:
+        text = text.replace("\r\n", "\n")
+    return _TRAILING_RE.sub("", text)
+
+
+def collapse_redraws(text: str) -> str:
+    """Keep only the final state of lines redrawn with carriage returns (progress bars).
+
+    Only in multi-line text: a block with "\\r" and no "\\n" may be old Mac line endings.
+    """
+    if "\r" not in text or "\n" not in text:
+        return text
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if "\r" in line:
+            # Each "\r" returns to column 0 and progress bars redraw the whole line, so the
+            # last non-blank state is what the terminal showed.
+            states = [part for part in line.split("\r") if part.strip()]
+            lines[i] = states[-1].rstrip(" \t") if states else ""
+    return "\n".join(lines)
+
+
+_REPEAT_RE = re.compile(r"^(.*) \[×(\d+)\]$")
+
+
+def _parse_repeat(line):
+    match = _REPEAT_RE.match(line) if line.endswith("]") else None
+    if match and int(match.group(2)) >= 2:
+        return match.group(1), int(match.group(2))
+    return line, 1
+
+
+def collapse_repeats(text: str) -> str:
+    """Runs of identical non-blank lines -> one line + " [×N]" when that saves text.
+
+    Lines already carrying a marker merge with equal neighbours, so it is idempotent.
+    """
+    if "\n" not in text:
+        return text
+    lines = text.split("\n")
+    # Fast exit (C-speed comparisons) for the common case: no run, no earlier marker.
+    if " [×" not in text and not any(a == b for a, b in zip(lines, lines[1:])):
+        return text
+    out, i, n = [], 0, len(lines)
+    while i < n:
+        base, total = _parse_repeat(lines[i])
+        j = i + 1
+        while j < n and base.strip():
+            other, count = _parse_repeat(lines[j])
+            if other != base:
+                break
+            total += count
+            j += 1
+        # Collapse only when the saved copies outweigh the marker (~4 tokens).
+        if j - i > 1 and (total - 1) * (len(base) + 1) >= 16:
+            out.append(base + REPEAT_MARK.format(total))
+        else:
+            out.extend(lines[i:j])
+        i = j
+    result = "\n".join(out)
+    return text if result == text else result
+
+
+# ------------------------------------------------------------------ timestamps
+
+DITTO = "\u3003"  # 〃, the ditto mark
+DITTO_LEGEND = ("[tokenpak: a line starting with \u3003 has the timestamp of the nearest line "
+                "above that shows one]")
+_TIMESTAMP = (r"\[?(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?"
+              r"|[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d)\]?")
+_TIMESTAMP_RE = re.compile("(%s) " % _TIMESTAMP)
+_TIMESTAMP_ANY = re.compile("^%s " % _TIMESTAMP, re.M)
+
+
+def ditto_timestamps(text: str) -> str:
+    """Log lines repeating the timestamp above them -> "〃 " + the rest, plus a legend line.
+
+    A timestamp is ~12 o200k tokens, the mark 2. Exactly reversible: skipped when the
+    text already holds a ditto mark (so it is also idempotent).
+    """
+    if "\n" not in text or DITTO in text or not _TIMESTAMP_ANY.search(text):
+        return text
+    lines = text.split("\n")
+    current, hits = None, 0  # current: the timestamp the reader last saw written out
+    for i, line in enumerate(lines):
+        match = _TIMESTAMP_RE.match(line)
+        if match is None:
+            continue
+        if match.group(1) == current:
+            lines[i] = DITTO + " " + line[match.end():]
+            hits += 1
+        else:
+            current = match.group(1)
+    if hits < 4:  # the legend costs ~22 tokens
+        return text
+    return DITTO_LEGEND + "\n" + "\n".join(lines)
+
+# ------------------------------------------------------------------ long output
+
+_ELIDED = "elided from the middle of this output by tokenpak"
+_IMPORTANT_RE = re.compile(r"^.*(?:error|fail|exception|traceback|fatal|panic|warn)", re.I | re.M)
+
+
+def _important_lines(text):
+    """Indices of the first ELIDE_KEEP_IMPORTANT lines of `text` naming an error or warning."""
+    found, line, pos = [], 0, 0
+    for match in _IMPORTANT_RE.finditer(text):
+        line += text.count("\n", pos, match.start())
+        pos = match.start()
+        found.append(line)
+        if len(found) == ELIDE_KEEP_IMPORTANT:
+            break
+    return found
+
+
+def elide_middle(text: str) -> str:
+    """Cut the middle of a very long output, keep its ends and error/warning lines.
+
+    Output that already carries the marker is left alone (idempotent).
+    """
+    if len(text) < ELIDE_MIN_CHARS or text.count("\n") < 20 or _ELIDED in text:
+        return text
+    lines = text.split("\n")
+    head, size = 0, 0
+    while head < len(lines) and size + len(lines[head]) < ELIDE_KEEP_CHARS:
+        size += len(lines[head]) + 1
+        head += 1
+    tail, size = len(lines), 0
+    while tail > head and size + len(lines[tail - 1]) < ELIDE_KEEP_CHARS:
+        size += len(lines[tail - 1]) + 1
+        tail -= 1
+    middle = lines[head:tail]
+    # Errors and warnings are what a long log is usually read for: keep them in place.
+    keep = _important_lines("\n".join(middle))
+    out, start = lines[:head], 0
+    for i in keep + [len(middle)]:
+        gap = middle[start:i]
+        if gap:
+            out.append("[... %s lines (%s characters) %s ...]" % (
+                format(len(gap), ","), format(sum(len(g) + 1 for g in gap), ","), _ELIDED))
+        if i < len(middle):
+            out.append(middle[i])
+        start = i + 1
+    out.extend(lines[tail:])
+    result = "\n".join(out)
+    return result if len(result) < len(text) else text
+
+# ------------------------------------------------------------------ JSON
+
+_JSON_STRING_OR_SPACE = re.compile(r'("(?:[^"\\]|\\.)*")|[ \t\n\r]+', re.S)
+
+
+_JSON_START = re.compile(r"\s*[\[{]")
+
+
+def parse_json_text(text: str):
+    """The JSON value of a block that is a JSON object/array, else None (cheap reject)."""
+    if not _JSON_START.match(text):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+_WHITESPACE = str.maketrans("", "", " \t\n\r")
+
+
+def dumps_compact(value):
+    """`value` as compact JSON (no spaces, non-ASCII kept): the canonical form here."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def json_minified(text, value):
+    """(minified text, whether it is also the canonical serialisation of `value`)."""
+    canonical = dumps_compact(value)
+    # Same characters apart from whitespace: then dropping the text's whitespace outside
+    # strings yields exactly `canonical` (C-speed path for the common case).
+    if canonical.translate(_WHITESPACE) == text.translate(_WHITESPACE):
+        return canonical, True
+    minified = _JSON_STRING_OR_SPACE.sub(lambda m: m.group(1) or "", text)
+    return minified, minified == canonical
+
+
+def minify_json(text: str) -> str:
+    """Drop whitespace outside strings of JSON text: every token kept byte for byte."""
+    value = parse_json_text(text)
+    return text if value is None else json_minified(text, value)[0]
+
+
+def _is_table(value):
+    return isinstance(value, dict) and list(value) == ["columns", "rows"]
+
+
+def _contains_table_shape(value, canonical):
+    if '{"columns":' not in canonical:  # cheap and exact: how such an object serialises
+        return False
+
+    def walk(node):
+        if isinstance(node, dict):
+            return _is_table(node) or any(walk(v) for v in node.values())
+        return isinstance(node, list) and any(walk(v) for v in node)
+    return walk(value)
+
+
+_CONTAINERS = (dict, list)
+
+
+class ElementRef(str):
+    """A back-reference string standing in for a repeated JSON array element."""
+
+
+def _uniform_keys(value):
+    """The shared key list of an array of objects, if it can become a table."""
+    if not isinstance(value, list):
+        return None
+    # Key order must match too: decoding rebuilds each object in column order.
+    items = [item for item in value if not isinstance(item, ElementRef)]
+    if len(items) < MIN_TABLE_ROWS or not isinstance(items[0], dict) or not items[0]:
+        return None
+    keys = list(items[0])
+    for item in items:
+        if not isinstance(item, dict) or list(item) != keys:
+            return None
+    return keys
+
+
+def table_encode(value):
+    """Re-encode arrays of >= 3 objects sharing one key list as {"columns": keys, "rows": [...]}.
+
+    An ElementRef in such an array stays a (string) row of its own.
+    """
+    if isinstance(value, dict):
+        return {k: _encode_cell(v) for k, v in value.items()}
+    if isinstance(value, list):
+        keys = _uniform_keys(value)
+        if keys is None:
+            return [_encode_cell(v) for v in value]
+        return {"columns": keys, "rows": [
+            item if isinstance(item, ElementRef) else [_encode_cell(item[k]) for k in keys]
+            for item in value]}
+    return value
+
+
+def _encode_cell(value):
+    return table_encode(value) if isinstance(value, _CONTAINERS) else value
+
+
+def table_decode(value):
+    """Exact inverse of `table_encode` (on values without a {"columns","rows"} object)."""
+    if isinstance(value, dict):
+        if _is_table(value):
+            keys = value["columns"]
+            return [{k: table_decode(cell) for k, cell in zip(keys, row)} if isinstance(row, list)
+                    else row for row in value["rows"]]
+        return {k: table_decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [table_decode(v) for v in value]
+    return value
+
+
+def tabulate_value(minified, value, canonical):
+    """`tabulate_json` for already parsed JSON: `canonical` says `minified` is exact."""
+    if not canonical or _contains_table_shape(value, minified):
+        return minified
+    encoded = dumps_compact(table_encode(value))
+    return encoded if len(encoded) < len(minified) else minified
+
+
+def tabulate_json(text: str) -> str:
+    """Minified JSON text with uniform object arrays as tables, when exactly reversible.
+
+    Applies only if the text is canonical minified JSON (so decoding the table and
+    re-serialising gives the same bytes) and holds no object already shaped like a table.
+    """
+    value = parse_json_text(text)
+    if value is None or dumps_compact(value) != text:
+        return text
+    return tabulate_value(text, value, True)
+
+# ------------------------------------------------------------------ JSON elements
+
+def json_elements(text: str):
+    """[(path, digest, size)] of objects/arrays inside arrays of canonical JSON, pre-order.
+
+    A path is a tuple of keys and indices. None when the text is not JSON, not canonical
+    (re-serialising would change bytes) or already holds a table: element references
+    apply only where they are exact.
+    """
+    value = parse_json_text(text)
+    if value is None:
+        return None
+    minified, canonical = json_minified(text, value)
+    if not canonical or _contains_table_shape(value, minified):
+        return None
+    out = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if isinstance(child, _CONTAINERS):
+                    walk(child, path + (key,))
+            return
+        for i, child in enumerate(node):
+            if isinstance(child, _CONTAINERS):
+                dumped = dumps_compact(child)
+                if len(dumped) >= MIN_ELEMENT_REF_CHARS:  # smaller ones hold no big ones
+                    out.append((path + (i,), tokens.digest(dumped), len(dumped)))
+                    walk(child, path + (i,))
+
+    if isinstance(value, _CONTAINERS):
+        walk(value, ())
+    return tuple(out)
+
+
+def path_text(path) -> str:
+    """A JSON path tuple as a model reads it: items[3].deps[0]."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += "[%d]" % part
+        else:
+            name = part if re.match(r"^[A-Za-z_][\w-]*$", part) else json.dumps(part)
+            out += ("." if out else "") + name
+    return out or "$"
+
+
+def json_with_refs(text: str, refs: Dict[tuple, str], table: bool) -> str:
+    """Canonical JSON `text` with the elements at `refs` paths replaced by reference strings."""
+    on_path = {path[:i] for path in refs for i in range(len(path))}
+
+    def rebuild(node, path):
+        if path in refs:
+            return ElementRef(refs[path])
+        if path not in on_path:
+            return node  # untouched subtree: shared, not copied
+        if isinstance(node, dict):
+            return {k: rebuild(v, path + (k,)) for k, v in node.items()}
+        return [rebuild(v, path + (i,)) for i, v in enumerate(node)]
+
+    value = rebuild(json.loads(text), ())
+    return dumps_compact(table_encode(value) if table else value)
+
+# ------------------------------------------------------------------ code detection
+
+_FENCE_OPEN = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})[^\n]*$", re.M)
+_CODE_START = re.compile(
+    r"\s*(?:\d+\t|\d+[:|] |def |class |import |from \S+ import|return\b|if |elif |else\b|for |"
+    r"while |try:|except\b|@\w|#include|#define|function\b|const |let |var |public |private |"
+    r"static |func |fn |package |[}\])]|//|/\*|\* )")
+_CODE_END = ("{", "}", ";", ":", ",", "(", ")", "[", "]", "=", "\\", "=>", "->")
+
+
+def split_fences(text: str) -> List[Tuple[bool, str]]:
+    """Split text into (is_fenced_code, chunk) pieces that concatenate back to `text`."""
+    if "```" not in text and "~~~" not in text:
+        return [(False, text)]
+    out, pos = [], 0
+    while True:
+        match = _FENCE_OPEN.search(text, pos)
+        if match is None:
+            break
+        fence = match.group(1)
+        closing = re.compile(r"^[ \t]{0,3}%s{%d,}[ \t]*$" % (re.escape(fence[0]), len(fence)),
+                             re.M)
+        close = closing.search(text, match.end())
+        end = len(text) if close is None else close.end()
+        if match.start() > pos:
+            out.append((False, text[pos:match.start()]))
+        out.append((True, text[match.start():end]))
+        pos = end
+    if pos < len(text):
+        out.append((False, text[pos:]))
+    return out
+
+
+def looks_like_code(text: str) -> bool:
+    """Heuristic: is this block source code (or a numbered listing of it)?
+
+    Terminal output (it has ANSI escapes) never is; otherwise half of the first 300
+    non-blank lines must start or end like code.
+    """
+    if "\x1b" in text or "\n" not in text:
+        return False
+    lines = [line.rstrip() for line in text.split("\n", 300)[:300] if line.strip()]
+    if len(lines) < 3:
+        return False
+    # Indentation alone is no signal (man pages and logs indent too); how lines start
+    # and end is: keywords, braces, ":" / ";" / "," line ends, numbered listings.
+    codey = sum(1 for line in lines if line.endswith(_CODE_END) or _CODE_START.match(line))
+    return codey * 2 >= len(lines)
