@@ -13,6 +13,8 @@ Scenarios are picked per request by the `x-fake` header (the SDKs send it with
   hang     accept the request and never answer
   tool     answer with a tool call instead of text
   gzip     non-stream answer gzip-encoded
+  hold     stream the first event, then stay silent watching the socket: counts in
+           `FakeProvider.closed_by_peer` if the proxy closes the connection meanwhile
   gate     stream the first event, then wait for `FakeProvider.gate` before the rest (proves
            the client got the first event while the upstream was still going)
 A key containing "bad" gets 401, as the real providers answer an invalid key.
@@ -165,6 +167,25 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def end_stream(self):
         self.wfile.write(b"0\r\n\r\n")
 
+    def hold(self):
+        """Send nothing for up to hold_seconds; stop as soon as the peer closes."""
+        fake = self.server.fake
+        deadline = time.monotonic() + fake.hold_seconds
+        self.connection.settimeout(0.02)
+        while time.monotonic() < deadline:
+            try:
+                if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+        else:
+            return
+        with fake.lock:
+            fake.closed_by_peer += 1
+        raise ConnectionResetError("peer closed while held")
+
     def reset(self):
         """Abort the connection with a TCP RST, as a crashed upstream would."""
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -173,6 +194,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.connection.close()
 
     def delay(self, scenario):
+        if scenario == "hold":
+            self.hold()
         if scenario == "gate":
             self.server.fake.gate.wait(10)
         if scenario == "slow" or self.headers.get("x-fake-delay"):
@@ -303,6 +326,8 @@ class FakeProvider:
         self.lock = threading.Lock()
         self.slow_delay = 0.05
         self.hang_seconds = 30
+        self.hold_seconds = 20
+        self.closed_by_peer = 0
         self.delay_before = 0.0
         self.cached_tokens = 0
         self.cache_write_tokens = 0
@@ -326,6 +351,7 @@ class FakeProvider:
         with self.lock:
             self.requests.clear()
         self.gate = threading.Event()
+        self.closed_by_peer = 0
         self.delay_before = 0.0
         self.cached_tokens = 0
         self.cache_write_tokens = 0

@@ -31,6 +31,14 @@ def test_set_creates_dir_and_private_file(capsys, isolated_env):
     assert run(capsys, "config", "get", "proxy.port")[1] == "9001\n"
 
 
+def test_set_keeps_an_existing_files_mode(capsys):
+    run(capsys, "config", "set", "proxy.port", "9001")
+    os.chmod(config_file(), 0o640)
+    run(capsys, "config", "set", "proxy.port", "9002")
+    assert stat.S_IMODE(os.stat(config_file()).st_mode) == 0o640
+    assert json.load(open(config_file())) == {"proxy": {"port": 9002}}
+
+
 def test_set_writes_nested_json_and_keeps_other_keys(capsys):
     run(capsys, "config", "set", "compression.level", "aggressive")
     run(capsys, "config", "set", "compression.threshold_tokens", "2000")

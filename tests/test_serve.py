@@ -20,7 +20,10 @@ def test_python_m_tokenpak_proxy_serves_and_exits_cleanly_on_ctrl_c(fake, isolat
         client = openai.OpenAI(api_key=OPENAI_KEY, base_url=url + "/v1", max_retries=0)
         answer = client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "via subprocess"}])
-        assert answer.choices[0].message.content == "Echo: via subprocess"
+        # Defaults, no config: the answer carries the stats footer after a blank line.
+        text, line = answer.choices[0].message.content.split("\n\n")
+        assert text == "Echo: via subprocess"
+        assert line.startswith("[tokenpak] ") and "cache miss" in line
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=15)
     finally:

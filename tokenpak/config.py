@@ -260,15 +260,31 @@ def read_file(path):
 
 
 def write_file(path, values):
-    """Atomically replace the config file with `values` (temp file + rename, mode 0600)."""
+    """Atomically replace the config file with `values` (temp file + rename).
+
+    A new file is private (0600). An existing one keeps its mode and group, so that
+    `sudo tokenpak config set` on /etc/tokenpak/config.json (0640 root:tokenpak) leaves it
+    readable by the service."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        existing = os.stat(path)
+    except FileNotFoundError:
+        existing = None
     fd, temp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(_nest(values), handle, indent=2, sort_keys=True)
             handle.write("\n")
-        os.chmod(temp, 0o600)
+        if existing is None:
+            os.chmod(temp, 0o600)
+        else:
+            os.chmod(temp, existing.st_mode & 0o777)
+            if existing.st_gid != os.getegid():
+                try:
+                    os.chown(temp, -1, existing.st_gid)
+                except PermissionError:
+                    pass
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

@@ -17,9 +17,11 @@ socket the moment the provider sends it.
 Run as `python -m tokenpak.proxy --port N` (the seed docs' form) or `tokenpak serve`.
 """
 
+import hmac
 import http.server
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -27,50 +29,28 @@ import threading
 import time
 from http import HTTPStatus
 
-from . import __version__
+from . import __version__, exchange, pricing, stats, systemd, tokens
+from .accounting import Recorder
+from .cache import CacheStore, load_secret, scope_id
+from .coalesce import Coalescer
+from .compression import Settings, compress_request
 from .errors import TokenpakError
-from .providers import NoRoute, Router, credential
-from .upstream import HOP_BY_HOP, Upstream, UpstreamError, iter_body, read_body
+from .hangup import HangupWatcher
+from .providers import NoRoute, Router
+from .upstream import HOP_BY_HOP, Upstream
 
 log = logging.getLogger("tokenpak")
 access_log = logging.getLogger("tokenpak.access")
 
 AUTH_HEADER = "x-tokenpak-auth"
-LOCAL_PATHS = ("/health",)
 # Request headers tokenpak consumes itself or that describe the client's connection.
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", AUTH_HEADER,
                              "x-tokenpak-provider"}
-MAX_WHOLE_BODY = 1024 * 1024  # non-stream answers up to this size go out in one write
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-class Exchange:
-    """Everything known about one proxied request, from arrival to the access-log line."""
-
-    __slots__ = ("method", "path", "headers", "lower", "body", "route", "started",
-                 "status", "sent", "error", "ttfb")
-
-    def __init__(self, method, path, headers, body):
-        self.method = method
-        self.path = path
-        self.headers = headers          # [(name, value)] as the client sent them
-        self.lower = {n.lower(): v for n, v in headers}
-        self.body = body
-        self.route = None
-        self.started = time.monotonic()
-        self.status = 0
-        self.sent = 0                   # body bytes written to the client
-        self.error = None
-        self.ttfb = None
-
-    def model(self):
-        """The body's model name, parsed only when a routing rule needs it."""
-        if not self.body or self.body[:1] not in (b"{", b" ", b"\n", b"\t", b"\r"):
-            return None
-        try:
-            return json.loads(self.body).get("model")
-        except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
-            return None
+LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
+# Settings that only a restart applies (SIGHUP says so when they change).
+RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.log_file",
+                "proxy.connect_timeout", "proxy.read_timeout")
 
 
 def error_body(api, status, message, kind=None):
@@ -87,29 +67,122 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
 
 
 class App:
-    """The per-process state shared by all handler threads."""
+    """The per-process state shared by all handler threads: settings, the upstream pool,
+    the cache, the accounting writer and the counters behind /health, /stats, /metrics."""
 
     def __init__(self, config):
-        self.config = config
         self.started = time.time()
         self.requests = 0
+        self.requests_done = 0   # requests fully handled and recorded
         self.active = 0
         self.idle = threading.Condition()
-        self.apply_config(config)
+        self.db_path = config.get("db.path")
         self.upstream = Upstream(config.get("proxy.connect_timeout"),
                                  config.get("proxy.read_timeout"))
+        self.read_timeout = config.get("proxy.read_timeout")
+        self.coalescer = Coalescer()
+        self.hangup = HangupWatcher()
+        self.metrics = stats.Metrics()
+        self.recorder = Recorder(self.db_path)
+        self.recorder.start()
+        self.cache = None
+        self.secret = None
+        self.verified_scopes = set()
+        self.apply_config(config)
 
     def apply_config(self, config):
-        """(Re)read the settings that can change without a restart."""
+        """(Re)read every setting that can change without a restart (SIGHUP)."""
         self.config = config
         self.router = Router.from_config(config)
         self.max_body = config.get("proxy.max_request_bytes")
         self.auth_token = config.get("proxy.auth_token")
+        self.footer_enabled = config.get("footer.enabled")
+        self.compression = Settings(enabled=config.get("compression.enabled"),
+                                    level=config.get("compression.level"),
+                                    threshold_tokens=config.get("compression.threshold_tokens"),
+                                    preserve_code=config.get("compression.preserve_code"),
+                                    preserve_json=config.get("compression.preserve_json"))
+        self.prices = pricing.load_prices(config.pricing_overrides())
+        self.recorder.prices = self.metrics.prices = self.prices
+        self.shared_cache = config.get("cache.scope") == "shared"
+        if config.get("cache.enabled"):
+            if self.cache is None:
+                self.open_cache(config)
+            else:
+                self.cache.ttl = float(config.get("cache.ttl_seconds"))
+                self.cache.max_bytes = int(config.get("cache.max_mb")) * 1024 * 1024
+        elif self.cache is not None:
+            self.cache.close()
+            self.cache = None
 
+    def open_cache(self, config):
+        try:
+            self.secret = load_secret(os.path.join(os.path.dirname(self.db_path), "secret"))
+            self.cache = CacheStore(self.db_path, config.get("cache.ttl_seconds"),
+                                    config.get("cache.max_mb"))
+        except Exception as exc:  # fail open: serve uncached
+            log.warning("cache disabled: cannot open %s (%s)", self.db_path, exc)
+            self.cache = None
+
+    # -- the seams exchange.py uses ----------------------------------------------------
+    def compress(self, api, body):
+        return compress_request(api, body, self.compression)
+
+    def scope_for(self, key):
+        """The cache scope of a credential: an HMAC of it (never the key itself). Shared
+        mode puts every key in one scope, but only keys the provider has accepted."""
+        scope = scope_id(key, self.secret)
+        if self.shared_cache:
+            return ("shared:" + scope) if scope in self.verified_scopes else scope
+        return scope
+
+    def cache_get(self, scope, key):
+        if self.cache is None:
+            return None
+        if self.shared_cache and scope.startswith("shared:"):
+            return self.cache.get("shared", key)
+        return self.cache.get(scope, key)
+
+    def cache_put(self, scope, key, entry):
+        if self.cache is None:
+            return
+        if self.shared_cache:
+            self.verified_scopes.add(scope.split(":", 1)[-1])
+            scope = "shared"
+        self.cache.put(scope, key, entry)
+
+    def cost(self, model, usage):
+        return pricing.cost(model or "", usage, self.prices)
+
+    def record(self, ex):
+        """Queue the accounting row and count the metrics; never raises."""
+        try:
+            if ex.route is None:
+                return
+            if self.shared_cache and ex.scope and 200 <= ex.status < 300:
+                self.verified_scopes.add(ex.scope.split(":", 1)[-1])
+            row = exchange.row(ex)
+            self.recorder.record(row)
+            self.metrics.observe(row)
+        except Exception:
+            log.exception("accounting failed for one request")
+
+    # -- local endpoints -----------------------------------------------------------------
     def health(self):
         return {"status": "ok", "version": __version__,
                 "uptime_s": round(time.time() - self.started, 3), "requests": self.requests}
 
+    def stats(self):
+        self.recorder.flush(2.0)
+        return stats.summary(self.db_path)
+
+    def render_metrics(self):
+        return self.metrics.render({
+            "tokenpak_in_flight_requests": ("Requests being proxied right now.", self.active),
+            "tokenpak_uptime_seconds": ("Seconds since this tokenpak started.",
+                                        time.time() - self.started)})
+
+    # -- in-flight tracking for a graceful stop --------------------------------------------
     def begin(self):
         with self.idle:
             self.active += 1
@@ -118,6 +191,7 @@ class App:
     def end(self):
         with self.idle:
             self.active -= 1
+            self.requests_done += 1
             if not self.active:
                 self.idle.notify_all()
 
@@ -133,6 +207,10 @@ class App:
         return True
 
     def close(self):
+        self.hangup.close()
+        self.recorder.close()
+        if self.cache is not None:
+            self.cache.close()
         self.upstream.close()
 
 
@@ -162,23 +240,46 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
+            self.head_sent = False
             self.dispatch()
-            self.wfile.flush()
         except (socket.timeout, TimeoutError):
             self.close_connection = True
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
+        except Exception:
+            # A bug in tokenpak: log it, and answer in the provider's shape if we still can,
+            # rather than dropping the connection on the client's SDK.
+            log.exception("unexpected error while handling %s %s", self.command,
+                          self.path.split("?", 1)[0])
+            self.close_connection = True
+            if not self.head_sent:
+                try:
+                    self.fail(500, "tokenpak internal error; see the tokenpak log")
+                except OSError:
+                    pass
 
     def dispatch(self):
         app = self.server.app
-        if self.command == "GET" and self.path.split("?", 1)[0] in LOCAL_PATHS:
-            self.send_json(200, app.health())
+        local = LOCAL_ENDPOINTS.get(self.path.split("?", 1)[0]) if self.command == "GET" else None
+        if local is not None and not (app.auth_token and not self.authorised(app.auth_token)):
+            local(self, app)
             return
         app.begin()
         try:
             self.proxy(app)
         finally:
             app.end()
+
+    def send_health(self, app):
+        self.send_json(200, app.health())
+
+    def send_stats(self, app):
+        self.send_json(200, app.stats())
+
+    def send_metrics(self, app):
+        body = app.render_metrics().encode("utf-8")
+        self.write_head(200, None, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                        str(len(body)), body)
 
     def read_body(self, app):
         """The request body, or None after answering 4xx (size limit, bad framing)."""
@@ -237,77 +338,65 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.read_body(app)
         if body is None:
             return
-        ex = Exchange(self.command, self.path, self.headers.items(), body)
+        ex = exchange.Exchange(self.command, self.path, self.headers.items(), body)
         self.exchange = ex
         try:
-            ex.route = app.router.route(ex.path, ex.lower, ex.model)
+            ex.route = app.router.route(ex.path, ex.lower, ex.model_name)
         except NoRoute as exc:
             self.fail(400, str(exc))
             return
         try:
-            self.forward(app, ex)
+            exchange.run(self, app, ex)
         finally:
             self.log_exchange(ex)
+            app.record(ex)
 
     def authorised(self, token):
-        import hmac
         given = self.headers.get(AUTH_HEADER) or ""
         return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
-    def forward(self, app, ex):
-        headers = {n: v for n, v in ex.headers if n.lower() not in DROP_REQUEST}
-        try:
-            response = app.upstream.send(ex.method, ex.route.url, headers, ex.body or None)
-        except UpstreamError as exc:
-            ex.error = exc.message
-            self.fail(exc.status, exc.message)
-            return
-        try:
-            self.relay(ex, response)
-        finally:
-            response.close()
+    # -- the writing API exchange.py uses ----------------------------------------------
+    DROP_REQUEST = DROP_REQUEST
 
-    def relay(self, ex, response):
-        """Send the provider's answer on, unbuffered when it is a stream."""
-        ex.status = response.status_code
-        ex.ttfb = time.monotonic() - ex.started
-        headers = _response_headers(response.raw.headers)
-        length = response.headers.get("Content-Length")
-        if self.command == "HEAD" or ex.status in (204, 304) or ex.status < 200:
-            self.write_head(ex.status, response.reason, headers, length)
-            return
-        if length is not None and length.isdigit() and int(length) <= MAX_WHOLE_BODY:
-            body = read_body(response)
-            self.write_head(ex.status, response.reason, headers, str(len(body)), body)
-            ex.sent = len(body)
-            return
-        self.relay_stream(ex, response, headers)
+    @staticmethod
+    def response_headers(raw_headers):
+        """Response headers to relay: all but hop-by-hop and framing ones, names as sent."""
+        connection = raw_headers.get("Connection", "")
+        extra = {token.strip().lower() for token in connection.split(",") if token.strip()}
+        return [(n, v) for n, v in raw_headers.items()
+                if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"
+                and n.lower() not in extra]
 
-    def relay_stream(self, ex, response, headers):
-        """Relay a body of unknown length chunk by chunk (SSE, chunked, close-delimited)."""
-        chunked = self.request_version == "HTTP/1.1"
-        if not chunked:
+    def write_whole(self, status, headers, body):
+        """A complete answer with its length, headers and body in one send."""
+        self.exchange.sent = len(body)
+        self.write_head(status, None, headers, str(len(body)), body)
+
+    def start_stream(self, status, headers):
+        """Headers of an answer whose body follows in chunks (close-delimited for HTTP/1.0)."""
+        self.chunked = self.request_version == "HTTP/1.1"
+        if not self.chunked:
             self.close_connection = True
-        self.write_head(ex.status, response.reason, headers, None, chunked=chunked)
-        write = self.wfile.write
+        self.write_head(status, None, headers, None, chunked=self.chunked)
+
+    def write_chunk(self, data):
+        """Send one piece of a stream now; False when the client has gone."""
+        if not data:
+            return True
         try:
-            for data in iter_body(response):
-                write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
-                ex.sent += len(data)
-        except (ConnectionError, OSError) as exc:
-            if isinstance(exc, (BrokenPipeError, ConnectionResetError)) and ex.sent >= 0:
-                # The client went away (or the upstream broke): stop reading at once; the
-                # caller closes the upstream response.
-                pass
-            ex.error = "stream interrupted: %s" % exc.__class__.__name__
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        except OSError:
             self.close_connection = True
-            return
-        except Exception as exc:  # urllib3 protocol/timeout errors mid-stream
-            ex.error = "upstream stream failed: %s" % exc.__class__.__name__
-            self.close_connection = True
-            return
-        if chunked:
-            write(b"0\r\n\r\n")
+            return False
+        self.exchange.sent += len(data)
+        return True
+
+    def end_chunks(self):
+        if self.chunked:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError:
+                self.close_connection = True
 
     # -- writing -----------------------------------------------------------------------
     def write_head(self, status, reason, headers, length, body=b"", chunked=False):
@@ -321,6 +410,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        self.head_sent = True
         self.wfile.write(head + body if body else head)
 
     def send_json(self, status, obj, extra=()):
@@ -338,7 +428,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         if ex is not None:
             ex.status = status
-        self.send_json(status, error_body(api, status, message))
+        self.send_json(status, error_body(api, status, message),
+                       [(exchange.CACHE_HEADER, "bypass")])
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's errors for malformed HTTP (bad request line, header overflow), as
@@ -369,20 +460,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log.debug("%s: %s", self.address_string(), format % args)
 
 
-def _response_headers(raw_headers):
-    """Response headers to relay: all but hop-by-hop and framing ones, names as sent."""
-    connection = raw_headers.get("Connection", "")
-    extra = {token.strip().lower() for token in connection.split(",") if token.strip()}
-    return [(n, v) for n, v in raw_headers.items()
-            if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"
-            and n.lower() not in extra]
-
-
 def _reason(status):
     try:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
+
+
+LOCAL_ENDPOINTS.update({"/health": Handler.send_health, "/stats": Handler.send_stats,
+                        "/metrics": Handler.send_metrics})
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
@@ -405,6 +491,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.socket = listen_socket
             self.server_address = listen_socket.getsockname()
 
+    last_loop = 0.0
+
+    def service_actions(self):
+        # Called by serve_forever on every loop: the watchdog's sign of life.
+        self.last_loop = time.monotonic()
+
     def handle_error(self, request, client_address):
         log.exception("unexpected error while handling a request")
 
@@ -421,36 +513,84 @@ def create_server(config, listen_socket=None):
                             hint=hint)
 
 
-def serve(config, on_ready=None, listen_socket=None):
-    """Run the proxy in the foreground until SIGINT/SIGTERM; returns the exit code."""
+def serve(config, on_ready=None, listen_socket=None, reload=None):
+    """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
+
+    SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish (up to
+    proxy.shutdown_grace_seconds) and flush accounting. SIGHUP re-reads the config through
+    `reload()` and applies what can change live. Under systemd, readiness, reloads, the
+    stop and watchdog pings are reported over $NOTIFY_SOCKET."""
     server = create_server(config, listen_socket)
     host, port = server.server_address[:2]
     if host not in LOOPBACK and not host.startswith("127."):
         log.warning("listening on %s: anyone who can reach this address can use the proxy "
                     "and the cache%s", host, "" if config.get("proxy.auth_token")
                     else "; set proxy.auth_token to require a token")
-    stop = threading.Event()
-
-    def request_stop(signum, frame):
-        stop.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, request_stop)
-        signal.signal(signal.SIGINT, request_stop)
+        install_signal_handlers(server, reload)
     log.info("tokenpak %s listening on http://%s:%d", __version__, host, port)
     if on_ready is not None:
         on_ready(server)
+    systemd.ready("listening on %s:%d" % (host, port))
+    # Loading the BPE tables takes about a second: do it now, off the request path, so the
+    # first footer does not wait for it.
+    threading.Thread(target=tokens.warm_up, name="tokenpak-tokenizer", daemon=True).start()
+    watchdog = systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 10)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        systemd.stopping()
         server.server_close()
-        grace = config.get("proxy.shutdown_grace_seconds")
+        grace = server.app.config.get("proxy.shutdown_grace_seconds")
         if not server.app.wait_idle(grace):
             log.warning("stopping with requests still in flight after %.0f s", grace)
+        if watchdog is not None:
+            watchdog.stop()
         server.app.close()
         log.info("tokenpak stopped")
     return 0
+
+
+def install_signal_handlers(server, reload):
+    def stop(signum, frame):
+        log.info("%s: finishing in-flight requests, then stopping",
+                 signal.Signals(signum).name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def hangup(signum, frame):
+        threading.Thread(target=reload_config, args=(server, reload), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, hangup)
+
+
+def reload_config(server, reload):
+    """SIGHUP: apply the config file again; log what changed and what needs a restart."""
+    systemd.reloading()
+    try:
+        new = reload()
+    except TokenpakError as exc:
+        log.error("reload failed, keeping the running settings: %s", exc.message)
+        systemd.ready()
+        return
+    app = server.app
+    old = app.config
+    changed = [n for n in sorted(set(old.names()) | set(new.names()))
+               if _value(old, n) != _value(new, n)]
+    if not changed:
+        log.info("reload: no setting changed")
+    for name in changed:
+        later = " (takes effect after a restart)" if name in RESTART_KEYS else ""
+        shown = "***" if name == "proxy.auth_token" else _value(new, name)
+        log.info("reload: %s = %s%s", name, shown, later)
+    app.apply_config(new)
+    systemd.ready()
+
+
+def _value(config, name):
+    return config.get(name) if name in config.names() else None
 
 
 def main(argv=None):

@@ -1,0 +1,140 @@
+"""Accounting through a real tokenpak: the DB rows, /stats, /metrics and `tokenpak stats`."""
+
+import json
+import sqlite3
+import time
+
+import anthropic
+import openai
+
+from conftest import ANTHROPIC_KEY, OPENAI_KEY
+from fakeprovider import usage_for
+from tokenpak import cli
+
+
+def rows(proxy):
+    # A row is queued just after its response has gone out: wait for the handlers.
+    deadline = time.monotonic() + 10
+    while proxy.app.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proxy.app.recorder.flush()
+    conn = sqlite3.connect(proxy.app.db_path)
+    conn.row_factory = sqlite3.Row
+    return [dict(r) for r in conn.execute("select * from requests order by id")]
+
+
+MESSAGES = [{"role": "user", "content": "count my tokens please"}]
+ANSWER_WORDS = len("Echo: count my tokens please".split())
+
+
+def test_openai_usage_recorded_stream_and_not(proxy, fake):
+    fake.cached_tokens = 3
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    answer = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES,
+                                                 stream=True))
+    # The client did not ask for usage: it gets none, exactly as from the provider...
+    assert [c.usage for c in chunks if c.usage is not None] == []
+    assert all(c.choices for c in chunks)
+    # ...but tokenpak asked upstream for it, so the stream is accounted, not free.
+    assert fake.last().json()["stream_options"] == {"include_usage": True}
+    prompt = usage_for({"messages": MESSAGES})
+    first, second = rows(proxy)
+    for row, streamed in ((first, 0), (second, 1)):
+        assert row["streamed"] == streamed
+        assert row["input_tokens"] + row["cache_read_tokens"] == prompt
+        assert row["cache_read_tokens"] == 3
+        assert row["output_tokens"] == ANSWER_WORDS
+        assert row["provider"] == "openai" and row["model"] == "gpt-4o"
+        assert row["status"] == 200 and row["complete"] == 1
+        assert row["cost_usd"] > 0
+        assert row["latency_ms"] > 0 and row["ttfb_ms"] is not None
+    assert answer.usage.prompt_tokens == prompt
+
+
+def test_client_that_asked_for_usage_still_gets_it(proxy, fake):
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == ANSWER_WORDS
+    assert rows(proxy)[-1]["output_tokens"] == ANSWER_WORDS
+
+
+def test_anthropic_usage_recorded_stream_and_not(proxy, fake):
+    fake.cached_tokens, fake.cache_write_tokens = 5, 7
+    client = anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=proxy.url, max_retries=0)
+    client.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=MESSAGES)
+    with client.messages.stream(model="claude-sonnet-4-6", max_tokens=50,
+                                messages=MESSAGES) as stream:
+        list(stream.text_stream)
+    prompt = usage_for({"messages": MESSAGES})
+    for row in rows(proxy):
+        assert row["input_tokens"] == prompt
+        assert row["cache_read_tokens"] == 5 and row["cache_write_tokens"] == 7
+        assert row["output_tokens"] == ANSWER_WORDS
+        assert row["provider"] == "anthropic"
+    assert [r["streamed"] for r in rows(proxy)] == [0, 1]
+
+
+def test_unknown_model_costs_unknown_not_zero(proxy, fake):
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES,
+                                   extra_body={"model": "my-finetune-x"})
+    row = rows(proxy)[-1]
+    assert row["model"] == "my-finetune-x"
+    assert row["output_tokens"] == ANSWER_WORDS
+    assert row["cost_usd"] is None
+
+
+def test_cache_hits_are_recorded_as_savings(make_proxy, fake):
+    proxy = make_proxy(cache__enabled=True)
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    recorded = rows(proxy)
+    assert [r["cache"] for r in recorded] == ["miss", "hit", "hit"]
+    assert recorded[1]["cost_usd"] == 0
+    assert recorded[1]["saved_usd"] == recorded[0]["cost_usd"] > 0
+    status, _, body = proxy.get("/stats")
+    stats = json.loads(body)
+    assert status == 200
+    assert stats["cached"] == 2
+    assert stats["requests"] == 3
+    assert set(stats["token_usage"]) >= {"input", "output", "cached"}
+    # token_usage counts what the provider billed; tokens served from the cache are "cached"
+    assert stats["token_usage"]["output"] == ANSWER_WORDS
+    assert stats["token_usage"]["cached"] >= 2 * ANSWER_WORDS
+    assert "compressed_requests" in stats and stats["saved_usd"] > 0
+
+
+def test_metrics_endpoint(proxy, fake):
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    status, headers, body = proxy.get("/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    line = [l for l in text.splitlines() if l.startswith("tokenpak_requests_total{")][0]
+    for label in ('provider="openai"', 'model="gpt-4o"', 'status="200"', 'cache="bypass"'):
+        assert label in line
+    assert line.endswith(" 1")
+    assert "tokenpak_request_duration_seconds_bucket" in text
+    assert "tokenpak_in_flight_requests" in text
+
+
+def test_stats_cli_reads_the_db_while_the_proxy_is_down(make_proxy, fake, capsys, monkeypatch):
+    proxy = make_proxy()
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    for model in ("gpt-4o", "gpt-4o", "gpt-4o-mini"):
+        client.chat.completions.create(model=model, messages=MESSAGES)
+    proxy.stop()
+    monkeypatch.setenv("TOKENPAK_DB", proxy.app.db_path)
+    assert cli.main(["stats", "--by", "model"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert any(l.startswith("gpt-4o ") for l in lines)
+    assert any(l.startswith("gpt-4o-mini") for l in lines)
+    assert "total" in lines[-1].lower() and "$" in out
+    assert cli.main(["stats", "--json", "--since", "1h"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["summary"]["requests"] == 3
+    assert cli.main(["stats", "--since", "bogus"]) != 0

@@ -1,0 +1,228 @@
+"""The cache and coalescing through a real tokenpak, real SDKs and the fake provider."""
+
+import sqlite3
+import threading
+
+import anthropic
+import openai
+import pytest
+
+from conftest import ALL_KEYS, ANTHROPIC_KEY, OPENAI_KEY
+
+
+def oa(proxy, key=OPENAI_KEY):
+    return openai.OpenAI(api_key=key, base_url=proxy.url + "/v1", max_retries=0)
+
+
+def an(proxy, key=ANTHROPIC_KEY):
+    return anthropic.Anthropic(api_key=key, base_url=proxy.url, max_retries=0)
+
+
+def ask(client, text="cache me", **kw):
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": text}], **kw)
+
+
+@pytest.fixture
+def cached(make_proxy):
+    return make_proxy(cache__enabled=True)
+
+
+def test_hit_miss_and_header(cached, fake):
+    first = ask(oa(cached))
+    second = ask(oa(cached))
+    assert first.headers["x-tokenpak-cache"] == "miss"
+    assert second.headers["x-tokenpak-cache"] == "hit"
+    assert second.parse().choices[0].message.content == "Echo: cache me"
+    assert second.parse().id == first.parse().id  # the very same answer
+    assert fake.count("/chat/completions") == 1
+
+
+def test_parameter_change_misses(cached, fake):
+    ask(oa(cached), temperature=0.1)
+    again = ask(oa(cached), temperature=0.9)
+    assert again.headers["x-tokenpak-cache"] == "miss"
+    ask(oa(cached), temperature=0.1, user="someone-else", metadata={"a": "b"}, store=False)
+    assert fake.count("/chat/completions") == 3  # `user`/`metadata` do not count; `store` does
+
+
+def test_no_cache_refreshes_and_no_store_bypasses(cached, fake):
+    ask(oa(cached))
+    refreshed = ask(oa(cached), extra_headers={"Cache-Control": "no-cache"})
+    assert refreshed.headers["x-tokenpak-cache"] == "miss"
+    assert fake.count("/chat/completions") == 2
+    bypass = ask(oa(cached), "never stored", extra_headers={"Cache-Control": "no-store"})
+    assert bypass.headers["x-tokenpak-cache"] == "bypass"
+    again = ask(oa(cached), "never stored")
+    assert again.headers["x-tokenpak-cache"] == "miss"
+    assert fake.count("/chat/completions") == 4
+
+
+def test_another_key_never_gets_the_entry(cached, fake):
+    ask(oa(cached))
+    other = ask(oa(cached, key="sk-test-another-key-0000"))
+    assert other.headers["x-tokenpak-cache"] == "miss"
+    assert fake.count("/chat/completions") == 2
+
+
+def test_rejected_key_never_hits(cached, fake):
+    ask(oa(cached))
+    with pytest.raises(openai.AuthenticationError):
+        ask(oa(cached, key="sk-bad-key"))
+    with pytest.raises(openai.AuthenticationError):
+        ask(oa(cached, key="sk-bad-key"))  # errors are never cached either
+    assert fake.count("/chat/completions") == 3
+
+
+def test_shared_scope_serves_other_verified_keys_only(make_proxy, fake):
+    proxy = make_proxy(cache__enabled=True, cache__scope="shared")
+    ask(oa(proxy))
+    ask(oa(proxy, key="sk-test-second"), "warm second key")  # the provider accepts it
+    assert ask(oa(proxy, key="sk-test-second")).headers["x-tokenpak-cache"] == "hit"
+    with pytest.raises(openai.AuthenticationError):
+        ask(oa(proxy, key="sk-bad-unverified"))
+
+
+def test_openai_stream_is_cached_and_replayed_as_events(cached, fake):
+    def run():
+        response = oa(cached).chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "stream me"}], stream=True)
+        chunks = list(response.parse())
+        return response.headers["x-tokenpak-cache"], chunks
+
+    state1, first = run()
+    state2, second = run()
+    assert (state1, state2) == ("miss", "hit")
+    text = lambda chunks: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # noqa
+    assert text(first) == text(second) == "Echo: stream me"
+    assert len(second) == len(first) > 3  # replayed event by event, not as one blob
+    assert all(c.usage is None for c in second)  # the client never asked for usage
+    assert fake.count("/chat/completions") == 1
+
+
+def test_anthropic_stream_is_cached_and_replayed(cached, fake):
+    for expected in ("miss", "hit"):
+        with an(cached).messages.stream(model="claude-sonnet-4-6", max_tokens=50,
+                                        messages=[{"role": "user", "content": "stream"}]) as s:
+            assert "".join(s.text_stream) == "Echo: stream"
+            assert s.get_final_message().usage.output_tokens == 2
+            assert s.response.headers["x-tokenpak-cache"] == expected
+    assert fake.count("/v1/messages") == 1
+
+
+def test_partial_stream_is_never_cached(cached, fake):
+    for _ in range(2):
+        with pytest.raises(Exception):
+            stream = oa(cached).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "a b c d e f"}],
+                stream=True, extra_headers={"x-fake": "reset"})
+            list(stream)
+    assert fake.count("/chat/completions") == 2
+
+
+def test_stream_and_non_stream_are_separate_entries(cached, fake):
+    ask(oa(cached), "same prompt")
+    stream = oa(cached).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "same prompt"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) \
+        == "Echo: same prompt"
+    assert fake.count("/chat/completions") == 2
+
+
+def test_eight_concurrent_identical_requests_make_one_upstream_call(cached, fake):
+    fake.delay_before = 0.3  # hold the first call long enough for all eight to arrive
+    results, barrier = [], threading.Barrier(8)
+
+    def run():
+        barrier.wait()
+        response = ask(oa(cached), "together")
+        results.append((response.headers["x-tokenpak-cache"],
+                        response.parse().choices[0].message.content))
+
+    threads = [threading.Thread(target=run) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(results) == 8
+    assert {text for _, text in results} == {"Echo: together"}
+    assert fake.count("/chat/completions") == 1
+    assert sorted(state for state, _ in results).count("miss") == 1
+
+
+def test_concurrent_identical_streams_share_one_call_incrementally(cached, fake):
+    """Followers receive events while the leader's upstream is still streaming."""
+    seen_first = threading.Barrier(4, timeout=10)
+    texts, errors = [], []
+
+    def run():
+        try:
+            stream = oa(cached).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "shared stream"}],
+                stream=True, extra_headers={"x-fake": "gate"})
+            chunks = iter(stream)
+            first = next(chunks)
+            seen_first.wait()  # all four have an event; the upstream is still gated
+            rest = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+            texts.append((first.choices[0].delta.content or "") + "".join(rest))
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    seen_first.wait()
+    assert not fake.gate.is_set()
+    fake.gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert texts == ["Echo: shared stream"] * 3
+    assert fake.count("/chat/completions") == 1
+
+
+def test_cache_survives_restart(make_proxy, fake, tmp_path):
+    first = make_proxy(cache__enabled=True)
+    ask(oa(first), "persist")
+    first.app.cache.flush()
+    first.stop()
+    second = make_proxy(cache__enabled=True)
+    assert ask(oa(second), "persist").headers["x-tokenpak-cache"] == "hit"
+    assert fake.count("/chat/completions") == 1
+
+
+def test_ttl_expiry(make_proxy, fake):
+    proxy = make_proxy(cache__enabled=True, cache__ttl_seconds=0)
+    ask(oa(proxy))
+    assert ask(oa(proxy)).headers["x-tokenpak-cache"] == "miss"
+    assert fake.count("/chat/completions") == 2
+
+
+def test_corrupt_db_at_start_still_serves(make_proxy, fake, tmp_path):
+    db = tmp_path / "state" / "tokenpak.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"this is not a database" * 100)
+    proxy = make_proxy(cache__enabled=True)
+    assert ask(oa(proxy)).parse().choices[0].message.content == "Echo: cache me"
+    assert ask(oa(proxy)).parse().choices[0].message.content == "Echo: cache me"
+
+
+def test_db_holds_no_api_key(make_proxy, fake, tmp_path):
+    proxy = make_proxy(cache__enabled=True)
+    for key in ALL_KEYS:
+        ask(oa(proxy, key=key), "secret check")
+    with an(proxy).messages.stream(model="claude-sonnet-4-6", max_tokens=5,
+                                   messages=[{"role": "user", "content": "s"}]) as s:
+        list(s.text_stream)
+    proxy.app.cache.flush()
+    proxy.app.recorder.flush()
+    state = tmp_path / "state"
+    files = [p for p in state.iterdir() if p.is_file()]
+    assert any(p.name == "tokenpak.db" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for key in ALL_KEYS:
+            assert key.encode() not in data, (path, key)
+    rows = sqlite3.connect(str(state / "tokenpak.db")).execute(
+        "select key_id from requests").fetchall()
+    assert rows and all(len(r[0]) == 12 for r in rows)

@@ -1,0 +1,461 @@
+"""One proxied request, end to end: prepare, look up, forward, relay, record.
+
+This is design.md's "one request" walk. `proxy.Handler` owns the sockets and calls `run()`
+once a request is read and routed; everything here talks to the client through the
+handler's small writing API (write_head, write_chunk, end_chunks).
+
+1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, Anthropic messages),
+   strip old footers from the history and compress (footer.py, compression.py). An OpenAI
+   stream that did not ask for usage is asked for it, and the extra chunk is dropped again
+   on the way back (sse.StreamRewriter), so accounting never records a stream as free.
+2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
+   requests in flight share one upstream call (coalesce.py).
+3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
+   relayed chunk by chunk, through the rewriter, to the client, the cache recorder and any
+   followers at once.
+4. record (accounting.py, stats.Metrics): one row per request, queued to a writer thread.
+
+Anything the optimisations raise is logged and the request goes on unoptimised: the user's
+answer never depends on the cache, the compressor or the accounting database.
+"""
+
+import json
+import logging
+import time
+
+from . import footer, sse
+from .cache import Entry, cache_key
+from .coalesce import FlightFailed
+from .hangup import shutdown_upstream
+from .providers import credential
+from .upstream import UpstreamError, iter_body, read_body
+
+log = logging.getLogger("tokenpak")
+
+CACHE_HEADER = "X-TokenPak-Cache"
+MAX_WHOLE_BODY = 1024 * 1024     # non-stream answers up to this size go out in one write
+MAX_CACHED_BODY = 8 * 1024 * 1024  # larger answers are relayed but not cached
+# Request headers that would make the answer differ from what tokenpak must parse.
+NO_PARSE_HEADERS = ("accept-encoding",)
+NOT_CACHED_HEADERS = frozenset(("set-cookie", "date"))
+
+
+class Exchange:
+    """Everything known about one proxied request, from arrival to its accounting row."""
+
+    __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
+                 "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
+                 "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
+                 "no_store", "no_cache", "client_gone")
+
+    def __init__(self, method, path, headers, body):
+        self.method = method
+        self.path = path
+        self.headers = headers          # [(name, value)] as the client sent them
+        self.lower = {n.lower(): v for n, v in headers}
+        self.body = body
+        self.forward_body = body        # what goes upstream (compressed, usage requested)
+        self.route = None
+        self.started = time.monotonic()
+        self.status = 0
+        self.sent = 0                   # body bytes written to the client
+        self.error = None
+        self.ttfb = None
+        self.request = None             # the parsed JSON body, when its shape is known
+        self.compressed = None          # compression.Result
+        self.cache = "bypass"
+        self.scope = self.key = None
+        self.streamed = False
+        self.usage = None               # sse.Usage from the provider's answer
+        self.model = None
+        self.complete = True
+        self.drop_usage = False
+        self.no_store = self.no_cache = False
+        self.client_gone = False
+
+    def model_name(self):
+        """The body's model name, parsed only when a routing rule needs it."""
+        if self.request is not None:
+            return self.request.get("model")
+        if not self.body or self.body.lstrip()[:1] != b"{":
+            return None
+        try:
+            value = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        return value.get("model") if isinstance(value, dict) else None
+
+
+# -- 1. prepare ---------------------------------------------------------------------------
+def prepare(app, ex):
+    """Parse, strip footers, compress and decide on caching; never fails the request."""
+    api = ex.route.api
+    if api is None or ex.method != "POST" or ex.body.lstrip()[:1] != b"{":
+        return
+    try:
+        request = json.loads(ex.body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return  # the provider will say what is wrong with it, in its own words
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        return
+    ex.request = request
+    ex.model = request.get("model") if isinstance(request.get("model"), str) else None
+    ex.streamed = request.get("stream") is True
+    directives = (ex.lower.get("cache-control") or "").lower()
+    ex.no_store = "no-store" in directives
+    ex.no_cache = "no-cache" in directives
+    body = request
+    try:
+        body = footer.strip_history(api, body, ex.body)
+        if app.compression.enabled:
+            ex.compressed = app.compress(api, body)
+            body = ex.compressed.body
+    except Exception:
+        log.exception("compression failed; forwarding the request as it came")
+        body, ex.compressed = request, None
+    if api == "openai" and ex.streamed:
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage")):
+            # Ask for usage so the stream is accounted; the rewriter removes it again.
+            options = dict(options) if isinstance(options, dict) else {}
+            options["include_usage"] = True
+            body = dict(body, stream_options=options)
+            ex.drop_usage = True
+    if body is not request:
+        ex.forward_body = json.dumps(body, ensure_ascii=False,
+                                     separators=(",", ":")).encode("utf-8")
+    if app.cache is not None and not ex.no_store:
+        try:
+            ex.key = cache_key(ex.route.provider, ex.path, body) + (
+                ":sse" if ex.streamed else ":json")
+            ex.scope = app.scope_for(credential(ex.lower))
+            ex.cache = "miss"
+        except Exception:
+            log.exception("cache key failed; not caching this request")
+            ex.key = None
+
+
+# -- 2. cache and coalescing --------------------------------------------------------------
+def run(handler, app, ex):
+    """Answer one routed request (see the module docstring)."""
+    prepare(app, ex)
+    if ex.key is not None:
+        if not ex.no_cache:
+            entry = app.cache_get(ex.scope, ex.key)
+            if entry is not None:
+                ex.cache = "hit"
+                replay(handler, app, ex, entry)
+                return
+        flight, leader = app.coalescer.join(ex.scope + ex.key)
+        if not leader:
+            if follow(handler, app, ex, flight):
+                return
+            flight = None  # the leader failed before answering: make our own call
+        try:
+            forward(handler, app, ex, flight)
+        finally:
+            if flight is not None:
+                app.coalescer.done(ex.scope + ex.key, flight)
+        return
+    forward(handler, app, ex, None)
+
+
+def replay(handler, app, ex, entry):
+    """Answer from a cache entry, streamed as SSE events when the entry is a stream."""
+    ex.status, ex.usage, ex.model = entry.status, _usage_from(entry.usage), entry.model or ex.model
+    ex.ttfb = time.monotonic() - ex.started
+    headers = list(entry.headers) + [(CACHE_HEADER, "hit")] + footer_headers(app, ex)
+    if entry.streamed:
+        rewriter = make_rewriter(app, ex)
+        handler.start_stream(entry.status, headers)
+        for event in sse.split_events(entry.body):
+            handler.write_chunk(rewriter.feed(event) if rewriter else event)
+        if rewriter:
+            handler.write_chunk(rewriter.close())
+        handler.end_chunks()
+        return
+    handler.write_whole(entry.status, headers,
+                        finish_body(app, ex, entry.body, parse_answer(ex, entry.body)))
+
+
+def follow(handler, app, ex, flight):
+    """Answer from another request's upstream call; False if it failed before a head."""
+    head = flight.wait_head(app.read_timeout)
+    if head is None:
+        return False
+    ex.cache = "coalesced"
+    rewriter = None
+    ex.status, headers = head
+    ex.ttfb = time.monotonic() - ex.started
+    headers = [h for h in headers if h[0] != CACHE_HEADER] + [(CACHE_HEADER, "hit")]
+    whole = any(name.lower() == "content-length" for name, _ in headers)
+    try:
+        if whole:
+            body = b"".join(flight.chunks(app.read_timeout))
+            headers = [h for h in headers if h[0].lower() != "content-length"]
+            parsed = parse_answer(ex, body)
+            handler.write_whole(ex.status, headers + footer_headers(app, ex),
+                                finish_body(app, ex, body, parsed))
+            return True
+        rewriter = make_rewriter(app, ex) if ex.status < 300 else None
+        handler.start_stream(ex.status, headers + footer_headers(app, ex))
+        for chunk in flight.chunks(app.read_timeout):
+            handler.write_chunk(rewriter.feed(chunk) if rewriter else chunk)
+        if rewriter:
+            handler.write_chunk(rewriter.close())
+            ex.usage = rewriter.watcher.usage
+        handler.end_chunks()
+    except FlightFailed as exc:
+        ex.error, ex.complete = "shared upstream call failed: %s" % exc, False
+        if rewriter is not None:
+            handler.write_chunk(rewriter.abort("upstream connection lost mid-stream"))
+        handler.end_chunks()
+    return True
+
+
+# -- 3. forward and relay -------------------------------------------------------------------
+def forward_headers(ex, drop):
+    headers = {n: v for n, v in ex.headers if n.lower() not in drop}
+    if ex.request is not None:
+        for name in list(headers):
+            if name.lower() in NO_PARSE_HEADERS:
+                del headers[name]  # identity encoding: the answer must be parseable
+    return headers
+
+
+def forward(handler, app, ex, flight):
+    """Make the upstream call and relay its answer (to followers too, when leading)."""
+    try:
+        response = app.upstream.send(ex.method, ex.route.url,
+                                     forward_headers(ex, handler.DROP_REQUEST),
+                                     ex.forward_body or None)
+    except UpstreamError as exc:
+        ex.error = exc.message
+        if flight is not None:
+            flight.finish(False)
+        handler.fail(exc.status, exc.message)
+        return
+    try:
+        relay(handler, app, ex, response, flight)
+    finally:
+        response.close()
+
+
+def relay(handler, app, ex, response, flight):
+    ex.status = response.status_code
+    ex.ttfb = time.monotonic() - ex.started
+    headers = handler.response_headers(response.raw.headers)
+    headers.append((CACHE_HEADER, ex.cache))
+    length = response.headers.get("Content-Length")
+    if handler.command == "HEAD" or ex.status in (204, 304) or ex.status < 200:
+        handler.write_head(ex.status, response.reason, headers, length)
+        if flight is not None:
+            flight.finish(False)
+        return
+    if length is not None and length.isdigit() and int(length) <= MAX_WHOLE_BODY:
+        relay_whole(handler, app, ex, response, headers, flight)
+    else:
+        relay_stream(handler, app, ex, response, headers, flight)
+
+
+def relay_whole(handler, app, ex, response, headers, flight):
+    body = read_body(response)
+    if flight is not None:
+        flight.set_head(ex.status, headers + [("Content-Length", str(len(body)))])
+        flight.push(body)
+        flight.finish(True)
+    parsed = parse_answer(ex, body)
+    if ex.key is not None and 200 <= ex.status < 300 and not ex.no_store:
+        store(app, ex, headers, body, streamed=False)
+    handler.write_whole(ex.status, headers + footer_headers(app, ex),
+                        finish_body(app, ex, body, parsed))
+
+
+def relay_stream(handler, app, ex, response, headers, flight):
+    """Relay chunk by chunk: to the client (through the rewriter), the recorder for the
+    cache, and followers. A client that leaves stops the upstream read at once, unless
+    followers still need it."""
+    rewriter = make_rewriter(app, ex) if ex.request is not None and ex.status < 300 else None
+    if flight is not None:
+        flight.set_head(ex.status, headers)
+    recorded, size = [], 0
+    record = ex.key is not None and 200 <= ex.status < 300 and not ex.no_store
+
+    def abort():
+        if flight is None or not flight.followers:
+            ex.client_gone = True
+            shutdown_upstream(response)
+
+    handler.start_stream(ex.status, headers + footer_headers(app, ex))
+    watch = app.hangup.watch(handler.connection, abort)
+    try:
+        for data in iter_body(response):
+            if flight is not None:
+                flight.push(data)
+            if record:
+                size += len(data)
+                if size > MAX_CACHED_BODY:
+                    record, recorded = False, []
+                else:
+                    recorded.append(data)
+            if not ex.client_gone:
+                out = rewriter.feed(data) if rewriter else data
+                if not handler.write_chunk(out):
+                    abort()
+                    if ex.client_gone:
+                        break
+    except Exception as exc:  # the upstream broke mid-stream (reset, timeout, bad framing)
+        ex.complete = False
+        if not ex.client_gone:
+            ex.error = "upstream stream failed: %s" % exc.__class__.__name__
+            if rewriter:
+                handler.write_chunk(rewriter.abort("upstream connection lost mid-stream; "
+                                                   "the answer is incomplete"))
+            handler.end_chunks()
+        if flight is not None:
+            flight.finish(False)
+        return
+    finally:
+        app.hangup.unwatch(watch)
+    if ex.client_gone:
+        ex.complete, ex.error = False, ex.error or "client disconnected mid-stream"
+        if flight is not None:
+            flight.finish(False)
+        return
+    if rewriter:
+        watcher = rewriter.watcher
+        if watcher.complete or watcher.errored:
+            handler.write_chunk(rewriter.close())
+        else:
+            # The body ended without [DONE] / message_stop: a truncated answer must not
+            # look like a finished one to the client's SDK.
+            ex.error = "upstream ended the stream before its final event"
+            handler.write_chunk(rewriter.abort("the provider closed the stream early; "
+                                               "the answer is incomplete"))
+        ex.usage, ex.complete = watcher.usage, watcher.complete
+        ex.model = watcher.model or ex.model
+    handler.end_chunks()
+    if flight is not None:
+        flight.finish(ex.complete)
+    if record and ex.complete and rewriter is not None:
+        store(app, ex, headers, b"".join(recorded), streamed=True)
+
+
+def store(app, ex, headers, body, streamed):
+    usage = ex.usage
+    entry = Entry(status=ex.status, body=body, streamed=streamed, created=time.time(),
+                  headers=[h for h in headers if h[0].lower() not in NOT_CACHED_HEADERS
+                           and h[0] != CACHE_HEADER],
+                  usage=_usage_dict(usage) if usage is not None else {},
+                  model=ex.model or "")
+    app.cache_put(ex.scope, ex.key, entry)
+
+
+# -- footer ----------------------------------------------------------------------------------
+def make_rewriter(app, ex):
+    """The stream rewriter for this client: drops the usage chunk it did not ask for and
+    inserts the footer where allowed."""
+    api = ex.route.api
+    line = None
+    if app.footer_enabled and footer.wants_footer(api, ex.request):
+        line = lambda usage: footer_line(app, ex, usage)  # noqa: E731
+    if line is None and not ex.drop_usage:
+        return sse.StreamRewriter(api)
+    return sse.StreamRewriter(api, drop_usage=ex.drop_usage, footer=line)
+
+
+def finish_body(app, ex, body, parsed):
+    """A whole JSON answer with the footer appended, where allowed; else `body` itself.
+    `parsed` is the answer's JSON object (parse_answer), modified in place."""
+    if not (app.footer_enabled and parsed is not None and 200 <= ex.status < 300
+            and footer.wants_footer(ex.route.api, ex.request)):
+        return body
+    if not footer.append_to_response(ex.route.api, parsed, footer_line(app, ex, ex.usage)):
+        return body
+    return json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+
+
+def token_counts(ex, usage):
+    """(tokens before, tokens after) compression: the provider's own prompt count, plus
+    what compression removed; our count only when the provider gave none."""
+    saved = 0
+    result = ex.compressed
+    if result is not None and result.changed:
+        saved = max(0, result.tokens_before - result.tokens_after)
+    if usage is not None and usage.prompt_total:
+        return usage.prompt_total + saved, usage.prompt_total
+    if result is not None:
+        return result.tokens_before, result.tokens_after
+    return 0, 0
+
+
+def footer_line(app, ex, usage):
+    before, after = token_counts(ex, usage)
+    cost = None
+    if usage is not None and ex.cache not in ("hit", "coalesced"):
+        cost = app.cost(ex.model, _usage_dict(usage))
+    elif ex.cache in ("hit", "coalesced"):
+        cost = 0.0
+    return footer.format_line(before, after, "hit" if ex.cache in ("hit", "coalesced")
+                              else ex.cache, cost)
+
+
+def footer_headers(app, ex):
+    """X-TokenPak-* figures known before the answer: compression's token counts."""
+    result = ex.compressed
+    if result is None or not result.changed:
+        return []
+    before, after = result.tokens_before, result.tokens_after
+    saved = (before - after) * 100.0 / before if before else 0.0
+    return [("X-TokenPak-Tokens-Before", str(before)), ("X-TokenPak-Tokens-After", str(after)),
+            ("X-TokenPak-Saved-Percent", "%.1f" % saved)]
+
+
+# -- 4. accounting --------------------------------------------------------------------------
+def row(ex):
+    """The accounting row for a finished exchange (see accounting.py for the columns)."""
+    usage = ex.usage
+    before = after = None
+    if ex.request is not None:
+        before, after = token_counts(ex, usage)
+    return {
+        "ts": time.time(), "provider": ex.route.provider if ex.route else None,
+        "model": ex.model, "path": ex.path.split("?", 1)[0], "status": ex.status,
+        "streamed": ex.streamed, "cache": ex.cache,
+        "usage": _usage_dict(usage) if usage is not None else None,
+        "tokens_before": before, "tokens_after": after,
+        "latency_ms": (time.monotonic() - ex.started) * 1000.0,
+        "ttfb_ms": ex.ttfb * 1000.0 if ex.ttfb is not None else None,
+        "key_id": ex.scope.rsplit(":", 1)[-1][:12] if ex.scope else None,
+        "error": ex.error, "complete": ex.complete,
+    }
+
+
+def _usage_dict(usage):
+    return {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
+            "cache_write": usage.cache_write}
+
+
+def _usage_from(stored):
+    if not stored:
+        return None
+    return sse.Usage(stored.get("input", 0), stored.get("output", 0),
+                     stored.get("cache_read", 0), stored.get("cache_write", 0))
+
+
+def parse_answer(ex, body):
+    """The JSON object of a whole answer to a known request shape, or None; sets the
+    exchange's usage and model from it."""
+    if ex.request is None or not body or body[:1] != b"{":
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("model"), str):
+        ex.model = obj["model"]
+    if 200 <= ex.status < 300:
+        ex.usage = sse.usage_from_response(ex.route.api, obj)
+    return obj
