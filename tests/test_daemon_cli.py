@@ -1,0 +1,121 @@
+"""The real CLI as a user runs it: `serve --daemon`, `status`, `stop`, signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+
+from conftest import OPENAI_KEY, REPO, free_port, tokenpak_env, wait_healthy
+
+
+def tokenpak(env, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "tokenpak"] + list(args), env=env,
+                          cwd=str(REPO), capture_output=True, text=True, timeout=timeout)
+
+
+def daemon_env(fake, home, port):
+    return tokenpak_env(fake.url, home, TOKENPAK_PORT=str(port))
+
+
+def test_daemon_start_status_stop(fake, isolated_env):
+    port = free_port()
+    env = daemon_env(fake, isolated_env, port)
+    started = tokenpak(env, "serve", "--daemon")
+    assert started.returncode == 0, started.stderr
+    try:
+        pid_file = isolated_env / ".tokenpak" / "tokenpak.pid"
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, 0)
+        # Exit 0 only once listening: the proxy answers right away.
+        assert wait_healthy("http://127.0.0.1:%d" % port, timeout=2)["status"] == "ok"
+        client = openai.OpenAI(api_key=OPENAI_KEY, base_url="http://127.0.0.1:%d/v1" % port,
+                               max_retries=0)
+        client.chat.completions.create(model="gpt-4o",
+                                       messages=[{"role": "user", "content": "daemon"}])
+        status = tokenpak(env, "status")
+        assert status.returncode == 0
+        assert "pid:      %d" % pid in status.stdout
+        assert "127.0.0.1:%d" % port in status.stdout
+        assert "requests: 1" in status.stdout
+        again = tokenpak(env, "serve", "--daemon")
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        stopped = tokenpak(env, "stop")
+    assert stopped.returncode == 0
+    assert not pid_file.exists()
+    assert tokenpak(env, "status").returncode == 3
+    log = (isolated_env / ".tokenpak" / "tokenpak.log").read_text()
+    assert "POST /v1/chat/completions openai 200" in log
+    assert OPENAI_KEY not in log
+
+
+def test_stale_pid_file_is_detected_not_trusted(fake, isolated_env):
+    port = free_port()
+    env = daemon_env(fake, isolated_env, port)
+    pid_file = isolated_env / ".tokenpak" / "tokenpak.pid"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pid_file.write_text("%d\n" % dead.pid)
+    assert tokenpak(env, "status").returncode == 3
+    assert tokenpak(env, "stop").returncode == 3
+    started = tokenpak(env, "serve", "--daemon")
+    assert started.returncode == 0, started.stderr
+    assert tokenpak(env, "stop").returncode == 0
+
+
+def test_daemon_that_cannot_start_reports_its_error(fake, isolated_env, spawn_tokenpak):
+    busy = spawn_tokenpak("serve")
+    port = int(busy.url.rsplit(":", 1)[1])
+    env = daemon_env(fake, isolated_env, port)
+    result = tokenpak(env, "serve", "--daemon")
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
+    assert not (isolated_env / ".tokenpak" / "tokenpak.pid").exists()
+
+
+def test_sigterm_lets_a_slow_stream_finish_and_exits_0(fake, spawn_tokenpak):
+    process = spawn_tokenpak("serve")
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=process.url + "/v1", max_retries=0)
+    words = " ".join("w%d" % i for i in range(20))
+    stream = client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": words}], stream=True,
+        extra_headers={"x-fake-delay": "0.1"})
+    chunks = iter(stream)
+    received = [next(chunks)]  # the stream is running...
+    process.send_signal(signal.SIGTERM)  # ...when the stop arrives
+    received += list(chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+    assert text.startswith("Echo: " + words)  # every event, then the footer
+    assert process.wait(30) == 0
+    err = process.stderr.read().decode()
+    assert "finishing in-flight requests" in err
+    assert "Traceback" not in err
+
+
+def test_sighup_reloads_the_config_file(fake, spawn_tokenpak, isolated_env):
+    process = spawn_tokenpak("serve")
+    config = isolated_env / ".tokenpak" / "config.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps({"footer": {"enabled": False}, "proxy": {"port": 1}}))
+    process.send_signal(signal.SIGHUP)
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=process.url + "/v1", max_retries=0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "reload"}]
+        ).choices[0].message.content
+        if "[tokenpak]" not in text:
+            break
+        time.sleep(0.05)
+    assert text == "Echo: reload"  # the footer is off now, without a restart
+    process.terminate()
+    _, err = process.communicate(timeout=30)
+    err = err.decode()
+    assert "reload: footer.enabled = False" in err
+    assert "reload: proxy.port" not in err  # the port came from --port, which still wins
