@@ -12,6 +12,7 @@ import pytest
 from tokenpak import accounting, cache
 from tokenpak.accounting import Recorder, price_row
 from tokenpak.cache import CacheStore, Entry, load_secret, scope_id
+from tokenpak.db import DbFile
 
 WAIT = 10.0
 
@@ -184,7 +185,7 @@ def test_no_credential_reaches_the_db(db, tmp_path):
 
 
 def test_disk_full_drops_rows_logs_once_and_recovers(db, monkeypatch, caplog):
-    real_connect = cache.DbFile.connect_writer
+    real_connect = DbFile.connect_writer
     full = [True]
 
     def connect_on_a_full_disk(self, timeout=5.0):
@@ -193,7 +194,7 @@ def test_disk_full_drops_rows_logs_once_and_recovers(db, monkeypatch, caplog):
             conn.execute("PRAGMA max_page_count=%d" % conn.execute("PRAGMA page_count").fetchone()[0])
         return conn
 
-    monkeypatch.setattr(cache.DbFile, "connect_writer", connect_on_a_full_disk)
+    monkeypatch.setattr(DbFile, "connect_writer", connect_on_a_full_disk)
     r = Recorder(db, flush_interval=0.05, busy_timeout=0.1)
     r.start()
     try:

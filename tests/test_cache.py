@@ -13,6 +13,7 @@ import pytest
 
 from tokenpak import cache
 from tokenpak.cache import CacheStore, Entry, cache_key, load_secret, scope_id
+from tokenpak.db import DbFile
 
 WAIT = 10.0  # upper bound for background recovery; only reached when something is broken
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi ✓"}],
@@ -491,7 +492,7 @@ def test_read_only_directory_and_file():
 
 
 def test_disk_full_drops_writes_then_recovers(db, monkeypatch):
-    real_connect = cache.DbFile.connect_writer
+    real_connect = DbFile.connect_writer
     full = [True]
 
     def connect_on_a_full_disk(self, timeout=5.0):
@@ -501,7 +502,7 @@ def test_disk_full_drops_writes_then_recovers(db, monkeypatch):
             conn.execute("PRAGMA max_page_count=%d" % (pages + 2))
         return conn
 
-    monkeypatch.setattr(cache.DbFile, "connect_writer", connect_on_a_full_disk)
+    monkeypatch.setattr(DbFile, "connect_writer", connect_on_a_full_disk)
     s = CacheStore(db, 3600, 16)
     try:
         s.put("s", "big", entry(b"z" * 200000))

@@ -1,4 +1,7 @@
-"""Unit tests for tokenpak.compression and tokenpak.transforms: transforms, walker, reports."""
+"""Unit tests for tokenpak.compression: settings, the per-block pipeline, the walker, reports.
+
+The pure text transforms (tokenpak.transforms) are tested in test_transforms.py.
+"""
 
 import copy
 import json
@@ -26,126 +29,6 @@ def test_settings_normalise_level_and_reject_unknown():
     assert C.Settings(level=" Strict ").level == "strict"
     with pytest.raises(ValueError):
         C.Settings(level="extreme")
-
-
-# ------------------------------------------------------------------ text transforms
-
-def test_strip_ansi_removes_colour_cursor_and_title_sequences():
-    text = "\x1b[1;31mERROR\x1b[0m done\x1b[2K\x1b]0;title\x07 ok"
-    assert T.strip_ansi(text) == "ERROR done ok"
-    plain = "no escapes here"
-    assert T.strip_ansi(plain) is plain
-
-
-def test_normalize_whitespace_crlf_and_trailing_only():
-    assert T.normalize_whitespace("a  b   \r\nc\t\n  d  ") == "a  b\nc\n  d"
-
-
-def test_collapse_redraws_keeps_final_state():
-    text = "Downloading\n 10%\r 50%\r100%\r\ndone"
-    assert T.collapse_redraws(T.normalize_whitespace(text)) == "Downloading\n100%\ndone"
-    # No newline at all: could be old Mac line endings, so left alone.
-    assert T.collapse_redraws("one\rtwo") == "one\rtwo"
-
-
-def test_collapse_repeats_counts_runs_and_is_idempotent():
-    text = "start\n" + "\n".join([LOG_LINE] * 5) + "\nend"
-    out = T.collapse_repeats(T.strip_ansi(text))
-    assert out == "start\n[worker-1] heartbeat ok queue=0 lag=0ms [×5]\nend"
-    assert T.collapse_repeats(out) == out
-    # A marker line next to more copies merges into one count.
-    assert T.collapse_repeats(out.replace("\nend", "\n[worker-1] heartbeat ok queue=0 lag=0ms")) \
-        == "start\n[worker-1] heartbeat ok queue=0 lag=0ms [×6]"
-
-
-def test_collapse_repeats_leaves_short_and_blank_runs():
-    assert T.collapse_repeats("}\n}\n\n\n\nx") == "}\n}\n\n\n\nx"
-    assert T.collapse_repeats("solo [×1]\nnext") == "solo [×1]\nnext"
-
-
-def test_minify_json_is_lexical_and_exact():
-    assert T.minify_json('{\n  "a": "x  y",\n  "b": [1, 2.50, 1e5]\n}') == '{"a":"x  y","b":[1,2.50,1e5]}'
-    assert T.minify_json("[worker-0] not json") == "[worker-0] not json"
-    assert T.minify_json('{"broken": ') == '{"broken": '
-
-
-def test_table_round_trip_is_exact():
-    minified = T.minify_json(PRETTY)
-    table = T.tabulate_json(minified)
-    assert table != minified and len(table) < len(minified)
-    assert '"columns":["name","version","files","summary"]' in table
-    restored = T.table_decode(json.loads(table))
-    assert json.dumps(restored, ensure_ascii=False, separators=(",", ":")) == minified
-
-
-def test_table_nested_and_mixed_arrays_round_trip():
-    value = {"a": [{"k": 1, "v": [{"x": 1}, {"x": 2}, {"x": 3}]}] * 3,
-             "b": [{"k": 1}, {"j": 2}, {"k": 3}], "c": [1, 2, 3]}
-    encoded = T.table_encode(value)
-    assert T.table_decode(encoded) == value
-    assert isinstance(encoded["b"], list)  # keys differ: not a table
-    cells = [{"a": {"x": 1}, "b": {"x": 2}, "c": {"x": 3}}] * 3  # a row must stay a list
-    assert T.table_decode(T.table_encode(cells)) == cells
-
-
-def test_tabulate_refuses_ambiguous_or_inexact_input():
-    ambiguous = json.dumps([{"columns": ["a"], "rows": [[1]]}] * 3, separators=(",", ":"))
-    assert T.tabulate_json(ambiguous) == ambiguous
-    inexact = '[{"a":1.0e2},{"a":2},{"a":3}]'  # 1.0e2 would re-serialise as 100.0
-    assert T.tabulate_json(inexact) == inexact
-
-
-def test_elide_middle_keeps_ends_errors_and_says_how_much():
-    lines = ["line %05d ok" % i for i in range(3000)]
-    lines[1500] = "ERROR disk full on /dev/sda1"
-    text = "\n".join(lines)
-    out = T.elide_middle(text)
-    assert out.startswith("line 00000 ok") and out.endswith("line 02999 ok")
-    assert "ERROR disk full on /dev/sda1" in out
-    assert "elided from the middle of this output by tokenpak" in out
-    assert "lines (" in out and "characters)" in out
-    assert len(out) < len(text) / 4
-    assert T.elide_middle(out) == out
-    assert T.elide_middle("short\noutput") == "short\noutput"
-
-
-def _undo_ditto(text):
-    lines = text.split("\n")[1:]  # drop the legend
-    current = None
-    for i, line in enumerate(lines):
-        if line.startswith(T.DITTO + " "):
-            lines[i] = current + " " + line[2:]
-        else:
-            match = T._TIMESTAMP_RE.match(line)
-            current = match.group(1) if match else current
-    return "\n".join(lines)
-
-
-def test_ditto_timestamps_round_trip():
-    text = "\n".join(["2026-05-09 07:29:12 status unpacked pkg%d" % i for i in range(6)]
-                     + ["[worker-1] heartbeat", "2026-05-09 07:29:12 install other",
-                        "2026-05-09 07:29:13 install third"])
-    out = T.ditto_timestamps(text)
-    assert out.startswith(T.DITTO_LEGEND + "\n")
-    assert sum(line.startswith(T.DITTO + " ") for line in out.split("\n")) == 6
-    assert "2026-05-09 07:29:13 install third" in out
-    assert _undo_ditto(out) == text
-    assert T.ditto_timestamps(out) == out
-    assert T.ditto_timestamps("2026-05-09 07:29:12 a\n2026-05-09 07:29:12 b") == \
-        "2026-05-09 07:29:12 a\n2026-05-09 07:29:12 b"  # too few to pay for the legend
-
-
-def test_split_fences_and_code_detection():
-    text = "intro  \n```python\nx = 1   \n```\noutro  "
-    chunks = T.split_fences(text)
-    assert "".join(c for _, c in chunks) == text
-    assert [code for code, _ in chunks] == [False, True, False]
-    listing = "\n".join("%6d\t    return f(x)" % i for i in range(1, 20))
-    assert T.looks_like_code(listing)
-    assert T.looks_like_code("def f(x):\n    if x:\n        return 1\n    return 2\n")
-    prose = "The proxy forwards requests.\nIt keeps every fact.\nNothing is lost here.\n"
-    assert not T.looks_like_code(prose)
-    assert not T.looks_like_code("\x1b[31mdef f():\x1b[0m\n    return 1\n    x = {\n")
 
 
 # ------------------------------------------------------------------ per-block pipeline

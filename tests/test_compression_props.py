@@ -11,7 +11,6 @@ import json
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tokenpak import compression as C
-from tokenpak import transforms as T
 
 PROPS = settings(max_examples=60, deadline=None, database=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -169,29 +168,6 @@ def test_prefix_stable_when_a_turn_is_appended(api_body, extra, cfg):
     grown = dict(body, messages=list(body["messages"]) + extra)
     after = C.compress_request(api, grown, cfg).body
     assert after["messages"][:len(body["messages"])] == before["messages"]
-
-
-json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, width=32),
-              st.text(max_size=5)),
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4),
-        st.dictionaries(st.sampled_from(["a", "b", "columns", "rows"]), inner, max_size=3),
-        st.lists(st.fixed_dictionaries({"k": inner, "v": inner}), min_size=3, max_size=5)),
-    max_leaves=20)
-
-
-@PROPS
-@given(json_values)
-def test_table_encoding_round_trips_exactly(value):
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    table = T.tabulate_json(text)
-    assert T.tabulate_json(table) == table
-    if table == text:
-        return  # nothing to tabulate, or a {"columns","rows"} object made it ambiguous
-    restored = json.dumps(T.table_decode(json.loads(table)), ensure_ascii=False,
-                          separators=(",", ":"))
-    assert restored == text
 
 
 noisy_text = st.one_of(texts, st.text(alphabet="ab \t\r\n\x1b[]{}\":,0159m×〃-", max_size=80),

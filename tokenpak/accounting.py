@@ -27,7 +27,7 @@ import threading
 import time
 
 from tokenpak import pricing
-from tokenpak.cache import DbFile, Health, classify, close_quietly
+from tokenpak.db import DbFile, Health, classify, close_quietly
 
 log = logging.getLogger("tokenpak.accounting")
 

@@ -1,7 +1,7 @@
 """Text transforms: small pure functions, each one a str -> str rewrite of one block.
 
 Why they live apart from compression.py. Each transform here is measured on its own
-(exact o200k_base counts on ../shared/corpus), tested on its own (tests/test_compression.py)
+(exact o200k_base counts on ../shared/corpus), tested on its own (tests/test_transforms.py)
 and knows nothing about requests, roles, cache markers or memoisation: that is
 compression.py, which decides which blocks may be touched and chains these in a fixed
 order. Keeping them pure is what makes a block's output depend on its text alone, so a
