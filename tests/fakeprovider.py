@@ -70,6 +70,13 @@ def _last_user_text(messages):
     return ""
 
 
+def _valid_chat(payload):
+    if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
+        return False
+    return all(isinstance(m, dict) and isinstance(m.get("content"), (str, list, type(None)))
+               for m in payload["messages"])
+
+
 def usage_for(body):
     """Deterministic 'prompt tokens' for a body: its JSON size / 4."""
     return max(1, len(json.dumps(body.get("messages", []))) // 4)
@@ -125,6 +132,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                                ("anthropic-ratelimit-requests-reset", "2026-01-01T00:00:07Z")])
         if scenario == "500":
             return self.error(500, anthropic, "api_error", "internal server error")
+        if (path.endswith("/chat/completions") or path.endswith("/messages")) and \
+                not _valid_chat(payload):
+            # What the real providers do with a body that is not their shape.
+            return self.error(400, anthropic, "invalid_request_error",
+                              "messages: expected a list of message objects")
         if path.endswith("/chat/completions") and isinstance(payload, dict):
             return self.openai(payload, scenario)
         if path.endswith("/messages/count_tokens") and isinstance(payload, dict):

@@ -22,6 +22,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -29,7 +30,7 @@ import threading
 import time
 from http import HTTPStatus
 
-from . import __version__, exchange, pricing, stats, systemd, tokens
+from . import __version__, exchange, pricing, stats, systemd
 from .accounting import Recorder
 from .cache import CacheStore, load_secret, scope_id
 from .coalesce import Coalescer
@@ -47,6 +48,7 @@ AUTH_HEADER = "x-tokenpak-auth"
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", AUTH_HEADER,
                              "x-tokenpak-provider"}
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+METHOD_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
 # Settings that only a restart applies (SIGHUP says so when they change).
 RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.log_file",
@@ -261,8 +263,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def dispatch(self):
         app = self.server.app
         local = LOCAL_ENDPOINTS.get(self.path.split("?", 1)[0]) if self.command == "GET" else None
-        if local is not None and not (app.auth_token and not self.authorised(app.auth_token)):
-            local(self, app)
+        if local is not None and (local is Handler.send_health or not app.auth_token
+                                  or self.authorised(app.auth_token)):
+            local(self, app)  # /health is open to monitors; usage figures need the token
             return
         app.begin()
         try:
@@ -331,9 +334,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- proxying ----------------------------------------------------------------------
     def proxy(self, app):
+        if not METHOD_TOKEN.match(self.command):
+            self.fail(400, "invalid HTTP method %r" % self.command[:40], close=True)
+            return
         if app.auth_token and not self.authorised(app.auth_token):
+            # The body is not read: close, or it would be parsed as the next request.
             self.fail(401, "missing or wrong X-TokenPak-Auth header: this tokenpak requires "
-                           "its proxy.auth_token")
+                           "its proxy.auth_token", close=True)
             return
         body = self.read_body(app)
         if body is None:
@@ -532,9 +539,6 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
     if on_ready is not None:
         on_ready(server)
     systemd.ready("listening on %s:%d" % (host, port))
-    # Loading the BPE tables takes about a second: do it now, off the request path, so the
-    # first footer does not wait for it.
-    threading.Thread(target=tokens.warm_up, name="tokenpak-tokenizer", daemon=True).start()
     watchdog = systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 10)
     try:
         server.serve_forever(poll_interval=0.5)

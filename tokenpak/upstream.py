@@ -73,6 +73,8 @@ class Upstream:
                                 % (_origin(url), self.timeout[1]))
         except requests.exceptions.RequestException as exc:
             raise UpstreamError(502, "cannot reach %s: %s" % (_origin(url), _reason(exc)))
+        except ValueError as exc:  # a header or method http.client refuses to send
+            raise UpstreamError(400, "request cannot be forwarded: %s" % str(exc)[:200])
 
     def close(self):
         self.session.close()
