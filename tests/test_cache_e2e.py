@@ -226,3 +226,20 @@ def test_db_holds_no_api_key(make_proxy, fake, tmp_path):
     rows = sqlite3.connect(str(state / "tokenpak.db")).execute(
         "select key_id from requests").fetchall()
     assert rows and all(len(r[0]) == 12 for r in rows)
+
+
+def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fake):
+    """Request B misses the cache while identical request A is still in flight; A then
+    stores its answer and leaves before B joins. B must find A's answer, not call again."""
+    ask(oa(cached), "race")
+    real_get, calls = cached.app.cache_get, []
+
+    def racing_get(scope, key):
+        calls.append(key)
+        return None if len(calls) == 1 else real_get(scope, key)  # the first lookup raced
+
+    cached.app.cache_get = racing_get
+    again = ask(oa(cached), "race")
+    assert again.headers["x-tokenpak-cache"] == "hit"
+    assert len(calls) == 2
+    assert fake.count("/chat/completions") == 1

@@ -110,6 +110,8 @@ def prepare(app, ex):
         if app.compression.enabled:
             ex.compressed = app.compress(api, body)
             body = ex.compressed.body
+            if ex.compressed.changed:
+                ex.compressed.prefetch()  # exact counts while the provider works
     except Exception:
         log.exception("compression failed; forwarding the request as it came")
         body, ex.compressed = request, None
@@ -147,6 +149,15 @@ def run(handler, app, ex):
                 replay(handler, app, ex, entry)
                 return
         flight, leader = app.coalescer.join(ex.scope + ex.key)
+        if leader and not ex.no_cache:
+            # An identical request may have finished between our lookup and the join: its
+            # answer is in the cache now, and asking the provider again would be paid twice.
+            entry = app.cache_get(ex.scope, ex.key)
+            if entry is not None:
+                app.coalescer.done(ex.scope + ex.key, flight)
+                ex.cache = "hit"
+                replay(handler, app, ex, entry)
+                return
         if not leader:
             if follow(handler, app, ex, flight):
                 return
