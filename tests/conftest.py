@@ -27,6 +27,26 @@ OPENAI_KEY = "sk-test-openai-0123456789abcdefSECRET"
 ANTHROPIC_KEY = "sk-ant-api03-test-anthropic-SECRET-0123456789"
 GOOGLE_KEY = "AIzaTestGoogleKeySECRET0123456789"
 ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GOOGLE_KEY)
+# Every other credential a test sends; test_zz_credentials greps the artefacts for all.
+OTHER_SECRETS = ("sk-test-another-key-0000", "sk-test-second", "sk-ant-oat01-test-oauth-token",
+                 "local-secret-token", "sk-bad-unverified")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def log_to_artefacts(tmp_path_factory):
+    """Every tokenpak log record of the run goes to a file among the artefacts, so the
+    credentials check at the end of the suite reads what any log line said."""
+    import logging
+    path = tmp_path_factory.getbasetemp() / "tokenpak-test.log"
+    handler = logging.FileHandler(str(path), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logger = logging.getLogger("tokenpak")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield path
+    logger.removeHandler(handler)
+    handler.close()
 
 
 @pytest.fixture(autouse=True)
@@ -169,13 +189,19 @@ def spawn_tokenpak(fake, isolated_env):
         return process
 
     yield spawn
-    for process in processes:
+    for i, process in enumerate(processes):
         if process.poll() is None:
             process.terminate()
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
-        for stream in (process.stdout, process.stderr):
+        # Keep what it printed among the artefacts the credentials check greps.
+        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
             if stream:
+                try:
+                    data = stream.read() if not stream.closed else b""
+                except ValueError:
+                    data = b""
+                (isolated_env.parent / ("tokenpak-%d.%s" % (i, name))).write_bytes(data)
                 stream.close()

@@ -40,11 +40,12 @@ def run(ready_cb):
         def do_GET(self):
             body = json.dumps({"status": "ok", "version": "9.9", "requests": 7,
                                "uptime_s": time.time() - started}).encode()
+            # Printed before answering, so it is in the log when the client has the answer.
+            print("daemon stdout goes to the log", flush=True)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-            print("daemon stdout goes to the log", flush=True)
 
         def log_message(self, *args):
             pass
