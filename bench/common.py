@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -90,6 +91,38 @@ def threads_and_fds(pid):
     return threads, len(os.listdir("/proc/%d/fd" % pid))
 
 
+def peak_rss_mb(pid):
+    """VmHWM: the highest RSS the process has had."""
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def stop_tokenpak(process, timeout=30):
+    """SIGTERM, as `tokenpak stop` and systemd do: tokenpak finishes in-flight requests and
+    flushes accounting before it exits. Returns the exit code (None if it had to be killed)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+        return None
+
+
+def stop(process):
+    """Stop a helper process (the fake provider)."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 class Client:
     """A minimal keep-alive HTTP/1.1 client: the cheapest honest way to drive a server."""
 
@@ -98,17 +131,29 @@ class Client:
         self.address = (host, int(port))
         self.keep_alive = keep_alive
         self.conn = None
+        self.response = None
+
+    def header(self, name):
+        """A header of the last answer `request()` read, or None."""
+        return self.response.getheader(name) if self.response is not None else None
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def request(self, method, path, body=b"", headers=None):
         if self.conn is None:
             self.conn = http.client.HTTPConnection(*self.address, timeout=30)
         hdrs = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
         hdrs.update(headers or {})
+        hdrs = {name: value for name, value in hdrs.items() if value is not None}
         if not self.keep_alive:
             hdrs["Connection"] = "close"
         self.conn.request(method, path, body=body, headers=hdrs)
         response = self.conn.getresponse()
         data = response.read()
+        self.response = response  # its headers stay readable (e.g. X-TokenPak-Cache)
         if not self.keep_alive:
             self.conn.close()
             self.conn = None
@@ -143,6 +188,40 @@ def chat_body(i, stream=False, size=1):
     if stream:
         body["stream"] = True
     return json.dumps(body).encode()
+
+
+def messages_body(i, stream=False, text=None, model="claude-sonnet-4-6"):
+    """A small Anthropic /v1/messages body, like chat_body()."""
+    body = {"model": model, "max_tokens": 64,
+            "messages": [{"role": "user", "content": text or "request %d lorem ipsum" % i}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def stream_ended(api, data):
+    """True when an SSE body ends the way the provider's SDK expects: `data: [DONE]` for
+    OpenAI, a `message_stop` event for Anthropic, and no error event on the way."""
+    if b"event: error" in data or b'data: {"error"' in data:
+        return False
+    tail = data.rstrip()
+    if api == "openai":
+        return tail.endswith(b"data: [DONE]")
+    last = tail.rsplit(b"\n\n", 1)[-1]
+    return last.startswith(b"event: message_stop")
+
+
+def ms(seconds):
+    """Seconds as a figure in milliseconds."""
+    return "%.2f ms" % (seconds * 1000)
+
+
+def markdown(title, header, rows):
+    """A titled Markdown table (the format bench/run.py collects into RESULTS.md)."""
+    lines = ["#### %s" % title, "", "| %s |" % " | ".join(header),
+             "|%s|" % "|".join("---" for _ in header)]
+    lines += ["| %s |" % " | ".join(str(cell) for cell in row) for row in rows]
+    return "\n".join(lines)
 
 
 def machine():
