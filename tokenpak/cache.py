@@ -38,6 +38,7 @@ ANONYMOUS = b"\x00tokenpak-anonymous"  # no real credential can equal this
 MAX_IDLE_READERS = 8
 MAX_PENDING_ENTRIES = 512
 MAX_PENDING_BYTES = 64 * 1024 * 1024
+BATCH_SECONDS = 0.05
 MAINTENANCE_SECONDS = 1.0  # how often the writer checks the file is still there and sane
 PURGE_SECONDS = 60.0
 WRITER_BUSY_TIMEOUT = 2.0  # the writer thread may wait this long for another writer's lock
@@ -271,6 +272,10 @@ class CacheStore:
         next_maintenance = 0.0
         while True:
             self._wake.wait(MAINTENANCE_SECONDS)
+            if not self._closed:
+                # Let a burst of puts gather into one transaction: pending entries are
+                # served from memory meanwhile, so waiting costs no hits.
+                time.sleep(BATCH_SECONDS)
             self._wake.clear()
             stopping = self._closed
             try:
