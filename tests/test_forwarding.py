@@ -205,3 +205,20 @@ def test_access_log_has_one_line_per_request_and_no_credentials(proxy, fake, cap
     text = "\n".join(r.getMessage() for r in caplog.records)
     for key in ALL_KEYS:
         assert key not in text
+
+
+def test_error_shape_of_a_keep_alive_request_is_its_own(make_proxy, fake):
+    """A 413 after an Anthropic request on the same connection is in OpenAI's shape when
+    its own path is OpenAI's: nothing carries over between keep-alive requests."""
+    proxy = make_proxy(proxy__max_request_bytes=200)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    conn.request("POST", "/v1/messages", body=b'{"model":"claude-x","messages":[]}',
+                 headers={"x-api-key": "sk-ant-x"})
+    conn.getresponse().read()
+    conn.request("POST", "/v1/chat/completions", body=b"x" * 500,
+                 headers={"Authorization": "Bearer sk-x"})
+    response = conn.getresponse()
+    assert response.status == 413
+    body = json.loads(response.read())
+    assert body["error"]["type"] == "request_too_large"
+    assert "type" not in body  # Anthropic's shape has a top-level "type": "error"

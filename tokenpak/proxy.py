@@ -243,6 +243,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not self.parse_request():
                 return
             self.head_sent = False
+            self.exchange = None  # never the previous keep-alive request's
             self.dispatch()
         except (socket.timeout, TimeoutError):
             self.close_connection = True
@@ -433,10 +434,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             api = "anthropic" if self.path.startswith("/v1/messages") else "openai"
         if close:
             self.close_connection = True
+        body = json.dumps(error_body(api, status, message)).encode("utf-8")
         if ex is not None:
-            ex.status = status
-        self.send_json(status, error_body(api, status, message),
-                       [(exchange.CACHE_HEADER, "bypass")])
+            ex.status, ex.sent = status, len(body)
+        self.write_head(status, None, [("Content-Type", "application/json"),
+                                       (exchange.CACHE_HEADER, "bypass")], str(len(body)), body)
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's errors for malformed HTTP (bad request line, header overflow), as
