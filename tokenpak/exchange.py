@@ -28,11 +28,15 @@ from .cache import Entry, cache_key
 from .coalesce import FlightFailed
 from .hangup import shutdown_upstream
 from .providers import credential
-from .upstream import UpstreamError, iter_body, read_body
+from .upstream import HOP_BY_HOP, UpstreamError, iter_body, read_body
 
 log = logging.getLogger("tokenpak")
 
 CACHE_HEADER = "X-TokenPak-Cache"
+AUTH_HEADER = "x-tokenpak-auth"
+# Request headers tokenpak consumes itself or that describe the client's connection.
+DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", AUTH_HEADER,
+                             "x-tokenpak-provider"}
 MAX_WHOLE_BODY = 1024 * 1024     # non-stream answers up to this size go out in one write
 MAX_CACHED_BODY = 8 * 1024 * 1024  # larger answers are relayed but not cached
 # Request headers that would make the answer differ from what tokenpak must parse.
@@ -46,7 +50,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "client_gone")
+                 "no_store", "no_cache", "client_gone", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -72,17 +76,22 @@ class Exchange:
         self.drop_usage = False
         self.no_store = self.no_cache = False
         self.client_gone = False
+        self._json = False              # not parsed yet
+
+    def json_body(self):
+        """The body as a JSON value, or None; parsed at most once per request."""
+        if self._json is False:
+            self._json = None
+            if self.body and self.body.lstrip()[:1] == b"{":
+                try:
+                    self._json = json.loads(self.body)
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    pass
+        return self._json
 
     def model_name(self):
         """The body's model name, parsed only when a routing rule needs it."""
-        if self.request is not None:
-            return self.request.get("model")
-        if not self.body or self.body.lstrip()[:1] != b"{":
-            return None
-        try:
-            value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return None
+        value = self.json_body()
         return value.get("model") if isinstance(value, dict) else None
 
 
@@ -90,12 +99,9 @@ class Exchange:
 def prepare(app, ex):
     """Parse, strip footers, compress and decide on caching; never fails the request."""
     api = ex.route.api
-    if api is None or ex.method != "POST" or ex.body.lstrip()[:1] != b"{":
+    if api is None or ex.method != "POST":
         return
-    try:
-        request = json.loads(ex.body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return  # the provider will say what is wrong with it, in its own words
+    request = ex.json_body()  # invalid JSON: the provider will say what is wrong with it
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         return
     ex.request = request
@@ -225,8 +231,8 @@ def follow(handler, app, ex, flight):
 
 
 # -- 3. forward and relay -------------------------------------------------------------------
-def forward_headers(ex, drop):
-    headers = {n: v for n, v in ex.headers if n.lower() not in drop}
+def forward_headers(ex):
+    headers = {n: v for n, v in ex.headers if n.lower() not in DROP_REQUEST}
     if ex.request is not None:
         for name in list(headers):
             if name.lower() in NO_PARSE_HEADERS:
@@ -238,7 +244,7 @@ def forward(handler, app, ex, flight):
     """Make the upstream call and relay its answer (to followers too, when leading)."""
     try:
         response = app.upstream.send(ex.method, ex.route.url,
-                                     forward_headers(ex, handler.DROP_REQUEST),
+                                     forward_headers(ex),
                                      ex.forward_body or None)
     except UpstreamError as exc:
         ex.error = exc.message
@@ -437,7 +443,7 @@ def row(ex):
         "tokens_before": before, "tokens_after": after,
         "latency_ms": (time.monotonic() - ex.started) * 1000.0,
         "ttfb_ms": ex.ttfb * 1000.0 if ex.ttfb is not None else None,
-        "key_id": ex.scope.rsplit(":", 1)[-1][:12] if ex.scope else None,
+        "key_id": ex.scope[:12] if ex.scope else None,
         "error": ex.error, "complete": ex.complete,
     }
 

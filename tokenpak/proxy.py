@@ -1,8 +1,9 @@
 """The HTTP server: reads a client's request, sends it to the provider, relays the answer.
 
 This module only wires the others together (design.md's "one request, end to end"):
-providers.py picks the upstream, upstream.py sends, and the request/response transforms
-(compression, cache, footer, accounting) plug in at `App.prepare` and `App.relay`.
+the Handler reads a request and routes it (providers.py), then hands it to `exchange.run`,
+which compresses, consults the cache, forwards (upstream.py), relays and accounts; the
+Handler's small writing API (write_whole, start_stream, write_chunk, ...) is all it uses.
 
 It builds on `http.server`, with three deliberate departures from its defaults:
 HTTP/1.1 keep-alive (`protocol_version`), TCP_NODELAY so a response written as headers then
@@ -43,10 +44,7 @@ from .upstream import HOP_BY_HOP, Upstream
 log = logging.getLogger("tokenpak")
 access_log = logging.getLogger("tokenpak.access")
 
-AUTH_HEADER = "x-tokenpak-auth"
-# Request headers tokenpak consumes itself or that describe the client's connection.
-DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", AUTH_HEADER,
-                             "x-tokenpak-provider"}
+AUTH_HEADER = exchange.AUTH_HEADER
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 METHOD_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
@@ -131,25 +129,23 @@ class App:
         return compress_request(api, body, self.compression)
 
     def scope_for(self, key):
-        """The cache scope of a credential: an HMAC of it (never the key itself). Shared
-        mode puts every key in one scope, but only keys the provider has accepted."""
-        scope = scope_id(key, self.secret)
-        if self.shared_cache:
-            return ("shared:" + scope) if scope in self.verified_scopes else scope
-        return scope
+        """The cache scope of a credential: an HMAC of it, never the key itself."""
+        return scope_id(key, self.secret)
 
     def cache_get(self, scope, key):
+        """The entry for this credential. In shared mode all keys read one scope, but only
+        keys the provider has accepted at least once: a rejected key never gets a hit."""
         if self.cache is None:
             return None
-        if self.shared_cache and scope.startswith("shared:"):
-            return self.cache.get("shared", key)
+        if self.shared_cache:
+            return self.cache.get("shared", key) if scope in self.verified_scopes else None
         return self.cache.get(scope, key)
 
     def cache_put(self, scope, key, entry):
         if self.cache is None:
             return
         if self.shared_cache:
-            self.verified_scopes.add(scope.split(":", 1)[-1])
+            self.verified_scopes.add(scope)  # only 2xx answers are stored
             scope = "shared"
         self.cache.put(scope, key, entry)
 
@@ -162,7 +158,7 @@ class App:
             if ex.route is None:
                 return
             if self.shared_cache and ex.scope and 200 <= ex.status < 300:
-                self.verified_scopes.add(ex.scope.split(":", 1)[-1])
+                self.verified_scopes.add(ex.scope)
             row = exchange.row(ex)
             self.recorder.record(row)
             self.metrics.observe(row)
@@ -364,8 +360,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
     # -- the writing API exchange.py uses ----------------------------------------------
-    DROP_REQUEST = DROP_REQUEST
-
     @staticmethod
     def response_headers(raw_headers):
         """Response headers to relay: all but hop-by-hop and framing ones, names as sent."""
@@ -421,10 +415,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.head_sent = True
         self.wfile.write(head + body if body else head)
 
-    def send_json(self, status, obj, extra=()):
+    def send_json(self, status, obj):
         body = json.dumps(obj).encode("utf-8")
-        headers = [("Content-Type", "application/json")] + list(extra)
-        self.write_head(status, None, headers, str(len(body)), body)
+        self.write_head(status, None, [("Content-Type", "application/json")], str(len(body)),
+                        body)
 
     def fail(self, status, message, close=False):
         """Answer with tokenpak's own error, shaped like the provider's."""
