@@ -1,4 +1,4 @@
-"""Benchmark prompt compression over ../shared/corpus: tokens saved, facts kept, time.
+"""Benchmark prompt compression over tests/corpus (a copy of ../shared/corpus): tokens saved, facts kept, time.
 
     python bench/compression.py [--corpus DIR] [--markdown] [--repeat N]
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenpak import compression, tokens  # noqa: E402
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "tests" / "corpus"
 MODES = ("strict", "hybrid", "aggressive")
 TARGET_KINDS = ("agent-session", "json-tools", "code-review")
 

@@ -1,6 +1,6 @@
 """The corpus contract: every realistic case keeps its needles and verbatim blocks.
 
-../shared/corpus/*.json are request bodies with `needles` (strings that must survive
+tests/corpus/*.json (shipped copies of ../shared/corpus) are request bodies with `needles` (strings that must survive
 compression) and `verbatim` (blocks that must arrive byte-identical).
 """
 
@@ -13,9 +13,9 @@ import pytest
 from tokenpak import compression as C
 from tokenpak import tokens
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-CASES = sorted(CORPUS.glob("*.json")) if CORPUS.is_dir() else []
-pytestmark = pytest.mark.skipif(not CASES, reason="corpus not present beside the repo")
+CORPUS = Path(__file__).resolve().parent / "corpus"
+CASES = sorted(CORPUS.glob("*.json"))
+assert CASES, "tests/corpus is missing"
 
 
 def _load(path):

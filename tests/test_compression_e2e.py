@@ -9,8 +9,7 @@ import pytest
 
 from conftest import ANTHROPIC_KEY, OPENAI_KEY
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="shared/corpus not present")
+CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
 def case(name):
@@ -104,7 +103,6 @@ def test_footer_never_stored_in_cache(make_proxy, fake):
 
 
 # -- compression --------------------------------------------------------------------------------
-@needs_corpus
 @pytest.mark.parametrize("name", ["000-agent-session-0.json", "008-json-tools-8.json",
                                   "011-code-review-11.json"])
 def test_corpus_request_is_compressed_upstream_keeping_every_needle(make_proxy, fake, name):
@@ -129,7 +127,6 @@ def test_corpus_request_is_compressed_upstream_keeping_every_needle(make_proxy, 
     assert stats["compressed_requests"] >= 0  # recorded off the hot path; see accounting tests
 
 
-@needs_corpus
 def test_small_prompt_is_forwarded_byte_for_byte_in_strict(make_proxy, fake):
     data = case("014-small-14.json")
     proxy = make_proxy(compression__level="strict")
@@ -143,7 +140,6 @@ def test_small_prompt_is_forwarded_byte_for_byte_in_strict(make_proxy, fake):
     assert fake.last().body == raw
 
 
-@needs_corpus
 def test_history_prefix_is_forwarded_identically_next_turn(make_proxy, fake):
     """Turn N's forwarded messages reappear byte-identical at the start of turn N+1, so the
     provider's prompt cache keeps hitting."""
@@ -161,7 +157,6 @@ def test_history_prefix_is_forwarded_identically_next_turn(make_proxy, fake):
     assert json.dumps(turn_n1[:len(turn_n)]) == json.dumps(turn_n)
 
 
-@needs_corpus
 def test_compressed_requests_are_accounted(make_proxy, fake):
     data = case("009-json-tools-9.json")
     proxy = make_proxy()
