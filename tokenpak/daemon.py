@@ -205,8 +205,15 @@ def open_log(path: str) -> int:
     """An append-only fd on the log file, mode 0600. O_NOFOLLOW: a symlink planted at the
     path (a log directory another user can write) must not make tokenpak append to
     whatever file it points at."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise TokenpakError("refusing to write the log file %s: it is a symbolic link" % path,
+                            hint="set proxy.log_file to a path in a directory only you can "
+                                 "write") from None
     try:
         os.fchmod(fd, 0o600)  # an older log may have been created with a wider mode
     except OSError:

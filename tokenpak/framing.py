@@ -147,7 +147,7 @@ def check_head(headers, version):
     """Host rules for HTTP/1.1 (RFC 9112 3.2): exactly one Host field."""
     hosts = headers.get_all("Host") or []
     if len(hosts) > 1 or (version >= (1, 1) and not hosts):
-        raise FramingError(400, "an HTTP/1.1 request needs exactly one Host header")
+        raise FramingError(400, "exactly one Host header is required")
 
 
 def body_framing(headers, version):

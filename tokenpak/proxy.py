@@ -56,6 +56,23 @@ RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.
                 "proxy.connect_timeout", "proxy.read_timeout")
 
 
+class RedactingFilter(logging.Filter):
+    """Redacts credentials from records of the libraries tokenpak calls: urllib3 logs the
+    URL of a retried or failed request, query string included, so a Gemini `?key=` would
+    reach stderr (and the journal) through it."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
+    logging.getLogger(_name).addFilter(RedactingFilter())
+
+
 def host_name(host):
     """The name part of a Host header, lower-case, without the port or a trailing dot."""
     host = host.strip().lower()
