@@ -69,8 +69,7 @@ _KEYS = [
         "token clients must send in X-TokenPak-Auth (recommended when not on loopback)",
         env="TOKENPAK_AUTH_TOKEN"),
     Key("proxy.allowed_hosts", "list", [],
-        "extra Host names (comma-separated) the local pages /health, /stats, /metrics answer "
-        "when listening on loopback (DNS-rebinding defence)"),
+        "extra Host names (comma-separated) /health, /stats and /metrics answer on loopback"),
     Key("proxy.shutdown_grace_seconds", "float", 30.0,
         "on SIGTERM, how long in-flight requests and streams may finish"),
     Key("proxy.pid_file", "path", "~/.tokenpak/tokenpak.pid", "pid file of `serve --daemon`"),
@@ -94,8 +93,7 @@ _KEYS = [
         "key: entries belong to the API key that made them; shared: one cache for all keys",
         choices=("key", "shared")),
     Key("cache.anonymous", "bool", False,
-        "also cache requests that carry no API key (e.g. a local model server behind "
-        "proxy.passthrough_url); they all share one scope"),
+        "also cache requests without any API key (they all share one scope)"),
     Key("footer.enabled", "bool", True, "append the one-line [tokenpak] stats footer to answers",
         env="TOKENPAK_FOOTER"),
     Key("db.path", "path", "~/.tokenpak/tokenpak.db", "sqlite3 database: cache and accounting",
