@@ -74,6 +74,15 @@ def error_json(answer):
     return json.loads(answer.split(b"\r\n\r\n", 1)[1])
 
 
+def wait_recorded(proxy, count):
+    """Wait until `count` requests are handled and their rows written: the handler records
+    a request after its answer is sent, so the client can be faster than the row."""
+    with proxy.app.idle:
+        proxy.app.idle.wait_for(lambda: proxy.app.requests_done >= count, timeout=10)
+    assert proxy.app.requests_done >= count
+    assert proxy.app.recorder.flush(5.0)
+
+
 # -- the request target: no SSRF ---------------------------------------------------------------
 @pytest.mark.parametrize("target", [
     "@127.0.0.1:{port}/v1/messages",
@@ -204,10 +213,12 @@ def test_shared_scope_key_is_verified_only_by_its_own_provider(make_proxy, fake)
         good = {"Authorization": "Bearer " + OPENAI_KEY}
         bad = {"Authorization": "Bearer " + BAD_KEY}
         assert raw_request(proxy, "POST", "/v1/chat/completions", CHAT, good)[0].status == 200
+        wait_recorded(proxy, 1)
         # The bad key gets a 2xx from the local server, which accepts anything...
         local_chat = CHAT.replace(b"gpt-4o", b"local-1")
         assert raw_request(proxy, "POST", "/v1/chat/completions", local_chat, bad)[0] \
             .status == 200
+        wait_recorded(proxy, 2)
         # ...which must not make it "verified" for OpenAI's shared entries.
         response, _ = raw_request(proxy, "POST", "/v1/chat/completions", CHAT, bad)
         assert response.status == 401
@@ -414,7 +425,7 @@ def test_stats_table_escapes_client_model_names(make_proxy, fake, capsys, monkey
     body = json.dumps({"model": FORGED, "messages": [{"role": "user", "content": "hi"}]})
     raw_request(proxy, "POST", "/v1/chat/completions", body.encode(),
                 {"Authorization": "Bearer " + OPENAI_KEY})
-    assert proxy.app.recorder.flush(5.0)
+    wait_recorded(proxy, 1)
     monkeypatch.setenv("TOKENPAK_DB", proxy.config.get("db.path"))
     assert cli.main(["stats", "--by", "model"]) == 0
     out = capsys.readouterr().out
@@ -429,6 +440,7 @@ def test_metrics_labels_escape_controls(make_proxy, fake):
     body = json.dumps({"model": FORGED + '"\\', "messages": [{"role": "user", "content": "x"}]})
     raw_request(proxy, "POST", "/v1/chat/completions", body.encode(),
                 {"Authorization": "Bearer " + OPENAI_KEY})
+    wait_recorded(proxy, 1)
     text = proxy.get("/metrics")[2].decode()
     assert "\x1b" not in text and "\r" not in text
     line = [line for line in text.splitlines() if "FORGED" in line and
@@ -489,7 +501,8 @@ def test_gemini_query_key_is_redacted_everywhere(make_proxy, fake, caplog):
     assert response.status == 502
     assert GOOGLE_KEY.encode() not in data
     assert all(GOOGLE_KEY not in r.getMessage() for r in caplog.records)
-    assert proxy.app.recorder.flush(5.0)
+    wait_recorded(proxy, 1)
+    assert os.path.exists(proxy.config.get("db.path"))
     with sqlite3.connect(proxy.config.get("db.path")) as db:
         dump = "\n".join(db.iterdump())
     assert GOOGLE_KEY not in dump
