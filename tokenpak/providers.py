@@ -63,7 +63,9 @@ CREDENTIAL_HEADERS = ("x-api-key", "authorization", "api-key", "x-goog-api-key")
 CREDENTIAL_PARAMS = ("key", "api_key", "api-key")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*[ \t]+")
 _SECRET_PARAM = re.compile(r"(?i)([?&;](?:key|api[_-]?key|access_token|token|sig)=)[^&#\s\"']*")
-_SECRET_TEXT = re.compile(r"\b(?:sk-[A-Za-z0-9_-]{6,}|AIza[0-9A-Za-z_-]{8,})")
+# No word boundary: a key glued to other text (after an escape sequence, "Bearersk-...") is
+# still a key; redacting a little too much of an error message costs nothing.
+_SECRET_TEXT = re.compile(r"(?:sk-[A-Za-z0-9_-]{6,}|AIza[0-9A-Za-z_-]{8,})")
 
 
 def credential(headers, path=""):
