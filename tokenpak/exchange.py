@@ -134,7 +134,7 @@ def prepare(app, ex):
                                      separators=(",", ":")).encode("utf-8")
     if app.cache is not None and not ex.no_store:
         try:
-            ex.key = cache_key(ex.route.provider, ex.path, body) + (
+            ex.key = cache_key(ex.route.provider, ex.path, body, ex.lower) + (
                 ":sse" if ex.streamed else ":json")
             ex.scope = app.scope_for(credential(ex.lower))
             ex.cache = "miss"
