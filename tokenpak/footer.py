@@ -18,10 +18,17 @@ formats the line and handles non-streamed bodies.
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "[tokenpak]"
 SEPARATOR = "\n\n"
-_MARK = SEPARATOR + PREFIX + " "
-_RAW_PREFIX = PREFIX.encode("ascii")
+_WORD = "tokenpak"
+_RAW_WORD = _WORD.encode("ascii")
+# The footer line as clients give it back: optionally quoted ("> "), emphasised ("*", "_")
+# and with markdown-escaped brackets ("\\[tokenpak\\]").
+_FOOTER_LINE = re.compile(r"[ \t]*(?:>[ \t]*)*[*_]*\\?\[tokenpak\\?\][ \t]")
+_FOOTER_WORDS = " tokens ("  # in every footer line format_line has written
+_TEXT_PARTS = ("text", "output_text", "input_text")
 _CACHE_WORDS = ("hit", "miss", "bypass")
 
 
@@ -52,64 +59,103 @@ def _cost(cost_usd) -> str:
 
 
 def strip_text(text: str) -> str:
-    """`text` without a trailing footer (SEPARATOR + one "[tokenpak] ..." line); else itself."""
-    # Any last line after the mark counts, not only today's format: a footer written by an
-    # older tokenpak in a long-running conversation must go too. Exactly one is removed, so
-    # an answer that itself ended in such a line comes back as it was.
-    at = text.rfind(_MARK)
-    if at < 0 or "\n" in text[at + len(_MARK):]:
+    """`text` without a trailing footer line; else `text` itself (the same object).
+
+    The footer is the last non-blank line, after a blank line, starting with "[tokenpak] ".
+    Clients hand it back in altered forms, and each must still be recognised:
+    whitespace after it (aider rebuilds history from its markdown: "...$0.0001\n\n"), CRLF
+    line ends, a markdown re-rendering (escaped brackets "\\[tokenpak\\]", the line in
+    "*"/"_" emphasis, a "> " quote) and a block holding the footer alone (see
+    `_strip_content`). Any line after the mark counts, not only today's format: a footer
+    written by an older tokenpak in a long-running conversation must go too. Exactly one is
+    removed, so an answer that itself ended in such a line comes back as it was.
+    """
+    end = len(text.rstrip())
+    start = text.rfind("\n", 0, end) + 1
+    if not _FOOTER_LINE.match(text, start, end):
         return text
-    return text[:at]
+    above = text.rfind("\n", 0, start - 1) if start else -1
+    if above < 0:
+        # The footer alone (a block of its own): only a line in the footer's own format,
+        # since the model may well have answered "[tokenpak] is a proxy".
+        if text[:start].strip() or _FOOTER_WORDS not in text[start:end]:
+            return text
+        return ""  # the caller drops the part it was in
+    # the line before must be blank; the answer ends at the newline before that
+    blank = text[above + 1:start - 1]
+    if blank.strip():
+        return text
+    if blank.endswith("\r") and text[above - 1:above] == "\r":
+        return text[:above - 1]  # CRLF throughout: the separator was "\r\n\r\n"
+    return text[:above]
+
+
+def _is_text_part(part):
+    return isinstance(part, dict) and part.get("type") in _TEXT_PARTS \
+        and isinstance(part.get("text"), str)
 
 
 def _strip_content(content):
-    """Content (a string, or a list of parts/blocks) with footers stripped; same object if none."""
+    """Content (a string, or a list of parts/blocks) with footers stripped; same object if none.
+
+    A text part that held only the footer is removed, unless it was the only part (an empty
+    list is not a valid turn; an empty text is what the model wrote, nothing)."""
     if isinstance(content, str):
-        return strip_text(content) if PREFIX in content else content
+        return strip_text(content) if _WORD in content else content
     if not isinstance(content, list):
         return content
     new = None
     for i, part in enumerate(content):
-        if not (isinstance(part, dict) and part.get("type") == "text"):
-            continue
-        text = part.get("text")
-        if not isinstance(text, str) or PREFIX not in text:
+        if not _is_text_part(part) or _WORD not in part["text"]:
             continue  # the common case: a substring test, no copy
-        stripped = strip_text(text)
-        if stripped is not text:
+        stripped = strip_text(part["text"])
+        if stripped is not part["text"]:
             if new is None:
                 new = list(content)
             new[i] = dict(part, text=stripped)
-    return content if new is None else new
+    if new is None:
+        return content
+    kept = [p for p, old in zip(new, content)
+            if p is old or p["text"].strip() or not old["text"].strip()]
+    return kept if kept else new
 
 
-def strip_history(api: str, body: dict, raw: bytes = None) -> dict:
-    """`body` with the footer removed from earlier assistant turns; `body` itself if none had one.
-
-    Works on OpenAI chat bodies (string content and text parts) and Anthropic messages bodies
-    (string content and text blocks): both keep turns in body["messages"] with role
-    "assistant". Pass the request's `raw` bytes when at hand: a body that does not contain
-    "[tokenpak]" anywhere is returned at once. The input is never mutated: changed messages,
-    content lists and parts are copies.
-    """
-    if raw is not None and _RAW_PREFIX not in raw:
-        return body
-    messages = body.get("messages") if isinstance(body, dict) else None
-    if not isinstance(messages, list):
-        return body
+def _strip_items(items):
+    """A list of turns/items with the footer stripped from assistant content; same if none."""
     new = None
-    for i, msg in enumerate(messages):
+    for i, msg in enumerate(items):
         if not (isinstance(msg, dict) and msg.get("role") == "assistant"):
             continue
         content = msg.get("content")
         stripped = _strip_content(content)
         if stripped is not content:
             if new is None:
-                new = list(messages)
+                new = list(items)
             new[i] = dict(msg, content=stripped)
-    if new is None:
+    return new
+
+
+def strip_history(api: str, body: dict, raw: bytes = None) -> dict:
+    """`body` with the footer removed from earlier assistant turns; `body` itself if none had one.
+
+    Works on OpenAI chat bodies (string content and text parts), Anthropic messages bodies
+    (string content and text blocks), both keeping turns in body["messages"] with role
+    "assistant", and OpenAI Responses bodies (assistant message items in body["input"],
+    with "output_text" parts). Pass the request's `raw` bytes when at hand: a body that does
+    not contain "tokenpak" anywhere is returned at once. The input is never mutated: changed
+    messages, content lists and parts are copies.
+    """
+    if raw is not None and _RAW_WORD not in raw:
         return body
-    return dict(body, messages=new)
+    if not isinstance(body, dict):
+        return body
+    for field in ("messages", "input"):
+        items = body.get(field)
+        if isinstance(items, list):
+            new = _strip_items(items)
+            if new is not None:
+                body = dict(body, **{field: new})
+    return body
 
 
 def wants_footer(api: str, request_body: dict) -> bool:
