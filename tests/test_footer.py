@@ -30,6 +30,14 @@ def test_format_line_exact():
         "[tokenpak] 0 → 0 tokens (0.0% saved) | cache bypass | $0.0000")
 
 
+def test_format_line_shows_dollars_saved_when_any():
+    assert footer.format_line(4000, 1000, "miss", 0.0123, 0.0009).endswith(
+        "| cache miss | $0.0123 (saved $0.0009)")
+    assert footer.format_line(100, 100, "miss", 0.0123, 0.0) == footer.format_line(
+        100, 100, "miss", 0.0123)
+    assert footer.format_line(100, 100, "hit", 0.0, 0.00001).endswith("$0.0000 (saved <$0.0001)")
+
+
 def test_format_line_money_and_cache_words():
     assert footer.format_line(10, 5, "cache hit", 1234.5).endswith("| cache hit | $1,234.5000")
     assert footer.format_line(10, 5, "MISS", 0.00001).endswith("| <$0.0001")

@@ -4,7 +4,7 @@ The footer tells a user, in the answer itself, what tokenpak did for that reques
 
     <answer text>
 
-    [tokenpak] 12,345 → 8,100 tokens (34.4% saved) | cache miss | $0.0123
+    [tokenpak] 12,345 → 8,100 tokens (34.4% saved) | cache miss | $0.0123 (saved $0.0040)
 
 It is only safe on prose. A tool call, a JSON-mode answer or a forced tool is parsed by the
 client's code, so those never get one (`wants_footer`, and the stop reason checks here and in
@@ -32,12 +32,15 @@ _TEXT_PARTS = ("text", "output_text", "input_text")
 _CACHE_WORDS = ("hit", "miss", "bypass")
 
 
-def format_line(tokens_before: int, tokens_after: int, cache: str, cost_usd) -> str:
+def format_line(tokens_before: int, tokens_after: int, cache: str, cost_usd,
+                saved_usd=None) -> str:
     """The footer line: "[tokenpak] 12,345 → 8,100 tokens (34.4% saved) | cache miss | $0.0123".
 
     tokens_before/after: prompt tokens before and after compression. cache: "hit", "miss"
     or "bypass". cost_usd: the request's cost in dollars, or None when the model's price is
-    unknown. No newline: callers add the blank line before it.
+    unknown. saved_usd: dollars tokenpak saved on it, priced as the accounting row prices
+    them (never overstated); shown as " (saved $0.0040)" only when above zero. No newline:
+    callers add the blank line before it.
     """
     cache = str(cache).lower()
     if cache.startswith("cache "):
@@ -46,8 +49,11 @@ def format_line(tokens_before: int, tokens_after: int, cache: str, cost_usd) -> 
         raise ValueError("cache must be one of %s, not %r" % (", ".join(_CACHE_WORDS), cache))
     before, after = int(tokens_before), int(tokens_after)
     saved = (before - after) * 100.0 / before if before > 0 else 0.0
-    return "%s %s → %s tokens (%.1f%% saved) | cache %s | %s" % (
+    line = "%s %s → %s tokens (%.1f%% saved) | cache %s | %s" % (
         PREFIX, format(before, ","), format(after, ","), saved, cache, _cost(cost_usd))
+    if saved_usd is not None and saved_usd > 0:
+        line += " (saved %s)" % _cost(saved_usd)
+    return line
 
 
 def _cost(cost_usd) -> str:
