@@ -188,6 +188,18 @@ def test_malformed_request_line_is_seen(proxy, access):
     assert metric_count(proxy, 400) == 1
 
 
+def test_a_key_in_a_malformed_request_line_is_not_kept(proxy, access):
+    # four words: the stdlib answers "Bad request syntax ('<the whole line>')"
+    answer = send_raw(proxy, b"GET /v1beta/models?key=AIzaTestGoogleKeySECRET0123456789 "
+                             b"extra HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    row = rows(proxy)[-1]
+    assert row["status"] == 400 and "/v1beta/models?..." in row["error"]
+    assert "SECRET" not in row["error"]
+    assert eventually(lambda: any(" 400 " in m for m in access()))
+    assert not [m for m in access() if "SECRET" in m]
+
+
 def test_502_unreachable_provider_is_seen(make_proxy, access):
     proxy = make_proxy(proxy__providers__openai__url="http://127.0.0.1:%d" % free_port())
     response, _ = request(proxy, "POST", "/v1/chat/completions",

@@ -486,7 +486,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         method = self.command or "-"
         path = self.path if self.command and isinstance(getattr(self, "path", None), str) else "-"
         self.exchange = exchange.Exchange(method, path, [], b"")
-        self.exchange.error = text
+        # The stdlib quotes the raw request line in some messages: never keep its query
+        # string (Gemini's `?key=`) in the log or the DB.
+        self.exchange.error = text = _no_query(text)
         try:
             self.send_json(int(code), error_body("openai", int(code), text))
         except OSError:
@@ -508,7 +510,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass  # replaced by log_exchange
 
     def log_message(self, format, *args):
-        log.debug("%s: %s", self.address_string(), format % args)
+        log.debug("%s: %s", self.address_string(), _no_query(format % args))
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+def _no_query(text):
+    """`text` with every query string cut out ("/v1/x?key=..." -> "/v1/x?...")."""
+    return _QUERY.sub("?...", text) if "?" in text else text
 
 
 def _reason(status):
