@@ -95,6 +95,7 @@ def test_key_depends_on_provider_and_path_not_on_field_order():
 def test_key_ignores_per_call_labels_of_agents():
     base = cache_key("openai", "/v1/responses", BODY)
     for extra in ({"prompt_cache_key": "conv-1234"}, {"safety_identifier": "h"},
+                  {"prompt_cache_retention": "24h"},
                   {"client_metadata": {"x": "y"}}):
         assert cache_key("openai", "/v1/responses", dict(BODY, **extra)) == base
 

@@ -19,7 +19,8 @@ Why it is built this way:
   instead), `stream_options`, and fields that only label a call for the provider's logs or
   routing: `metadata` (Claude Code's per-session `user_id`), `user`, `safety_identifier`,
   `prompt_cache_key` (Codex sends its conversation id there: a hint for the provider's
-  prompt cache routing, not an input) and `client_metadata`. `store` stays in: it decides
+  prompt cache routing, not an input), `prompt_cache_retention` (how long the provider
+  keeps that cache) and `client_metadata`. `store` stays in: it decides
   whether the answer's id can be continued with `previous_response_id`.
 - Entries are stored under a *scope*: an HMAC-SHA-256 of the credential with a per-install
   secret. One API key never sees another's answers, and the DB holds no key, only HMACs.
@@ -51,7 +52,7 @@ from tokenpak.db import DbFile, Health, classify, close_quietly
 log = logging.getLogger("tokenpak.cache")
 
 IGNORED_FIELDS = frozenset({"stream", "stream_options", "metadata", "user", "safety_identifier",
-                            "prompt_cache_key", "client_metadata"})
+                            "prompt_cache_key", "prompt_cache_retention", "client_metadata"})
 KEY_HEADERS = ("anthropic-beta", "anthropic-version", "openai-beta")  # lower-case names
 LIST_HEADERS = frozenset({"anthropic-beta", "openai-beta"})  # comma-separated, order-free
 ANONYMOUS = b"\x00tokenpak-anonymous"  # no real credential can equal this
