@@ -53,6 +53,36 @@ def test_footer_appended_and_stripped_round_trip_openai(make_proxy, fake):
     assert sent[1]["content"] == "Echo: first question"
 
 
+def test_footer_stripped_however_the_client_gives_it_back(make_proxy, fake):
+    """aider-style trailing whitespace, CRLF, markdown rendering, a block of its own: the
+    provider never receives the footer."""
+    proxy = make_proxy(footer__enabled=True)
+    answer = an(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=50,
+                                       messages=[{"role": "user", "content": "first"}])
+    text = answer.content[0].text
+    said, line = text.split("\n\n")
+    assert said == "Echo: first" and line.startswith("[tokenpak] ")
+    variants = [
+        text + "\n\n",
+        text.replace("\n", "\r\n") + "\r\n",
+        said + "\n\n*" + line.replace("[tokenpak]", "\\[tokenpak\\]") + "*\n",
+        said + "\n\n> " + line,
+        [{"type": "text", "text": said}, {"type": "text", "text": line + "\n"}],
+    ]
+    for variant in variants:
+        an(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=[
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": variant},
+            {"role": "user", "content": "second"}])
+        sent = fake.last()
+        assert b"tokenpak" not in sent.body, variant
+        content = sent.json()["messages"][1]["content"]
+        if isinstance(content, str):
+            assert content.replace("\r\n", "\n") == said
+        else:
+            assert content == [{"type": "text", "text": said}]
+
+
 def test_footer_in_streams_both_sdks(make_proxy, fake):
     proxy = make_proxy(footer__enabled=True)
     stream = oa(proxy).chat.completions.create(

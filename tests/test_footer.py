@@ -30,6 +30,14 @@ def test_format_line_exact():
         "[tokenpak] 0 → 0 tokens (0.0% saved) | cache bypass | $0.0000")
 
 
+def test_format_line_shows_dollars_saved_when_any():
+    assert footer.format_line(4000, 1000, "miss", 0.0123, 0.0009).endswith(
+        "| cache miss | $0.0123 (saved $0.0009)")
+    assert footer.format_line(100, 100, "miss", 0.0123, 0.0) == footer.format_line(
+        100, 100, "miss", 0.0123)
+    assert footer.format_line(100, 100, "hit", 0.0, 0.00001).endswith("$0.0000 (saved <$0.0001)")
+
+
 def test_format_line_money_and_cache_words():
     assert footer.format_line(10, 5, "cache hit", 1234.5).endswith("| cache hit | $1,234.5000")
     assert footer.format_line(10, 5, "MISS", 0.00001).endswith("| <$0.0001")
@@ -60,6 +68,52 @@ def test_strip_text_leaves_other_text_alone():
     assert footer.strip_text(quoted) == quoted  # not the last line
     twice = ANSWER + "\n\n" + LINE + "\n\n" + LINE
     assert footer.strip_text(twice) == ANSWER + "\n\n" + LINE  # exactly one footer removed
+
+
+@pytest.mark.parametrize("returned", [
+    ANSWER + "\n\n" + LINE + "\n\n",                       # aider: whitespace after it
+    ANSWER + "\n\n" + LINE + " \n",
+    (ANSWER + "\n\n" + LINE).replace("\n", "\r\n"),           # CRLF
+    (ANSWER + "\n\n" + LINE + "\n").replace("\n", "\r\n"),
+    ANSWER + "\n\n" + LINE.replace("[tokenpak]", "\\[tokenpak\\]"),  # markdown-escaped
+    ANSWER + "\n\n*" + LINE + "*\n",                        # emphasised
+    ANSWER + "\n\n_" + LINE + "_",
+    ANSWER + "\n\n> " + LINE,                                # quoted
+    ANSWER + "\n \n" + LINE,                                 # a blank line with a space
+])
+def test_strip_text_survives_client_rendering(returned):
+    assert footer.strip_text(returned).replace("\r\n", "\n") == ANSWER
+
+
+def test_strip_text_keeps_answers_that_only_mention_it():
+    for text in ("[tokenpak] is a proxy", "Use it:\n[tokenpak] lines\nend",
+                 "a\n\n[tokenpak]", "the [tokenpak] footer", "a\n\nsee [tokenpak] x"):
+        assert footer.strip_text(text) is text
+
+
+def test_footer_alone_in_its_block_is_removed():
+    body = {"messages": [
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello."},
+                                          {"type": "text", "text": LINE + "\n"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\n\n" + LINE}]},
+        {"role": "user", "content": "next"}]}
+    out = footer.strip_history("anthropic", body)
+    assert out["messages"][0]["content"] == [{"type": "text", "text": "Hello."}]
+    # the only block: kept (an empty content list is not a valid turn), emptied
+    assert out["messages"][1]["content"] == [{"type": "text", "text": ""}]
+
+
+def test_strip_history_responses_input():
+    body = {"model": "gpt-5", "input": [
+        {"role": "user", "content": "hi"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": ANSWER + "\n\n" + LINE + "\n"}]},
+        {"type": "function_call_output", "call_id": "c", "output": "x"},
+        {"role": "assistant", "content": ANSWER + "\n\n" + LINE}]}
+    out = footer.strip_history("openai", body, json.dumps(body).encode())
+    assert out["input"][1]["content"] == [{"type": "output_text", "text": ANSWER}]
+    assert out["input"][3]["content"] == ANSWER
+    assert out["input"][2] is body["input"][2]
 
 
 def _openai_body():

@@ -25,6 +25,7 @@ import logging
 import time
 
 from . import footer, sse
+from .accounting import price_row
 from .cache import Entry, cache_key
 from .coalesce import FlightFailed
 from .hangup import shutdown_upstream
@@ -51,7 +52,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "client_gone", "_json")
+                 "no_store", "no_cache", "client_gone", "local", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -77,6 +78,7 @@ class Exchange:
         self.drop_usage = False
         self.no_store = self.no_cache = False
         self.client_gone = False
+        self.local = False              # a local endpoint's answer: logged, not recorded
         self._json = False              # not parsed yet
 
     def json_body(self):
@@ -135,7 +137,7 @@ def prepare(app, ex):
                                      separators=(",", ":")).encode("utf-8")
     if app.cache is not None and not ex.no_store:
         try:
-            ex.key = cache_key(ex.route.provider, ex.path, body) + (
+            ex.key = cache_key(ex.route.provider, ex.path, body, ex.lower) + (
                 ":sse" if ex.streamed else ":json")
             ex.scope = app.scope_for(credential(ex.lower))
             ex.cache = "miss"
@@ -418,14 +420,14 @@ def token_counts(ex, usage):
 
 
 def footer_line(app, ex, usage):
+    """The footer for this answer: the same cost and savings its accounting row gets."""
     before, after = token_counts(ex, usage)
-    cost = None
-    if usage is not None and ex.cache not in ("hit", "coalesced"):
-        cost = app.cost(ex.model, _usage_dict(usage))
-    elif ex.cache in ("hit", "coalesced"):
-        cost = 0.0
+    cost, saved = price_row({
+        "model": ex.model, "cache": ex.cache, "method": ex.method, "path": ex.path,
+        "status": ex.status, "usage": _usage_dict(usage) if usage is not None else None,
+        "tokens_before": before, "tokens_after": after}, app.prices)
     return footer.format_line(before, after, "hit" if ex.cache in ("hit", "coalesced")
-                              else ex.cache, cost)
+                              else ex.cache, cost, saved)
 
 
 def footer_headers(app, ex):
@@ -448,7 +450,8 @@ def row(ex):
         before, after = token_counts(ex, usage)
     return {
         "ts": time.time(), "provider": ex.route.provider if ex.route else None,
-        "model": ex.model, "path": ex.path.split("?", 1)[0], "status": ex.status,
+        "model": ex.model, "method": ex.method, "path": ex.path.split("?", 1)[0],
+        "status": ex.status,
         "streamed": ex.streamed, "cache": ex.cache,
         "usage": _usage_dict(usage) if usage is not None else None,
         "tokens_before": before, "tokens_after": after,
