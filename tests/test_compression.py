@@ -153,15 +153,21 @@ def test_backref_keeps_first_copy_and_needs_hybrid():
     assert C.compress_request("openai", small, HYBRID0).changed is False
 
 
-def test_cache_control_freezes_everything_up_to_the_last_marker():
+def test_a_marked_block_compresses_exactly_as_unmarked_and_keeps_its_marker():
+    """Claude Code moves its marker to the newest block every turn: the mark changes nothing."""
     body = anthropic_body()
-    body["messages"][2]["content"][0]["cache_control"] = {"type": "ephemeral"}
-    out = C.compress_request("anthropic", body, HYBRID0).body
-    assert out["messages"][2] is body["messages"][2]
-    assert out["messages"][0] is body["messages"][0]
-    # After the marker: compressed; the repeat names the frozen (raw) first copy.
-    after = out["messages"][4]["content"][0]["content"][0]["text"]
-    assert after.startswith("[tokenpak: identical to the bash result for tool_use_id toolu_1")
+    plain = C.compress_request("anthropic", body, HYBRID0).body
+    marked = copy.deepcopy(body)
+    marked["messages"][2]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    marked["messages"][4]["content"][0]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    out = C.compress_request("anthropic", marked, HYBRID0).body
+    first, second = out["messages"][2]["content"][0], out["messages"][4]["content"][0]
+    assert first["cache_control"] == {"type": "ephemeral"}
+    assert second["content"][0]["cache_control"] == {"type": "ephemeral"}
+    assert "[×60]" in first["content"]
+    assert first["content"] == plain["messages"][2]["content"][0]["content"]
+    assert second["content"][0]["text"] == plain["messages"][4]["content"][0]["content"][0]["text"]
+    assert second["content"][0]["text"].startswith("[tokenpak: identical to the bash result")
 
 
 def test_thinking_turns_and_unknown_blocks_are_left_alone():

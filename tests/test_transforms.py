@@ -131,7 +131,7 @@ def test_split_fences_and_code_detection():
     chunks = T.split_fences(text)
     assert "".join(c for _, c in chunks) == text
     assert [code for code, _ in chunks] == [False, True, False]
-    listing = "\n".join("%6d\t    return f(x)" % i for i in range(1, 20))
+    listing = "\n".join("%6d\t    return f(x%d)" % (i, i) for i in range(1, 20))
     assert T.looks_like_code(listing)
     assert T.looks_like_code("def f(x):\n    if x:\n        return 1\n    return 2\n")
     prose = "The proxy forwards requests.\nIt keeps every fact.\nNothing is lost here.\n"

@@ -412,14 +412,27 @@ def json_with_refs(text: str, refs: Dict[tuple, str], table: bool) -> str:
     value = rebuild(json.loads(text), ())
     return dumps_compact(table_encode(value) if table else value)
 
-# ------------------------------------------------------------------ code detection
+# ------------------------------------------------------------------ segments
 
+# A fence line opens or closes fenced code (CommonMark: up to 3 spaces of indentation).
 _FENCE_OPEN = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})[^\n]*$", re.M)
+# A numbered listing line: `cat -n` and Claude Code's Read ("     1\t<line>", or
+# "     1→<line>"); "12-3011\t" is a collapsed run (see collapse_listing).
+_LISTING_RE = re.compile(r"( *)(\d+)(?:-(\d+))?([\t\u2192])(.*)\Z", re.S)
 _CODE_START = re.compile(
-    r"\s*(?:\d+\t|\d+[:|] |def |class |import |from \S+ import|return\b|if |elif |else\b|for |"
+    r"\s*(?:\d+[:|] |def |class |import |from \S+ import|return\b|if |elif |else\b|for |"
     r"while |try:|except\b|@\w|#include|#define|function\b|const |let |var |public |private |"
     r"static |func |fn |package |[}\])]|//|/\*|\* )")
 _CODE_END = ("{", "}", ";", ":", ",", "(", ")", "[", "]", "=", "\\", "=>", "->")
+# Lines that are output, never code, whatever they end with: log lines (a timestamp, a
+# level, a [tag] or a ditto mark first) and `path:line:` search output.
+_OUTPUT_LINE = re.compile(
+    r"\s*(?:%s|\d\d:\d\d:\d\d|(?:TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|FATAL|CRITICAL)\b"
+    r"|\[[\w .:/-]+\] |%s|[\w./-]+:\d+[:-])" % (_TIMESTAMP, DITTO))
+_MARK_RE = re.compile(r" \[×\d+\]$")
+_JSON_DECODER = json.JSONDecoder()
+
+CODE, LISTING, JSON, TEXT = "code", "listing", "json", "text"
 
 
 def split_fences(text: str) -> List[Tuple[bool, str]]:
@@ -445,18 +458,222 @@ def split_fences(text: str) -> List[Tuple[bool, str]]:
     return out
 
 
-def looks_like_code(text: str) -> bool:
-    """Heuristic: is this block source code (or a numbered listing of it)?
+def _visible(line):
+    """A line as a terminal shows it: no escapes, no trailing blanks, no redrawn states."""
+    if "\x1b" in line:
+        line = strip_ansi(line)
+    if "\r" in line:  # as collapse_redraws: the last non-blank state
+        states = [part for part in line.split("\r") if part.strip()]
+        line = states[-1] if states else ""
+    return line.rstrip()
 
-    Terminal output (it has ANSI escapes) never is; otherwise half of the first 300
-    non-blank lines must start or end like code.
+
+def _codey(line):
+    if _OUTPUT_LINE.match(line) or line == DITTO_LEGEND:
+        return False
+    line = _MARK_RE.sub("", line)
+    return line.endswith(_CODE_END) or _CODE_START.match(line) is not None
+
+
+def looks_like_code(text: str, share: float = 0.5) -> bool:
+    """Heuristic: is this text source code (or a numbered listing of it)?
+
+    Terminal output (it has ANSI escapes) never is. Otherwise `share` of the distinct
+    non-blank lines among the first 300 must start or end like code; log lines and
+    `path:line:` search output never count, and a run of repeats of one or two lines is
+    output, not code (a log line "... (attempt 3/5)" ends like a call but repeats).
     """
-    if "\x1b" in text or "\n" not in text:
+    if "\x1b" in text:
         return False
-    lines = [line.rstrip() for line in text.split("\n", 300)[:300] if line.strip()]
-    if len(lines) < 3:
+    lines = []
+    for line in text.split("\n", 300)[:300]:
+        listed = _LISTING_RE.match(line)
+        line = (listed.group(5) if listed else line).rstrip()
+        if line.strip():
+            lines.append(line)
+    distinct = set(lines)
+    if len(lines) >= 3 and len(distinct) < 3:
         return False
-    # Indentation alone is no signal (man pages and logs indent too); how lines start
-    # and end is: keywords, braces, ":" / ";" / "," line ends, numbered listings.
-    codey = sum(1 for line in lines if line.endswith(_CODE_END) or _CODE_START.match(line))
-    return codey * 2 >= len(lines)
+    codey = sum(1 for line in distinct if _codey(line))
+    # Two code-like lines at least: "Look at this:" alone is prose ending in a colon.
+    return codey >= 2 and codey >= share * len(distinct)
+
+
+def _json_end(text, start):
+    """End offset of a JSON object/array starting at `start` and ending a line, else -1."""
+    try:
+        value, end = _JSON_DECODER.raw_decode(text, start)
+    except ValueError:
+        return -1
+    if not isinstance(value, (dict, list)):
+        return -1
+    newline = text.find("\n", end)
+    rest = text[end:] if newline < 0 else text[end:newline]
+    return end if not rest.strip(" \t\r") else -1
+
+
+def _paragraph_kinds(lines):
+    """CODE or TEXT per line of a plain run: each blank-separated paragraph judged alone.
+
+    Blank lines (blank as a terminal shows them) go with the paragraph before them.
+    """
+    kinds, start, n = [None] * len(lines), 0, len(lines)
+    blank = [not _visible(line).strip() for line in lines]
+    while start < n:
+        end = start
+        while end < n and not blank[end]:
+            end += 1
+        kind = CODE if end > start and looks_like_code("\n".join(lines[start:end])) else TEXT
+        while end < n and blank[end]:
+            end += 1
+        if start == 0 or end > start:
+            for i in range(start, end):
+                kinds[i] = kind
+        start = end
+    return kinds
+
+
+def split_segments(text: str) -> List[Tuple[str, str]]:
+    """Split text into (kind, chunk) segments of whole lines; "\n".join(chunks) == text.
+
+    Kinds: CODE (fenced code, code paragraphs, numbered listings of code), LISTING (a
+    numbered listing of anything else: a log read with Claude Code's Read or `cat -n`),
+    JSON (a JSON object/array starting a line at column 0 and ending a line), TEXT
+    (prose, logs, search and test output). Each is judged on its own lines, so a message
+    pasting JSON, then a log, then code gets the right treatment for each part.
+    """
+    lines = text.split("\n")
+    offsets, pos = [], 0
+    for line in lines:
+        offsets.append(pos)
+        pos += len(line) + 1
+    kinds = [None] * len(lines)
+    i, n, plain = 0, len(lines), []
+    while i < n:
+        line = lines[i]
+        end = i
+        fence = _FENCE_OPEN.match(line) if ("```" in line or "~~~" in line) else None
+        if fence is not None:
+            closing = re.compile(r"[ \t]{0,3}%s{%d,}[ \t]*\Z" % (re.escape(fence.group(1)[0]),
+                                                                len(fence.group(1))))
+            end = next((j for j in range(i + 1, n) if closing.match(lines[j])), n - 1) + 1
+            kind = CODE
+        elif line[:1] in ("{", "[") and _json_end(text, offsets[i]) >= 0:
+            stop = _json_end(text, offsets[i])
+            end = i + text.count("\n", offsets[i], stop) + 1
+            kind = JSON
+        elif _LISTING_RE.match(line):
+            end = i + 1
+            while end < n and _LISTING_RE.match(lines[end]):
+                end += 1
+            if end - i < 2:
+                end = i
+            else:
+                if plain and plain[-1] == i - 1 and lines[i - 1] == DITTO_LEGEND:
+                    i -= 1  # the legend of this listing's ditto marks belongs to it
+                    plain.pop()
+                # A file read with line numbers: a quarter of code-like lines is code (a
+                # module with long docstrings); a log listing has next to none.
+                kind = CODE if looks_like_code("\n".join(lines[i:end]), 0.25) else LISTING
+        if end == i:
+            plain.append(i)
+            i += 1
+            continue
+        _judge_plain(lines, plain, kinds)
+        plain = []
+        for j in range(i, end):
+            kinds[j] = (kind, i if kind == JSON else 0)  # two JSON values never merge
+        i = end
+    _judge_plain(lines, plain, kinds)
+    out = []
+    for line, kind in zip(lines, kinds):
+        if out and out[-1][0] == kind:
+            out[-1][1].append(line)
+        else:
+            out.append((kind, [line]))
+    return [(kind[0], "\n".join(chunk)) for kind, chunk in out]
+
+
+def _judge_plain(lines, indexes, kinds):
+    """Fill in `kinds` for a run of consecutive plain (non-fence/JSON/listing) lines."""
+    if indexes:
+        for i, kind in zip(indexes, _paragraph_kinds([lines[i] for i in indexes])):
+            kinds[i] = (kind, 0)
+
+
+# ------------------------------------------------------------------ numbered listings
+
+def _listing_rows(text):
+    """(legend line or None, [(indent, first, last, separator, content)]) of a LISTING chunk."""
+    lines = text.split("\n")
+    legend = lines.pop(0) if lines and lines[0] == DITTO_LEGEND else None
+    rows = []
+    for line in lines:
+        indent, first, last, sep, content = _LISTING_RE.match(line).groups()
+        rows.append((indent, first, last or first, sep, content))
+    return legend, rows
+
+
+def _listing_text(legend, rows):
+    lines = [] if legend is None else [legend]
+    for indent, first, last, sep, content in rows:
+        lines.append("%s%s%s%s%s" % (indent, first, "" if last == first else "-" + last, sep,
+                                     content))
+    return "\n".join(lines)
+
+
+def map_listing(text: str, function) -> str:
+    """Apply a str -> str `function` to the content of every line of a numbered listing."""
+    legend, rows = _listing_rows(text)
+    out = _listing_text(legend, [row[:4] + (function(row[4]),) for row in rows])
+    return text if out == text else out
+
+
+def final_state(line: str) -> str:
+    """One line's final state after "\r" redraws, without trailing blanks."""
+    return normalize_whitespace(collapse_redraws(line + "\n"))[:-1] if "\r" in line \
+        else normalize_whitespace(line)
+
+
+def collapse_listing(text: str) -> str:
+    """Runs of identical lines in a numbered listing -> one line with the run's line range.
+
+    "12\tx" ... "3011\tx" becomes "12-3011\tx [×3000]": every line number the model
+    could cite is still there, with its text. Only consecutive line numbers merge, and
+    only when the copies dropped outweigh the range and the marker. Idempotent.
+    """
+    legend, rows = _listing_rows(text)
+    groups = []
+    for row in rows:
+        if groups:
+            last = groups[-1][-1]
+            base = _parse_repeat(last[4])[0]
+            if (base.strip() and _parse_repeat(row[4])[0] == base and row[3] == last[3]
+                    and int(row[1]) == int(last[2]) + 1):
+                groups[-1].append(row)
+                continue
+        groups.append([row])
+    out = []
+    for group in groups:
+        head, tail = group[0], group[-1]
+        merged = (head[0], head[1], tail[2], head[3], _parse_repeat(head[4])[0]
+                  + REPEAT_MARK.format(int(tail[2]) - int(head[1]) + 1))
+        if len(group) > 1 and (len(_listing_text(None, group))
+                               - len(_listing_text(None, [merged]))) >= 24:
+            out.append(merged)
+        else:
+            out.extend(group)
+    result = _listing_text(legend, out)
+    return text if result == text else result
+
+
+def ditto_listing(text: str) -> str:
+    """`ditto_timestamps` over the contents of a numbered listing; the legend goes first."""
+    legend, rows = _listing_rows(text)
+    if legend is not None:
+        return text
+    contents = ditto_timestamps("\n".join(row[4] for row in rows))
+    if not contents.startswith(DITTO_LEGEND + "\n"):
+        return text
+    contents = contents.split("\n")[1:]
+    return _listing_text(DITTO_LEGEND, [row[:4] + (c,) for row, c in zip(rows, contents)])
