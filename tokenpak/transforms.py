@@ -152,7 +152,7 @@ def ditto_timestamps(text: str) -> str:
     if "\n" not in text or DITTO in text or not _TIMESTAMP_ANY.search(text):
         return text
     lines = text.split("\n")
-    current, hits = None, 0  # current: the timestamp the reader last saw written out
+    current, hits, first = None, 0, None  # current: the timestamp the reader last saw
     for i, line in enumerate(lines):
         match = _TIMESTAMP_RE.match(line)
         if match is None:
@@ -162,9 +162,11 @@ def ditto_timestamps(text: str) -> str:
             hits += 1
         else:
             current = match.group(1)
+            first = i if first is None else first
     if hits < 4:  # the legend costs ~22 tokens
         return text
-    return DITTO_LEGEND + "\n" + "\n".join(lines)
+    lines.insert(first, DITTO_LEGEND)  # right above the log it explains
+    return "\n".join(lines)
 
 # ------------------------------------------------------------------ long output
 
@@ -672,8 +674,8 @@ def ditto_listing(text: str) -> str:
     legend, rows = _listing_rows(text)
     if legend is not None:
         return text
-    contents = ditto_timestamps("\n".join(row[4] for row in rows))
-    if not contents.startswith(DITTO_LEGEND + "\n"):
+    contents = ditto_timestamps("\n".join(row[4] for row in rows)).split("\n")
+    if len(contents) == len(rows):
         return text
-    contents = contents.split("\n")[1:]
+    contents.remove(DITTO_LEGEND)  # numbered lines stay numbered: the legend goes first
     return _listing_text(DITTO_LEGEND, [row[:4] + (c,) for row, c in zip(rows, contents)])
