@@ -64,14 +64,20 @@ class Settings:
 
 # ------------------------------------------------------------------ per-block pipeline
 
+def _rstrip(line):
+    """normalize_whitespace for one line: trailing spaces and tabs."""
+    return line.rstrip(" \t") if line.endswith((" ", "\t")) else line
+
+
 def _on_listing(function):
     return lambda text: map_listing(text, function)
 
 
 # (name, {segment kind: str -> str}) in pipeline order; a kind not named is left as it is.
 _CLEAN_STEPS = (
-    ("ansi", {TEXT: strip_ansi, LISTING: _on_listing(strip_ansi)}),
-    ("whitespace", {TEXT: normalize_whitespace, LISTING: _on_listing(normalize_whitespace)}),
+    # No escape sequence holds a newline, so a listing loses its escapes in one pass.
+    ("ansi", {TEXT: strip_ansi, LISTING: strip_ansi}),
+    ("whitespace", {TEXT: normalize_whitespace, LISTING: _on_listing(_rstrip)}),
     ("redraws", {TEXT: collapse_redraws, LISTING: _on_listing(final_state)}),
 )
 _REPEAT_STEPS = (("repeats", {TEXT: collapse_repeats, LISTING: collapse_listing}),)

@@ -431,6 +431,7 @@ _CODE_END = ("{", "}", ";", ":", ",", "(", ")", "[", "]", "=", "\\", "=>", "->")
 _OUTPUT_LINE = re.compile(
     r"\s*(?:%s|\d\d:\d\d:\d\d|(?:TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|FATAL|CRITICAL)\b"
     r"|\[[\w .:/-]+\] |%s|[\w./-]+:\d+[:-])" % (_TIMESTAMP, DITTO))
+_LISTING_FIRST = frozenset(" 0123456789")
 _MARK_RE = re.compile(r" \[×\d+\]$")
 _JSON_DECODER = json.JSONDecoder()
 
@@ -473,7 +474,8 @@ def _visible(line):
 def _codey(line):
     if _OUTPUT_LINE.match(line) or line == DITTO_LEGEND:
         return False
-    line = _MARK_RE.sub("", line)
+    if line.endswith("]"):
+        line = _MARK_RE.sub("", line)
     return line.endswith(_CODE_END) or _CODE_START.match(line) is not None
 
 
@@ -501,8 +503,16 @@ def looks_like_code(text: str, share: float = 0.5) -> bool:
     return codey >= 2 and codey >= share * len(distinct)
 
 
+# How a JSON object or array can begin: a cheap filter before the decoder, whose errors
+# cost a scan of the text up to where they happened ("[worker-0]", "[2025-06-24 ...").
+_JSON_OPENING = re.compile(r'\{\s*["}]|\[\s*(?:["{\[\]]|true\b|false\b|null\b'
+                           r'|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\s*[,\]])')
+
+
 def _json_end(text, start):
     """End offset of a JSON object/array starting at `start` and ending a line, else -1."""
+    if not _JSON_OPENING.match(text, start):
+        return -1
     try:
         value, end = _JSON_DECODER.raw_decode(text, start)
     except ValueError:
@@ -520,7 +530,10 @@ def _paragraph_kinds(lines):
     Blank lines (blank as a terminal shows them) go with the paragraph before them.
     """
     kinds, start, n = [None] * len(lines), 0, len(lines)
-    blank = [not _visible(line).strip() for line in lines]
+    visible, joined = lines, "\n".join(lines)
+    if "\x1b" in joined:  # one pass, not one per line; no escape sequence holds a newline
+        visible = strip_ansi(joined).split("\n")
+    blank = [not (_visible(line) if "\r" in line else line).strip() for line in visible]
     while start < n:
         end = start
         while end < n and not blank[end]:
@@ -561,10 +574,10 @@ def split_segments(text: str) -> List[Tuple[str, str]]:
             end = next((j for j in range(i + 1, n) if closing.match(lines[j])), n - 1) + 1
             kind = CODE
         elif line[:1] in ("{", "[") and _json_end(text, offsets[i]) >= 0:
-            stop = _json_end(text, offsets[i])
+            stop = _json_end(text, offsets[i])  # not memoised: JSON lines are few
             end = i + text.count("\n", offsets[i], stop) + 1
             kind = JSON
-        elif _LISTING_RE.match(line):
+        elif line[:1] in _LISTING_FIRST and _LISTING_RE.match(line):
             end = i + 1
             while end < n and _LISTING_RE.match(lines[end]):
                 end += 1
