@@ -1,25 +1,39 @@
-"""Prompt compression: which blocks of a request may change, and how, without losing a fact.
+"""Prompt compression: which texts of a request may change, and how, without losing a fact.
 
 Why it looks like this. A rewrite that saves 30% of a prompt but changes a prefix the
 provider has cached costs more than it saves (a peer raised Claude Code bills 2-7x that
-way). So every transform is a pure function of one text block (transforms.py holds them,
-with what each one saves), each message's output depends only on itself, the messages
-before it and the settings, and results are memoised per block by content hash: turn N's
-history is forwarded byte-identical in turn N+1, and a resent 100k-token history costs a
-hash per block, not a re-compression.
+way). The invariant that protects the provider's prompt cache: a block's compressed form
+is a pure, deterministic function of the block, the blocks before it and the settings.
+So every byte a client sent in turn N reaches the provider identically in turn N+1, and
+results are memoised per block by content hash: a resent 100k-token history costs one
+hash per block, not a re-compression. `cache_control` markers play no part in it: Claude
+Code moves its marker to the newest block every turn, and a marked block is compressed
+exactly as it would be unmarked (the marker itself is kept where it is). A rule "leave
+marked blocks raw" would mean never compressing Claude Code, and each block would change
+once its marker moved on.
 
-What is never altered: roles, order, ids, tool_use inputs and tool_calls, tool
-definitions, the system prompt and system/developer messages, images, documents, thinking
-blocks (and the assistant turn holding them), blocks with extra fields (citations...),
-unknown shapes, and every block at or before the last `cache_control` marker in the
-messages. That last rule is stronger than "never alter the marked block": clients such as
-Claude Code move the marker forward every turn, so a block left raw while marked and
-compressed once unmarked would change the cached prefix on every turn.
+Where compression starts. Strict and hybrid leave prompts below threshold_tokens alone,
+so the turn that first crosses it rewrites the history once (the provider then re-reads
+that prefix once); a session started before tokenpak is rewritten on its first turn
+through it. After that, prefixes are stable.
 
-This module walks the request, chains the transforms per block (transform_block), adds
-back-references across messages (a repeated block, or a repeated JSON array element, names
-its first copy, which stays), and reports exact savings per transform (dry_run).
-Fenced code blocks and code-like blocks keep their exact text when preserve_code.
+What is never altered: roles, order, ids, the `cache_control` field, tool_use inputs and
+tool_calls, tool definitions, the system prompt and system/developer messages, images,
+documents, thinking/redacted_thinking blocks (and the assistant turn holding them),
+blocks with extra fields (citations...), unknown shapes. OpenAI Responses bodies
+(api "responses", what Codex sends): only `input` items are walked, and of those only
+function/custom tool call outputs and user message text; never `instructions`, `tools`,
+reasoning items, items carrying `encrypted_content`, assistant output items, or a
+string `input`.
+
+Inside a block, text is judged per segment (transforms.split_segments): fenced or
+unfenced code keeps its exact text under preserve_code; JSON is minified and tabulated;
+logs, numbered listings of logs (Claude Code's Read output), search and test output
+lose escapes, redraws, repeats (a numbered listing keeps every line range) and repeated
+timestamps. This module walks the request, chains the transforms per segment
+(transform_block), adds back-references across messages (a repeated block, or a repeated
+JSON array element, names its first copy, which stays), and reports exact savings per
+transform (dry_run).
 """
 
 from __future__ import annotations

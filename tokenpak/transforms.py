@@ -7,6 +7,13 @@ compression.py, which decides which blocks may be touched and chains these in a 
 order. Keeping them pure is what makes a block's output depend on its text alone, so a
 resent history compresses byte-identically and the provider's prompt cache survives.
 
+split_segments cuts a block into whole-line segments judged on their own: code (fenced,
+unfenced paragraphs, numbered listings of code), JSON, numbered listings of anything else
+(a log read with Claude Code's Read: "     1\t<line>" or "     1→<line>") and other
+text. One message pasting a JSON dump, a log and a code block is three kinds of content,
+not one judged by its first lines. Listings are rewritten line by line with their numbers
+kept (map_listing, collapse_listing: "12-3011\t<line> [×3000]", ditto_listing).
+
 Transforms, in pipeline order, with what each saved on ../shared/corpus (exact o200k_base
 counts, share of all 290,209 prompt tokens of the 18 cases, hybrid unless noted):
     ansi        strip ANSI escape sequences                        7.5%  strict+
@@ -14,7 +21,8 @@ counts, share of all 290,209 prompt tokens of the 18 cases, hybrid unless noted)
     redraws     "\\r" progress redraws -> their final state        0.0%  strict+ (no "\\r" in the
                                                                          corpus; a pip/curl log is
                                                                          mostly redraws)
-    repeats     runs of identical lines -> line + " [×N]"          9.9%  strict+
+    repeats     runs of identical lines -> line + " [×N]"          9.9%  strict+ (in a numbered
+                                                                         listing, with the range)
     json        minify JSON text, byte-exact tokens                5.0%  strict+ (19.5% median per
                                                                          JSON block; preserve_json)
     table       uniform object arrays -> {"columns","rows"}        2.3%  hybrid+ (reversible)
@@ -431,7 +439,6 @@ _CODE_END = ("{", "}", ";", ":", ",", "(", ")", "[", "]", "=", "\\", "=>", "->")
 _OUTPUT_LINE = re.compile(
     r"\s*(?:%s|\d\d:\d\d:\d\d|(?:TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|FATAL|CRITICAL)\b"
     r"|\[[\w .:/-]+\] |%s|[\w./-]+:\d+[:-])" % (_TIMESTAMP, DITTO))
-_LISTING_FIRST = frozenset(" 0123456789")
 _MARK_RE = re.compile(r" \[×\d+\]$")
 _JSON_DECODER = json.JSONDecoder()
 
@@ -524,28 +531,11 @@ def _json_end(text, start):
     return end if not rest.strip(" \t\r") else -1
 
 
-def _paragraph_kinds(lines):
-    """CODE or TEXT per line of a plain run: each blank-separated paragraph judged alone.
-
-    Blank lines (blank as a terminal shows them) go with the paragraph before them.
-    """
-    kinds, start, n = [None] * len(lines), 0, len(lines)
-    visible, joined = lines, "\n".join(lines)
-    if "\x1b" in joined:  # one pass, not one per line; no escape sequence holds a newline
-        visible = strip_ansi(joined).split("\n")
-    blank = [not (_visible(line) if "\r" in line else line).strip() for line in visible]
-    while start < n:
-        end = start
-        while end < n and not blank[end]:
-            end += 1
-        kind = CODE if end > start and looks_like_code("\n".join(lines[start:end])) else TEXT
-        while end < n and blank[end]:
-            end += 1
-        if start == 0 or end > start:
-            for i in range(start, end):
-                kinds[i] = kind
-        start = end
-    return kinds
+# Lines that may start a fence, a JSON value or a listing: found at C speed, so a long
+# log costs one regex scan plus its paragraph judgement, not a Python step per line.
+_SPECIAL_LINE = re.compile(r"^(?:[ \t]{0,3}(?:```|~~~)|%s| *\d+(?:-\d+)?[\t\u2192])"
+                           % _JSON_OPENING.pattern, re.M)
+_LISTING_RUN = re.compile(r"(?: *\d+(?:-\d+)?[\t\u2192][^\n]*(?:\n|\Z))+")
 
 
 def split_segments(text: str) -> List[Tuple[str, str]]:
@@ -558,62 +548,81 @@ def split_segments(text: str) -> List[Tuple[str, str]]:
     pasting JSON, then a log, then code gets the right treatment for each part.
     """
     lines = text.split("\n")
-    offsets, pos = [], 0
-    for line in lines:
-        offsets.append(pos)
-        pos += len(line) + 1
-    kinds = [None] * len(lines)
-    i, n, plain = 0, len(lines), []
-    while i < n:
-        line = lines[i]
-        end = i
-        fence = _FENCE_OPEN.match(line) if ("```" in line or "~~~" in line) else None
-        if fence is not None:
-            closing = re.compile(r"[ \t]{0,3}%s{%d,}[ \t]*\Z" % (re.escape(fence.group(1)[0]),
-                                                                len(fence.group(1))))
-            end = next((j for j in range(i + 1, n) if closing.match(lines[j])), n - 1) + 1
-            kind = CODE
-        elif line[:1] in ("{", "[") and _json_end(text, offsets[i]) >= 0:
-            stop = _json_end(text, offsets[i])  # not memoised: JSON lines are few
-            end = i + text.count("\n", offsets[i], stop) + 1
-            kind = JSON
-        elif line[:1] in _LISTING_FIRST and _LISTING_RE.match(line):
-            end = i + 1
-            while end < n and _LISTING_RE.match(lines[end]):
-                end += 1
-            if end - i < 2:
-                end = i
-            else:
-                if plain and plain[-1] == i - 1 and lines[i - 1] == DITTO_LEGEND:
-                    i -= 1  # the legend of this listing's ditto marks belongs to it
-                    plain.pop()
-                # A file read with line numbers: a quarter of code-like lines is code (a
-                # module with long docstrings); a log listing has next to none.
-                kind = CODE if looks_like_code("\n".join(lines[i:end]), 0.25) else LISTING
-        if end == i:
-            plain.append(i)
-            i += 1
+    ranges = []          # (kind, first line, end line) in order
+    plain = taken = 0    # start of the current plain run; lines before `taken` are judged
+    line_no = pos = 0
+    for match in _SPECIAL_LINE.finditer(text):
+        line_no += text.count("\n", pos, match.start())
+        pos = match.start()
+        if line_no < taken:
+            continue  # inside a fence, JSON value or listing already found
+        kind, start, end = _special_segment(text, lines, line_no, pos, plain)
+        if kind is None:
             continue
-        _judge_plain(lines, plain, kinds)
-        plain = []
-        for j in range(i, end):
-            kinds[j] = (kind, i if kind == JSON else 0)  # two JSON values never merge
-        i = end
-    _judge_plain(lines, plain, kinds)
+        ranges.extend(_plain_ranges(lines, plain, start))
+        ranges.append((kind, start, end))
+        plain = taken = end
+    ranges.extend(_plain_ranges(lines, plain, len(lines)))
     out = []
-    for line, kind in zip(lines, kinds):
-        if out and out[-1][0] == kind:
-            out[-1][1].append(line)
-        else:
-            out.append((kind, [line]))
-    return [(kind[0], "\n".join(chunk)) for kind, chunk in out]
+    for kind, start, end in ranges:
+        if out and out[-1][0] == kind and kind != JSON:  # two JSON values never merge
+            out[-1][2] = end
+        elif end > start:
+            out.append([kind, start, end])
+    return [(kind, "\n".join(lines[start:end])) for kind, start, end in out]
 
 
-def _judge_plain(lines, indexes, kinds):
-    """Fill in `kinds` for a run of consecutive plain (non-fence/JSON/listing) lines."""
-    if indexes:
-        for i, kind in zip(indexes, _paragraph_kinds([lines[i] for i in indexes])):
-            kinds[i] = (kind, 0)
+def _special_segment(text, lines, i, offset, plain):
+    """(kind, first line, end line) of a fence, JSON value or listing at line i, or Nones."""
+    line, n = lines[i], len(lines)
+    fence = _FENCE_OPEN.match(line)
+    if fence is not None:
+        closing = re.compile(r"[ \t]{0,3}%s{%d,}[ \t]*\Z" % (re.escape(fence.group(1)[0]),
+                                                            len(fence.group(1))))
+        end = next((j for j in range(i + 1, n) if closing.match(lines[j])), n - 1) + 1
+        return CODE, i, end
+    if line[:1] in ("{", "["):
+        stop = _json_end(text, offset)
+        if stop >= 0:
+            return JSON, i, i + text.count("\n", offset, stop) + 1
+        return None, i, i
+    run = _LISTING_RUN.match(text, offset)
+    if run is None:
+        return None, i, i
+    # Lines in the run: its newlines, plus one if the text ends inside it.
+    end = i + text.count("\n", offset, run.end()) + (not run.group().endswith("\n"))
+    if end - i < 2:
+        return None, i, i
+    if i > plain and lines[i - 1] == DITTO_LEGEND:
+        i -= 1  # the legend of this listing's ditto marks belongs to it
+    # A file read with line numbers: a quarter of code-like lines is code (a module with
+    # long docstrings); a log listing has next to none.
+    return (CODE if looks_like_code("\n".join(lines[i:end]), 0.25) else LISTING), i, end
+
+
+def _plain_ranges(lines, start, end):
+    """(kind, first, end) runs of a plain region: each blank-separated paragraph judged alone.
+
+    Blank lines (blank as a terminal shows them) go with the paragraph before them.
+    """
+    if end <= start:
+        return []
+    region = lines[start:end]
+    visible, joined = region, "\n".join(region)
+    if "\x1b" in joined:  # one pass, not one per line; no escape sequence holds a newline
+        visible = strip_ansi(joined).split("\n")
+    blank = [not (_visible(line) if "\r" in line else line).strip() for line in visible]
+    out, i, n = [], 0, len(region)
+    while i < n:
+        j = i
+        while j < n and not blank[j]:
+            j += 1
+        kind = CODE if j > i and looks_like_code("\n".join(region[i:j])) else TEXT
+        while j < n and blank[j]:
+            j += 1
+        out.append((kind, start + i, start + j))
+        i = j
+    return out
 
 
 # ------------------------------------------------------------------ numbered listings
