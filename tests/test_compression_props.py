@@ -145,8 +145,11 @@ def test_output_keeps_provider_shape(api_body, cfg):
         if isinstance(old.get("content"), list):
             for a, b in zip(new["content"], old["content"]):
                 if not isinstance(b, dict) or b.get("type") not in ("text", "tool_result") \
-                        or set(b) - {"type", "text", "tool_use_id", "content", "is_error"}:
-                    assert a == b  # media, tool_use, thinking, cache_control, unknown
+                        or set(b) - {"type", "text", "tool_use_id", "content", "is_error",
+                                     "cache_control"}:
+                    assert a == b  # media, tool_use, thinking, unknown
+                else:
+                    assert a.get("cache_control") == b.get("cache_control")  # kept, in place
 
 
 @PROPS

@@ -222,8 +222,14 @@ def _plain_text(block):
             and isinstance(block.get("text"), str) and _TEXT_KEYS.issuperset(block))
 
 
+def _one_line(text):
+    """`text` as one clean line, so a reference quoting it is left alone by every transform
+    when it is compressed again (idempotence): no escapes, newlines or trailing blanks."""
+    return " ".join(strip_ansi(str(text)).split())
+
+
 def _text_label(role, text):
-    start = " ".join(text[:200].split())
+    start = _one_line(text[:200])
     snippet = start[:60] + ("..." if len(start) > 60 else "")
     return 'the %s message that begins "%s"' % (role, snippet.replace('"', "'"))
 
@@ -231,11 +237,12 @@ def _text_label(role, text):
 def _tool_labels(call, call_id, id_field):
     """(label with the tool input, short label) naming one tool result."""
     name, args = call if call else ("tool", None)
-    short = "the %s result for %s %s" % (name or "tool", id_field, call_id)
+    short = _one_line("the %s result for %s %s" % (name or "tool", id_field, call_id))
     if args is None:
         return short, short
     args = args if isinstance(args, str) else dumps_compact(args)
-    return short + " (input %s)" % (args[:100] + ("..." if len(args) > 100 else "")), short
+    snippet = _one_line(args[:100]) + ("..." if len(args) > 100 else "")
+    return short + " (input %s)" % snippet, short
 
 
 def _tool_calls(api, message):
