@@ -192,6 +192,17 @@ def test_listing_content_transforms_keep_the_numbers():
     assert T.split_segments(dittoed) == [(T.LISTING, dittoed)]  # the legend stays with it
 
 
+def test_group_search_output_writes_each_path_once():
+    text = "\n".join(["lib/a.py:12:def f(x):", "lib/a.py:13-    return x", "lib/a.py:40:def g():",
+                      "lib/b.py:7:import re", "12:30:00 not a search line"])
+    out = T.group_search_output(text)
+    assert out == "\n".join(["lib/a.py", "12:def f(x):", "13-    return x", "40:def g():",
+                             "lib/b.py:7:import re", "12:30:00 not a search line"])
+    assert T.group_search_output(out) == out
+    two = "lib/a.py:1:x\nlib/a.py:2:y"
+    assert T.group_search_output(two) == two  # a header would save nothing
+
+
 # ------------------------------------------------------------------ properties
 
 json_values = st.recursive(

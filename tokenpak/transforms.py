@@ -23,6 +23,8 @@ counts, share of all 290,209 prompt tokens of the 18 cases, hybrid unless noted)
                                                                          mostly redraws)
     repeats     runs of identical lines -> line + " [×N]"          9.9%  strict+ (in a numbered
                                                                          listing, with the range)
+    paths       `path:line:text` runs naming one file -> the       strict+ (ripgrep --heading)
+                path once, then `line:text`
     json        minify JSON text, byte-exact tokens                5.0%  strict+ (19.5% median per
                                                                          JSON block; preserve_json)
     table       uniform object arrays -> {"columns","rows"}        2.3%  hybrid+ (reversible)
@@ -135,6 +137,43 @@ def collapse_repeats(text: str) -> str:
             out.append(base + REPEAT_MARK.format(total))
         else:
             out.extend(lines[i:j])
+        i = j
+    result = "\n".join(out)
+    return text if result == text else result
+
+
+# ------------------------------------------------------------------ search output
+
+# grep -n / ripgrep output: "path:line:text" (or "path:line-text" for context lines). A
+# path has a "/" or "." so "12:30:00 ..." and "174:def f():" are not taken for one.
+_SEARCH_LINE = re.compile(r"([^\s:]*[./][^\s:]*):(\d+)([:-])(.*)\Z", re.S)
+MIN_SEARCH_GROUP = 3
+
+
+def group_search_output(text: str) -> str:
+    """Runs of `path:line:text` lines naming one file -> the path once, then `line:text`.
+
+    ripgrep's --heading layout: every line number and text is kept, the path is written
+    once per run of >= 3 lines instead of on every line. Idempotent (grouped lines no
+    longer start with a path).
+    """
+    if "\n" not in text or ":" not in text:
+        return text
+    lines = text.split("\n")
+    out, i, n = [], 0, len(lines)
+    while i < n:
+        match = _SEARCH_LINE.match(lines[i])
+        j = i + 1
+        while match and j < n:
+            other = _SEARCH_LINE.match(lines[j])
+            if other is None or other.group(1) != match.group(1):
+                break
+            j += 1
+        if match is None or j - i < MIN_SEARCH_GROUP:
+            out.extend(lines[i:j])
+        else:
+            out.append(match.group(1))
+            out.extend(lines[k][len(match.group(1)) + 1:] for k in range(i, j))
         i = j
     result = "\n".join(out)
     return text if result == text else result
