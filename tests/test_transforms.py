@@ -126,11 +126,13 @@ def test_ditto_timestamps_round_trip():
         "2026-05-09 07:29:12 a\n2026-05-09 07:29:12 b"  # too few to pay for the legend
 
 
-def test_split_fences_and_code_detection():
+def test_fences_and_code_detection():
     text = "intro  \n```python\nx = 1   \n```\noutro  "
-    chunks = T.split_fences(text)
-    assert "".join(c for _, c in chunks) == text
-    assert [code for code, _ in chunks] == [False, True, False]
+    chunks = T.split_segments(text)
+    assert "\n".join(c for _, c in chunks) == text
+    assert [kind for kind, _ in chunks] == [T.TEXT, T.CODE, T.TEXT]
+    unclosed = "intro\n~~~\nx = 1   "
+    assert T.split_segments(unclosed) == [(T.TEXT, "intro"), (T.CODE, "~~~\nx = 1   ")]
     listing = "\n".join("%6d\t    return f(x%d)" % (i, i) for i in range(1, 20))
     assert T.looks_like_code(listing)
     assert T.looks_like_code("def f(x):\n    if x:\n        return 1\n    return 2\n")

@@ -486,29 +486,6 @@ _JSON_DECODER = json.JSONDecoder()
 CODE, LISTING, JSON, TEXT = "code", "listing", "json", "text"
 
 
-def split_fences(text: str) -> List[Tuple[bool, str]]:
-    """Split text into (is_fenced_code, chunk) pieces that concatenate back to `text`."""
-    if "```" not in text and "~~~" not in text:
-        return [(False, text)]
-    out, pos = [], 0
-    while True:
-        match = _FENCE_OPEN.search(text, pos)
-        if match is None:
-            break
-        fence = match.group(1)
-        closing = re.compile(r"^[ \t]{0,3}%s{%d,}[ \t]*$" % (re.escape(fence[0]), len(fence)),
-                             re.M)
-        close = closing.search(text, match.end())
-        end = len(text) if close is None else close.end()
-        if match.start() > pos:
-            out.append((False, text[pos:match.start()]))
-        out.append((True, text[match.start():end]))
-        pos = end
-    if pos < len(text):
-        out.append((False, text[pos:]))
-    return out
-
-
 def _visible(line):
     """A line as a terminal shows it: no escapes, no trailing blanks, no redrawn states."""
     if "\x1b" in line:
