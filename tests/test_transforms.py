@@ -181,6 +181,9 @@ def test_collapse_listing_keeps_every_line_number():
     assert T.collapse_listing(gap) == gap  # lines 5 and 7: not a run
     short = "1\tok\n2\tok"
     assert T.collapse_listing(short) == short  # the range would cost more than it saves
+    arrows = "\n".join("%6d\u2192%s" % (i, "GET /health 200 0.4ms") for i in range(1, 9))
+    assert T.split_segments(arrows) == [(T.LISTING, arrows)]  # Claude Code's Read layout
+    assert T.collapse_listing(arrows) == "     1-8\u2192GET /health 200 0.4ms [×8]"
 
 
 def test_listing_content_transforms_keep_the_numbers():
