@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import tokens
-from .transforms import (CODE, JSON, LISTING, TEXT, _LISTING_RE, collapse_listing,
+from .transforms import (CODE, JSON, LISTING, TEXT, collapse_listing,
                          collapse_redraws, collapse_repeats, ditto_listing, ditto_timestamps,
                          dumps_compact, elide_middle, final_state, group_search_output,
                          json_elements, json_minified,
@@ -107,15 +107,10 @@ def _settings_key(settings):
 
 
 def _segments(text, settings):
-    """split_segments, with code treated as text unless preserve_code (JSON likewise)."""
-    out = []
-    for kind, chunk in split_segments(text):
-        if kind == CODE and not settings.preserve_code:
-            kind = LISTING if _LISTING_RE.match(chunk.split("\n", 1)[0]) else TEXT
-        elif kind == JSON and settings.preserve_json:
-            kind = CODE
-        out.append((kind, chunk))
-    return out
+    """split_segments; without preserve_code there is no code, with preserve_json JSON is
+    left as it is (like code)."""
+    return [(CODE if kind == JSON and settings.preserve_json else kind, chunk)
+            for kind, chunk in split_segments(text, settings.preserve_code)]
 
 
 def transform_block(text: str, settings: Settings, is_tool: bool = False,

@@ -556,14 +556,15 @@ _SPECIAL_LINE = re.compile(r"^(?:[ \t]{0,3}(?:```|~~~)|%s| *\d+(?:-\d+)?[\t\u219
 _LISTING_RUN = re.compile(r"(?: *\d+(?:-\d+)?[\t\u2192][^\n]*(?:\n|\Z))+")
 
 
-def split_segments(text: str) -> List[Tuple[str, str]]:
+def split_segments(text: str, code: bool = True) -> List[Tuple[str, str]]:
     """Split text into (kind, chunk) segments of whole lines; "\n".join(chunks) == text.
 
     Kinds: CODE (fenced code, code paragraphs, numbered listings of code), LISTING (a
     numbered listing of anything else: a log read with Claude Code's Read or `cat -n`),
     JSON (a JSON object/array starting a line at column 0 and ending a line), TEXT
     (prose, logs, search and test output). Each is judged on its own lines, so a message
-    pasting JSON, then a log, then code gets the right treatment for each part.
+    pasting JSON, then a log, then code gets the right treatment for each part. With
+    `code` false (preserve_code off) nothing is CODE: fences are text, listings LISTING.
     """
     lines = text.split("\n")
     ranges = []          # (kind, first line, end line) in order
@@ -574,13 +575,13 @@ def split_segments(text: str) -> List[Tuple[str, str]]:
         pos = match.start()
         if line_no < taken:
             continue  # inside a fence, JSON value or listing already found
-        kind, start, end = _special_segment(text, lines, line_no, pos, plain)
+        kind, start, end = _special_segment(text, lines, line_no, pos, plain, code)
         if kind is None:
             continue
-        ranges.extend(_plain_ranges(lines, plain, start))
+        ranges.extend(_plain_ranges(lines, plain, start, code))
         ranges.append((kind, start, end))
         plain = taken = end
-    ranges.extend(_plain_ranges(lines, plain, len(lines)))
+    ranges.extend(_plain_ranges(lines, plain, len(lines), code))
     out = []
     for kind, start, end in ranges:
         if out and out[-1][0] == kind and kind != JSON:  # two JSON values never merge
@@ -590,10 +591,10 @@ def split_segments(text: str) -> List[Tuple[str, str]]:
     return [(kind, "\n".join(lines[start:end])) for kind, start, end in out]
 
 
-def _special_segment(text, lines, i, offset, plain):
+def _special_segment(text, lines, i, offset, plain, code):
     """(kind, first line, end line) of a fence, JSON value or listing at line i, or Nones."""
     line, n = lines[i], len(lines)
-    fence = _FENCE_OPEN.match(line)
+    fence = _FENCE_OPEN.match(line) if code else None
     if fence is not None:
         closing = re.compile(r"[ \t]{0,3}%s{%d,}[ \t]*\Z" % (re.escape(fence.group(1)[0]),
                                                             len(fence.group(1))))
@@ -615,16 +616,20 @@ def _special_segment(text, lines, i, offset, plain):
         i -= 1  # the legend of this listing's ditto marks belongs to it
     # A file read with line numbers: a quarter of code-like lines is code (a module with
     # long docstrings); a log listing has next to none.
+    if not code:
+        return LISTING, i, end
     return (CODE if looks_like_code("\n".join(lines[i:end]), 0.25) else LISTING), i, end
 
 
-def _plain_ranges(lines, start, end):
+def _plain_ranges(lines, start, end, code=True):
     """(kind, first, end) runs of a plain region: each blank-separated paragraph judged alone.
 
     Blank lines (blank as a terminal shows them) go with the paragraph before them.
     """
     if end <= start:
         return []
+    if not code:
+        return [(TEXT, start, end)]
     region = lines[start:end]
     visible, joined = region, "\n".join(region)
     if "\x1b" in joined:  # one pass, not one per line; no escape sequence holds a newline
