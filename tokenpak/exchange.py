@@ -4,10 +4,11 @@ This is design.md's "one request" walk. `proxy.Handler` owns the sockets and cal
 once a request is read and routed; everything here talks to the client through the
 handler's small writing API (write_head, write_chunk, end_chunks).
 
-1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, Anthropic messages),
-   strip old footers from the history and compress (footer.py, compression.py). An OpenAI
-   stream that did not ask for usage is asked for it, and the extra chunk is dropped again
-   on the way back (sse.StreamRewriter), so accounting never records a stream as free.
+1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, OpenAI Responses,
+   Anthropic messages), strip old footers from the history and compress (footer.py,
+   compression.py). An OpenAI chat stream that did not ask for usage is asked for it, and
+   the extra chunk is dropped again on the way back (sse.StreamRewriter), so accounting
+   never records a stream as free; a Responses stream always ends with its usage.
 2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
    requests in flight share one upstream call (coalesce.py).
 3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
@@ -102,7 +103,7 @@ def prepare(app, ex):
     if api is None or ex.method != "POST":
         return
     request = ex.json_body()  # invalid JSON: the provider will say what is wrong with it
-    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+    if not known_shape(api, request):
         return
     ex.request = request
     ex.model = request.get("model") if isinstance(request.get("model"), str) else None
@@ -141,6 +142,16 @@ def prepare(app, ex):
         except Exception:
             log.exception("cache key failed; not caching this request")
             ex.key = None
+
+
+def known_shape(api, request):
+    """Whether a parsed body has the shape of its API: `messages` a list (chat, Anthropic),
+    or `input` a string or a list of items (Responses)."""
+    if not isinstance(request, dict):
+        return False
+    if api == "responses":
+        return isinstance(request.get("input"), (str, list))
+    return isinstance(request.get("messages"), list)
 
 
 # -- 2. cache and coalescing --------------------------------------------------------------

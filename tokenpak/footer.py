@@ -14,6 +14,11 @@ in them it would cost tokens on every turn and change the prefix the provider ha
 
 Streams get their footer from sse.StreamRewriter (as one more text delta); this module
 formats the line and handles non-streamed bodies.
+
+The OpenAI Responses API (what Codex speaks) is handled alike: its answers carry a footer
+in the last output_text of the last output item when that item is a message (never after a
+function call), and its requests keep earlier answers as assistant message items in `input`
+whose `output_text` parts are stripped here.
 """
 
 from __future__ import annotations
@@ -94,6 +99,8 @@ def strip_history(api: str, body: dict, raw: bytes = None) -> dict:
     """
     if raw is not None and _RAW_PREFIX not in raw:
         return body
+    if api == "responses":
+        return _strip_input(body)
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list):
         return body
@@ -112,16 +119,62 @@ def strip_history(api: str, body: dict, raw: bytes = None) -> dict:
     return dict(body, messages=new)
 
 
+def _strip_input(body: dict) -> dict:
+    """A Responses body with the footer stripped from assistant items in `input`."""
+    items = body.get("input") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        return body  # a string input is the user's own text
+    new = None
+    for i, item in enumerate(items):
+        if not (isinstance(item, dict) and item.get("role") == "assistant"
+                and item.get("type", "message") == "message"):
+            continue
+        content = item.get("content")
+        stripped = _strip_output_text(content) if isinstance(content, list) else \
+            _strip_content(content)
+        if stripped is not content:
+            if new is None:
+                new = list(items)
+            new[i] = dict(item, content=stripped)
+    return body if new is None else dict(body, input=new)
+
+
+def _strip_output_text(content: list) -> list:
+    """Responses message content with footers stripped from `output_text` parts; the same
+    list when none had one."""
+    new = None
+    for i, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "output_text"):
+            continue
+        text = part.get("text")
+        if isinstance(text, str) and PREFIX in text:
+            stripped = strip_text(text)
+            if stripped is not text:
+                if new is None:
+                    new = list(content)
+                new[i] = dict(part, text=stripped)
+    return content if new is None else new
+
+
 def wants_footer(api: str, request_body: dict) -> bool:
     """Whether the answer to this request may carry a footer (prose, not machine-read output).
 
     False for OpenAI JSON mode (response_format json_object/json_schema), a forced tool
-    (tool_choice "required" or a named function) and n > 1; for Anthropic when tool_choice
-    forces a tool ("any"/"tool") or output_config.format / output_format asks for JSON.
+    (tool_choice "required" or a named function) and n > 1; for Responses when text.format
+    asks for JSON or tool_choice forces a tool; for Anthropic when tool_choice forces a tool
+    ("any"/"tool") or output_config.format / output_format asks for JSON.
     """
     if not isinstance(request_body, dict):
         return False
     choice = request_body.get("tool_choice")
+    if api == "responses":
+        text = request_body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+            return False
+        # A named tool ({"type": "function", ...}) or allowed_tools in "required" mode.
+        return not (choice == "required" or (isinstance(choice, dict)
+                                             and choice.get("mode") != "auto"))
     if api == "openai":
         # A forced function answers with finish_reason "stop", so catch it here too.
         fmt = request_body.get("response_format")
@@ -143,12 +196,24 @@ def append_to_response(api: str, response_obj: dict, line: str) -> bool:
     """Append SEPARATOR + line to the final text of a non-streamed response, in place.
 
     OpenAI: choices[0].message.content when it is a string and the answer is not a tool
-    call. Anthropic: the last content block when it is text and stop_reason is not tool_use
-    (or pause_turn, where the client sends the turn back to continue it). Returns whether
-    it appended. Cache the upstream body before calling this: the footer is never cached.
+    call. Responses: the last output_text part of the last output item, when that item is
+    an assistant message (not a function call). Anthropic: the last content block when it
+    is text and stop_reason is not tool_use (or pause_turn, where the client sends the turn
+    back to continue it). Returns whether it appended. Cache the upstream body before
+    calling this: the footer is never cached.
     """
     if not isinstance(response_obj, dict):
         return False
+    if api == "responses":
+        output = response_obj.get("output")
+        last = output[-1] if isinstance(output, list) and output else None
+        content = last.get("content") if isinstance(last, dict) else None
+        part = content[-1] if isinstance(content, list) and content else None
+        if not (isinstance(part, dict) and last.get("type") == "message"
+                and part.get("type") == "output_text" and isinstance(part.get("text"), str)):
+            return False
+        part["text"] += SEPARATOR + line
+        return True
     if api == "openai":
         choices = response_obj.get("choices")
         first = choices[0] if isinstance(choices, list) and choices else None
