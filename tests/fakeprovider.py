@@ -26,12 +26,13 @@ A key containing "bad" gets 401, as the real providers answer an invalid key.
 
 Scripted answers, for the real coding-agent CLIs (tests/test_agents_cli.py): a CLI drives a
 conversation of several requests (a tool call, then the answer once it ran the tool), so
-`FakeProvider.script` holds (trigger, reply) rules. The first rule whose trigger occurs in the
-request's last turn (the JSON text of its last message or input item that is not a system or
-developer message: Claude Code appends one after the user's) answers, otherwise the echo does. A reply is
-{"text": "..."} or {"tool": name, "input": {...}, "id": call id}. A rule depends on the
-request alone, never on what came before, so the same conversation gets the same answers
-directly and through tokenpak. Each request's answered usage is kept on its `Recorded`.
+`FakeProvider.script` holds (trigger, reply) rules. The first rule whose trigger occurs in
+the request's last turn (the JSON text of its last message or input item that is not a
+system or developer message: Claude Code appends one after the user's) answers, otherwise
+the echo does. A reply is {"text": "..."} or {"tool": name, "input": {...}, "id": call id},
+sent as a tool_use, a tool_calls entry or a function_call. A rule depends on the request
+alone, never on what came before, so the same conversation gets the same answers directly
+and through tokenpak. Each request's answered usage is kept on its `Recorded`.
 """
 
 import base64
@@ -330,10 +331,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         n = len(fake.requests)
         items = body.get("input")
-        tool_turn = scenario == "tool" and not (
+        reply = fake.scripted(items)
+        tool_turn = "tool" in reply or scenario == "tool" and not (
             isinstance(items, list) and items and isinstance(items[-1], dict)
             and items[-1].get("type") == "function_call_output")
-        text = ANSWER_PREFIX + _last_input_text(items)
+        text = reply.get("text") or ANSWER_PREFIX + _last_input_text(items)
         words = text.split(" ")
         prompt = responses_usage_for(body)
         usage = {"input_tokens": prompt,
@@ -341,10 +343,13 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                  "output_tokens": len(words) + fake.reasoning_tokens,  # reasoning included
                  "output_tokens_details": {"reasoning_tokens": fake.reasoning_tokens},
                  "total_tokens": prompt + len(words) + fake.reasoning_tokens}
+        self.record.usage = usage
         if tool_turn:
             item = {"id": "fc_fake%d" % n, "type": "function_call", "status": "completed",
-                    "arguments": "{\"city\":\"Paris\"}", "call_id": "call_fake%d" % n,
-                    "name": "get_weather"}
+                    "arguments": json.dumps(reply.get("input", {})) if "tool" in reply
+                    else "{\"city\":\"Paris\"}",
+                    "call_id": reply.get("id", "call_fake%d" % n),
+                    "name": reply.get("tool", "get_weather")}
         else:
             item = {"id": "msg_fake%d" % n, "type": "message", "status": "completed",
                     "content": [{"type": "output_text", "annotations": [], "logprobs": [],
