@@ -22,6 +22,8 @@ Scenarios are picked per request by the `x-fake` header (the SDKs send it with
   gate     stream the first event, then wait for `FakeProvider.gate` before the rest (proves
            the client got the first event while the upstream was still going)
   truncate (Responses) end the stream cleanly but without response.completed
+  linger   (Anthropic) send message_stop, then hold the stream open (as `hold`) before
+           ending it, so a client can hang up after the final event but before the end
 A key containing "bad" gets 401, as the real providers answer an invalid key.
 
 Scripted answers, for the real coding-agent CLIs (tests/test_agents_cli.py): a CLI drives a
@@ -470,6 +472,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                          "delta": {"stop_reason": stop, "stop_sequence": None},
                          "usage": {"output_tokens": len(words)}}))
         self.chunk(event("message_stop", {"type": "message_stop"}))
+        if scenario == "linger":
+            self.hold()
         self.end_stream()
 
 
