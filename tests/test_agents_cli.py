@@ -35,7 +35,7 @@ import time
 
 import pytest
 
-from conftest import ANTHROPIC_KEY, REPO, RunningProxy, proxy_settings
+from conftest import ANTHROPIC_KEY, OPENAI_KEY, REPO, RunningProxy, proxy_settings
 from tokenpak import config as configmod
 from tokenpak import pricing
 
@@ -189,15 +189,16 @@ def assert_prefix_stable(requests, items="messages", fixed=("system", "tools")):
             assert new_items[i] == item, "%s[%d] changed between turns" % (items, i)
 
 
-def assert_accounted(rows, requests, usage_columns, path):
-    """One row per provider call, equal to the usage the fake answered with."""
+def assert_accounted(rows, requests, expected_columns, path):
+    """One row per provider call, with the usage the fake answered with (as
+    `expected_columns(usage)` maps it to the row's columns), the model and the streamed flag
+    of the request, and the cost of that usage."""
     rows = [r for r in rows if r["path"].split("?")[0] == path]
     assert len(rows) == len(requests)
     for row, request in zip(rows, requests):
         body = request.json()
-        expected = {column: request.usage.get(field, 0)
-                    for column, field in usage_columns.items()}
-        assert {column: row[column] for column in expected} == expected
+        expected = expected_columns(request.usage)
+        assert {column: row[column] for column in expected} == expected, json.dumps(row)
         assert row["model"] == body["model"]
         assert row["streamed"] == (1 if body.get("stream") else 0)
         assert row["status"] == 200 and row["complete"] == 1 and row["cache"] == "miss"
@@ -297,7 +298,118 @@ def test_claude_code_turn_is_forwarded_as_prefix_of_next(claude):
 
 def test_claude_code_accounting_equals_provider_usage(claude):
     direct, via = claude
-    columns = {"input_tokens": "input_tokens", "output_tokens": "output_tokens",
-               "cache_read_tokens": "cache_read_input_tokens",
-               "cache_write_tokens": "cache_creation_input_tokens"}
+
+    def columns(usage):
+        return {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"],
+                "cache_read_tokens": usage["cache_read_input_tokens"],
+                "cache_write_tokens": usage["cache_creation_input_tokens"]}
     assert_accounted(via.rows, via.requests, columns, "/v1/messages")
+
+
+# -- Codex -----------------------------------------------------------------------------------
+CODEX_ANSWERS = ("big.log: two upstream timeouts and one pool exhaustion.",
+                 "Raise the pool size first.")
+CODEX_SCRIPT = [
+    ('"call_id": "call_cat"', {"text": CODEX_ANSWERS[0]}),
+    ("summarise big.log", {"tool": "exec_command", "id": "call_cat",
+                           "input": {"cmd": "cat big.log"}}),
+    ("what should I fix first", {"text": CODEX_ANSWERS[1]}),
+]
+# The README's "Codex" section gives users the same provider table. The retries are off only
+# here, so a broken stream fails the test at once instead of after five reconnects.
+CODEX_CONFIG = """\
+model = "gpt-5.5"
+model_provider = "tokenpak"
+check_for_update_on_startup = false
+# The only command run is the scripted `cat big.log` in a temporary folder, and Codex's
+# bubblewrap sandbox needs user namespaces a CI container may not grant. In config.toml,
+# not as --sandbox, so `exec resume` keeps it (its tools depend on it).
+sandbox_mode = "danger-full-access"
+
+[analytics]
+enabled = false
+
+[feedback]
+enabled = false
+
+[otel]
+exporter = "none"
+
+[model_providers.tokenpak]
+name = "tokenpak"
+base_url = "%s/v1"
+wire_api = "responses"
+env_key = "OPENAI_API_KEY"
+stream_max_retries = 0
+request_max_retries = 0
+"""
+
+
+def codex_session(folder, base_url):
+    """`codex exec` with a shell tool round trip, then `codex exec resume --last`."""
+    home, work = new_workspace(folder)
+    codex_home = home / ".codex"
+    codex_home.mkdir()
+    (codex_home / "config.toml").write_text(CODEX_CONFIG % base_url)
+    env = base_env(home)
+    env.update({"CODEX_HOME": str(codex_home), "OPENAI_API_KEY": OPENAI_KEY})
+    flags = ["--strict-config", "--skip-git-repo-check"]
+    exe = cli("codex")
+    first = run([exe, "exec"] + flags + ["summarise big.log"], env, work)
+    second = run([exe, "exec", "resume", "--last"] + flags + ["what should I fix first?"],
+                 env, work)
+    return [first, second]
+
+
+@pytest.fixture(scope="module")
+def codex(fake_server, tmp_path_factory):
+    cli("codex")
+    return run_both(fake_server, CODEX_SCRIPT, codex_session, tmp_path_factory.mktemp("codex"))
+
+
+def function_output(body, call_id):
+    """The output of the function call `call_id` in a Responses body."""
+    for item in body["input"]:
+        if item.get("type") == "function_call_output" and item.get("call_id") == call_id:
+            return item["output"]
+    raise AssertionError("no function_call_output for %s" % call_id)
+
+
+def test_codex_answers_through_tokenpak_as_direct(codex):
+    direct, via = codex
+    assert [answer_text(a) for a in direct.answers] == list(CODEX_ANSWERS)
+    assert [answer_text(a) for a in via.answers] == list(CODEX_ANSWERS)
+    for session in codex:
+        assert len(session.requests) == 3
+        assert NEEDLES[0] in function_output(session.requests[1].json(), "call_cat")
+
+
+# tokenpak forwards the Responses API's input items uncompressed today (issue 9, item 3).
+@pytest.mark.xfail(reason="waits on h-responses/h-compress: compression of Responses input "
+                   "items (function_call_output)", strict=False)
+def test_codex_large_log_turn_is_compressed(codex):
+    direct, via = codex
+    sent = function_output(direct.requests[1].json(), "call_cat")
+    received = function_output(via.requests[1].json(), "call_cat")
+    assert big_log().rstrip("\n") in sent  # Codex sent the whole log (after its own header)
+    assert len(received) < len(sent) * 0.8
+    for needle in NEEDLES:
+        assert needle in received
+    row = [r for r in via.rows if r["path"] == "/v1/responses"][1]
+    assert row["tokens_before"] > row["tokens_after"]
+
+
+def test_codex_turn_is_forwarded_as_prefix_of_next(codex):
+    direct, via = codex
+    for session in codex:
+        assert_prefix_stable(session.requests, items="input", fixed=("instructions", "tools"))
+
+
+def test_codex_accounting_equals_provider_usage(codex):
+    direct, via = codex
+
+    def columns(usage):
+        cached = usage["input_tokens_details"]["cached_tokens"]
+        return {"input_tokens": usage["input_tokens"] - cached, "cache_read_tokens": cached,
+                "output_tokens": usage["output_tokens"], "cache_write_tokens": 0}
+    assert_accounted(via.rows, via.requests, columns, "/v1/responses")
