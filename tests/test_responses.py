@@ -208,6 +208,20 @@ def test_footer_in_history_is_stripped_before_upstream(make_proxy, fake):
     assert b"[tokenpak]" not in fake.last().body
 
 
+def test_stream_is_relayed_as_it_arrives_with_the_footer_on(make_proxy, fake):
+    """The client has the first events while the provider still holds the rest (it waits
+    for `gate`): holding events for the footer never holds the answer back."""
+    proxy = make_proxy(footer__enabled=True, cache__enabled=True)
+    with client(proxy).responses.stream(model="gpt-4o", input=INPUT,
+                                        extra_headers={"x-fake": "gate"}) as s:
+        events = iter(s)
+        assert next(events).type == "response.created"
+        assert not fake.gate.is_set()
+        fake.gate.set()
+        rest = list(events)
+    assert deltas(rest).startswith(ANSWER + "\n\n[tokenpak] ")
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scenario", ["reset", "truncate"])
