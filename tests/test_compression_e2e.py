@@ -169,3 +169,43 @@ def test_compressed_requests_are_accounted(make_proxy, fake):
     stats = json.loads(proxy.get("/stats")[2])
     assert stats["compressed_requests"] == 1
     assert stats["tokens_saved"] > 0
+
+
+def _unmarked(value):
+    if isinstance(value, dict):
+        return {k: _unmarked(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_unmarked(v) for v in value]
+    return value
+
+
+def test_claude_code_turns_are_compressed_and_stay_prefix_stable(make_proxy, fake):
+    """Claude Code's exact request (marker on the newest block, thinking, 24 tools), two turns
+    sent as the CLI sends them: both compressed, turn N a byte-identical prefix of turn N+1."""
+    data = case("agents/018-claude-code-18.json")
+    proxy = make_proxy()  # default settings: hybrid, threshold 4,500
+    import http.client
+    forwarded = []
+    for body in (data["previous"], data["body"]):
+        raw = json.dumps(body).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request("POST", data["path"], body=raw, headers={
+            "x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01",
+            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+            "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read()
+        conn.close()
+        assert len(fake.last().body) < 0.8 * len(raw)
+        forwarded.append(fake.last().json())
+    before, after = forwarded
+    old, new = _unmarked(before["messages"]), _unmarked(after["messages"])
+    assert json.dumps(new).startswith(json.dumps(old)[:-1])
+    assert after["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    newest = after["messages"][-1]["content"][-1]["content"]
+    assert newest != data["body"]["messages"][-1]["content"][-1]["content"]  # compressed too
+    for key in ("system", "tools", "thinking", "context_management"):
+        assert after[key] == data["body"][key]
+    text = "\n".join(strings(after))
+    assert all(needle in text for needle in data["needles"])

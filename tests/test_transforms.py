@@ -126,11 +126,13 @@ def test_ditto_timestamps_round_trip():
         "2026-05-09 07:29:12 a\n2026-05-09 07:29:12 b"  # too few to pay for the legend
 
 
-def test_split_fences_and_code_detection():
+def test_fences_and_code_detection():
     text = "intro  \n```python\nx = 1   \n```\noutro  "
-    chunks = T.split_fences(text)
-    assert "".join(c for _, c in chunks) == text
-    assert [code for code, _ in chunks] == [False, True, False]
+    chunks = T.split_segments(text)
+    assert "\n".join(c for _, c in chunks) == text
+    assert [kind for kind, _ in chunks] == [T.TEXT, T.CODE, T.TEXT]
+    unclosed = "intro\n~~~\nx = 1   "
+    assert T.split_segments(unclosed) == [(T.TEXT, "intro"), (T.CODE, "~~~\nx = 1   ")]
     listing = "\n".join("%6d\t    return f(x%d)" % (i, i) for i in range(1, 20))
     assert T.looks_like_code(listing)
     assert T.looks_like_code("def f(x):\n    if x:\n        return 1\n    return 2\n")
@@ -179,6 +181,9 @@ def test_collapse_listing_keeps_every_line_number():
     assert T.collapse_listing(gap) == gap  # lines 5 and 7: not a run
     short = "1\tok\n2\tok"
     assert T.collapse_listing(short) == short  # the range would cost more than it saves
+    arrows = "\n".join("%6d\u2192%s" % (i, "GET /health 200 0.4ms") for i in range(1, 9))
+    assert T.split_segments(arrows) == [(T.LISTING, arrows)]  # Claude Code's Read layout
+    assert T.collapse_listing(arrows) == "     1-8\u2192GET /health 200 0.4ms [×8]"
 
 
 def test_listing_content_transforms_keep_the_numbers():
@@ -190,6 +195,17 @@ def test_listing_content_transforms_keep_the_numbers():
                                        "2\t\u3003 step 2"]
     assert T.ditto_listing(dittoed) == dittoed
     assert T.split_segments(dittoed) == [(T.LISTING, dittoed)]  # the legend stays with it
+
+
+def test_group_search_output_writes_each_path_once():
+    text = "\n".join(["lib/a.py:12:def f(x):", "lib/a.py:13-    return x", "lib/a.py:40:def g():",
+                      "lib/b.py:7:import re", "12:30:00 not a search line"])
+    out = T.group_search_output(text)
+    assert out == "\n".join(["lib/a.py", "12:def f(x):", "13-    return x", "40:def g():",
+                             "lib/b.py:7:import re", "12:30:00 not a search line"])
+    assert T.group_search_output(out) == out
+    two = "lib/a.py:1:x\nlib/a.py:2:y"
+    assert T.group_search_output(two) == two  # a header would save nothing
 
 
 # ------------------------------------------------------------------ properties

@@ -46,7 +46,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import tokens
 from .transforms import (CODE, JSON, LISTING, TEXT, _LISTING_RE, collapse_listing,
                          collapse_redraws, collapse_repeats, ditto_listing, ditto_timestamps,
-                         dumps_compact, elide_middle, final_state, json_elements, json_minified,
+                         dumps_compact, elide_middle, final_state, group_search_output,
+                         json_elements, json_minified,
                          json_with_refs, map_listing, minify_json, normalize_whitespace,
                          parse_json_text, path_text, split_segments, strip_ansi, tabulate_json,
                          tabulate_value)
@@ -94,7 +95,8 @@ _CLEAN_STEPS = (
     ("whitespace", {TEXT: normalize_whitespace, LISTING: _on_listing(_rstrip)}),
     ("redraws", {TEXT: collapse_redraws, LISTING: _on_listing(final_state)}),
 )
-_REPEAT_STEPS = (("repeats", {TEXT: collapse_repeats, LISTING: collapse_listing}),)
+_REPEAT_STEPS = (("repeats", {TEXT: collapse_repeats, LISTING: collapse_listing}),
+                 ("paths", {TEXT: group_search_output}))
 _JSON_STEPS = (("json", {JSON: minify_json}),)
 _TABLE_STEPS = (("table", {JSON: tabulate_json}),)
 _TIMESTAMP_STEPS = (("timestamps", {TEXT: ditto_timestamps, LISTING: ditto_listing}),)
