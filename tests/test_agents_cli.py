@@ -9,7 +9,8 @@ through a tokenpak with default settings in front of the same fake:
 
   Claude Code   claude -p "summarise big.log"   -> tool_use Bash `cat big.log` (a large log)
                                                 -> final text
-                claude -p --continue "..."      -> final text
+                claude -p --continue "..."      -> tool_use Read big.log (numbered listing)
+                                                -> final text
   Codex         codex exec "summarise big.log"  -> function_call shell `cat big.log`
                                                 -> final text
                 codex exec resume --last "..."  -> final text
@@ -134,6 +135,10 @@ class Session:
         self.requests = requests
         self.rows = rows
 
+    def calls(self, path):
+        """The requests to one endpoint (Claude Code also calls count_tokens)."""
+        return [r for r in self.requests if r.path.split("?")[0] == path]
+
 
 def run_session(fake, runner, folder, base_url):
     start = len(fake.requests)
@@ -191,11 +196,12 @@ def assert_prefix_stable(requests, items="messages", fixed=("system", "tools")):
             assert new_items[i] == item, "%s[%d] changed between turns" % (items, i)
 
 
-def assert_accounted(rows, requests, expected_columns, path):
+def assert_accounted(session, expected_columns, path):
     """One row per provider call, with the usage the fake answered with (as
     `expected_columns(usage)` maps it to the row's columns), the model and the streamed flag
     of the request, and the cost of that usage."""
-    rows = [r for r in rows if r["path"].split("?")[0] == path]
+    rows = [r for r in session.rows if r["path"].split("?")[0] == path]
+    requests = session.calls(path)
     assert len(rows) == len(requests)
     for row, request in zip(rows, requests):
         body = request.json()
@@ -240,10 +246,13 @@ CLAUDE_ANSWERS = ("big.log: two upstream timeouts on worker-7 and one pool exhau
                   "Raise the pool size first, then the worker-7 timeout.")
 CLAUDE_SCRIPT = [
     ('"tool_use_id": "toolu_cat"', {"text": CLAUDE_ANSWERS[0]}),
+    ('"tool_use_id": "toolu_read"', {"text": CLAUDE_ANSWERS[1]}),
     ("summarise big.log", {"tool": "Bash", "id": "toolu_cat",
                            "input": {"command": "cat big.log", "description": "Show big.log"}}),
-    ("what should I fix first", {"text": CLAUDE_ANSWERS[1]}),
+    ("what should I fix first", {"tool": "Read", "id": "toolu_read",
+                                 "input": {"file_path": "big.log"}}),
 ]
+MESSAGES = "/v1/messages"
 
 
 def claude_env(home, base_url):
@@ -257,7 +266,8 @@ def claude_env(home, base_url):
 
 
 def claude_session(folder, base_url):
-    """`claude -p` with a Bash tool round trip, then `claude -p --continue`."""
+    """`claude -p` with a Bash tool round trip, then `claude -p --continue` with a Read
+    round trip (a numbered listing; Claude Code counts its tokens with count_tokens first)."""
     home, work = new_workspace(folder)
     exe, env = cli("claude"), claude_env(home, base_url)
     allow = ["--allowedTools", "Bash(cat big.log)"]
@@ -277,29 +287,46 @@ def test_claude_code_answers_through_tokenpak_as_direct(claude):
     direct, via = claude
     assert [answer_text(a) for a in direct.answers] == list(CLAUDE_ANSWERS)
     assert [answer_text(a) for a in via.answers] == list(CLAUDE_ANSWERS)
-    # The tool round trip really happened: the CLI ran `cat` and sent the log back.
+    # The tool round trips really happened: the CLI ran `cat` and Read and sent the log back.
     for session in claude:
-        assert len(session.requests) == 3
-        assert NEEDLES[0] in tool_output(session.requests[1].json(), "toolu_cat")
+        calls = session.calls(MESSAGES)
+        assert len(calls) == 4
+        assert NEEDLES[0] in tool_output(calls[1].json(), "toolu_cat")
+        assert NEEDLES[0] in tool_output(calls[3].json(), "toolu_read")
 
 
-def test_claude_code_large_log_turn_is_compressed(claude):
+def numbered(lines):
+    """Lines as Read lists them: line number, a tab, the line."""
+    return ["%d\t%s" % (i, line) for i, line in enumerate(lines, 1)]
+
+
+@pytest.mark.parametrize("turn,call_id", [(1, "toolu_cat"), (3, "toolu_read")],
+                         ids=["bash-cat", "read-listing"])
+def test_claude_code_large_log_turn_is_compressed(claude, turn, call_id):
     direct, via = claude
-    sent = tool_output(direct.requests[1].json(), "toolu_cat")
-    received = tool_output(via.requests[1].json(), "toolu_cat")
-    assert sent == big_log().rstrip("\n")  # Claude Code sent the whole log
+    sent_call, received_call = direct.calls(MESSAGES)[turn], via.calls(MESSAGES)[turn]
+    sent = tool_output(sent_call.json(), call_id)
+    received = tool_output(received_call.json(), call_id)
+    lines = big_log().split("\n")
+    listing = call_id == "toolu_read"
+    # What Claude Code sent: the whole log, or (Read) the whole log as a numbered listing.
+    assert sent == ("\n".join(numbered(lines)) if listing else "\n".join(lines[:-1]))
     assert len(received) < len(sent)
-    for needle in NEEDLES:
-        assert needle in received
-    row = [r for r in via.rows if r["path"].startswith("/v1/messages")][1]
+    for needle in NEEDLES:  # the lines the model must see, and could cite by number
+        found = [line for line in received.split("\n") if needle in line]
+        assert len(found) == 1
+        if listing:
+            number = [i for i, line in enumerate(lines, 1) if needle in line][0]
+            assert found[0].startswith("%d\t" % number)
+    row = [r for r in via.rows if r["path"].split("?")[0] == MESSAGES][turn]
     assert row["tokens_before"] > row["tokens_after"]
-    assert turn_saving(direct.requests[1], via.requests[1]) >= 0.30
+    assert turn_saving(sent_call, received_call) >= 0.30
 
 
 def test_claude_code_turn_is_forwarded_as_prefix_of_next(claude):
     direct, via = claude
-    assert_prefix_stable(direct.requests)  # what Claude Code itself sends
-    assert_prefix_stable(via.requests)     # and what the provider gets through tokenpak
+    assert_prefix_stable(direct.calls(MESSAGES))  # what Claude Code itself sends
+    assert_prefix_stable(via.calls(MESSAGES))     # and what the provider gets through tokenpak
 
 
 def test_claude_code_accounting_equals_provider_usage(claude):
@@ -309,7 +336,11 @@ def test_claude_code_accounting_equals_provider_usage(claude):
         return {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"],
                 "cache_read_tokens": usage["cache_read_input_tokens"],
                 "cache_write_tokens": usage["cache_creation_input_tokens"]}
-    assert_accounted(via.rows, via.requests, columns, "/v1/messages")
+    assert_accounted(via, columns, MESSAGES)
+    # Before sending the Read listing Claude Code counts its tokens: forwarded and recorded.
+    counts = via.calls(MESSAGES + "/count_tokens")
+    assert len(counts) >= 1
+    assert [r["status"] for r in via.rows if "/count_tokens" in r["path"]] == [200] * len(counts)
 
 
 # -- Codex -----------------------------------------------------------------------------------
@@ -416,4 +447,4 @@ def test_codex_accounting_equals_provider_usage(codex):
         cached = usage["input_tokens_details"]["cached_tokens"]
         return {"input_tokens": usage["input_tokens"] - cached, "cache_read_tokens": cached,
                 "output_tokens": usage["output_tokens"], "cache_write_tokens": 0}
-    assert_accounted(via.rows, via.requests, columns, "/v1/responses")
+    assert_accounted(via, columns, "/v1/responses")
