@@ -22,7 +22,19 @@ Scenarios are picked per request by the `x-fake` header (the SDKs send it with
   gate     stream the first event, then wait for `FakeProvider.gate` before the rest (proves
            the client got the first event while the upstream was still going)
   truncate (Responses) end the stream cleanly but without response.completed
+  linger   (Anthropic) send message_stop, then hold the stream open (as `hold`) before
+           ending it, so a client can hang up after the final event but before the end
 A key containing "bad" gets 401, as the real providers answer an invalid key.
+
+Scripted answers, for the real coding-agent CLIs (tests/test_agents_cli.py): a CLI drives a
+conversation of several requests (a tool call, then the answer once it ran the tool), so
+`FakeProvider.script` holds (trigger, reply) rules. The first rule whose trigger occurs in
+the request's last turn (the JSON text of its last message or input item that is not a
+system or developer message: Claude Code appends one after the user's) answers, otherwise
+the echo does. A reply is {"text": "..."} or {"tool": name, "input": {...}, "id": call id},
+sent as a tool_use, a tool_calls entry or a function_call. A rule depends on the request
+alone, never on what came before, so the same conversation gets the same answers directly
+and through tokenpak. Each request's answered usage is kept on its `Recorded`.
 """
 
 import base64
@@ -46,6 +58,7 @@ class Recorded:
         self.path = path
         self.headers = headers          # [(name, value)] in arrival order
         self.body = body
+        self.usage = None               # the usage the fake answered with, when it did
 
     def header(self, name):
         for key, value in self.headers:
@@ -133,6 +146,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         record = Recorded(self.command, self.path, list(self.headers.items()), body)
         fake = self.server.fake
+        self.record = record
         with fake.lock:
             fake.requests.append(record)
         scenario = self.headers.get("x-fake", "")
@@ -249,18 +263,25 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
     # -- OpenAI --------------------------------------------------------------------------
     def openai(self, body, scenario):
-        text = ANSWER_PREFIX + _last_user_text(body.get("messages"))
+        reply = self.server.fake.scripted(body.get("messages"))
+        text = reply.get("text") or ANSWER_PREFIX + _last_user_text(body.get("messages"))
         prompt = usage_for(body)
         words = text.split(" ")
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words),
                  "total_tokens": prompt + len(words),
                  "prompt_tokens_details": {"cached_tokens": self.server.fake.cached_tokens}}
+        self.record.usage = usage
         model = body.get("model", "gpt-4o")
         cid = "chatcmpl-fake%d" % len(self.server.fake.requests)
+        call = {"id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}
+        if "tool" in reply:
+            call = {"id": reply.get("id", "call_1"), "name": reply["tool"],
+                    "arguments": json.dumps(reply.get("input", {}))}
+            scenario = "tool"
         if scenario == "tool":
             message = {"role": "assistant", "content": None, "tool_calls": [{
-                "id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}
+                "id": call["id"], "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]}}]}
             finish = "tool_calls"
         else:
             message = {"role": "assistant", "content": text, "refusal": None}
@@ -289,8 +310,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                            "logprobs": None, "finish_reason": None}]))
         if scenario == "tool":
             self.chunk(event([{"index": 0, "delta": {"tool_calls": [{
-                "index": 0, "id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                "index": 0, "id": call["id"], "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]}}]},
                 "logprobs": None, "finish_reason": None}]))
         else:
             for i, word in enumerate(words):
@@ -312,10 +333,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         fake = self.server.fake
         n = len(fake.requests)
         items = body.get("input")
-        tool_turn = scenario == "tool" and not (
+        reply = fake.scripted(items)
+        tool_turn = "tool" in reply or scenario == "tool" and not (
             isinstance(items, list) and items and isinstance(items[-1], dict)
             and items[-1].get("type") == "function_call_output")
-        text = ANSWER_PREFIX + _last_input_text(items)
+        text = reply.get("text") or ANSWER_PREFIX + _last_input_text(items)
         words = text.split(" ")
         prompt = responses_usage_for(body)
         usage = {"input_tokens": prompt,
@@ -323,10 +345,13 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                  "output_tokens": len(words) + fake.reasoning_tokens,  # reasoning included
                  "output_tokens_details": {"reasoning_tokens": fake.reasoning_tokens},
                  "total_tokens": prompt + len(words) + fake.reasoning_tokens}
+        self.record.usage = usage
         if tool_turn:
             item = {"id": "fc_fake%d" % n, "type": "function_call", "status": "completed",
-                    "arguments": "{\"city\":\"Paris\"}", "call_id": "call_fake%d" % n,
-                    "name": "get_weather"}
+                    "arguments": json.dumps(reply.get("input", {})) if "tool" in reply
+                    else "{\"city\":\"Paris\"}",
+                    "call_id": reply.get("id", "call_fake%d" % n),
+                    "name": reply.get("tool", "get_weather")}
         else:
             item = {"id": "msg_fake%d" % n, "type": "message", "status": "completed",
                     "content": [{"type": "output_text", "annotations": [], "logprobs": [],
@@ -388,15 +413,21 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
     # -- Anthropic -----------------------------------------------------------------------
     def anthropic(self, body, scenario):
-        text = ANSWER_PREFIX + _last_user_text(body.get("messages"))
+        fake = self.server.fake
+        reply = fake.scripted(body.get("messages"))
+        text = reply.get("text") or ANSWER_PREFIX + _last_user_text(body.get("messages"))
         prompt = usage_for(body)
         words = text.split(" ")
-        fake = self.server.fake
         model = body.get("model", "claude-sonnet-4-6")
         mid = "msg_fake%d" % len(fake.requests)
+        tool = {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                "input": {"city": "Paris"}}
+        if "tool" in reply:
+            tool = {"type": "tool_use", "id": reply.get("id", "toolu_1"), "name": reply["tool"],
+                    "input": reply.get("input", {})}
+            scenario = "tool"
         if scenario == "tool":
-            content = [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                        "input": {"city": "Paris"}}]
+            content = [tool]
             stop = "tool_use"
         else:
             content = [{"type": "text", "text": text}]
@@ -404,6 +435,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         usage = {"input_tokens": prompt, "output_tokens": len(words),
                  "cache_creation_input_tokens": fake.cache_write_tokens,
                  "cache_read_input_tokens": fake.cached_tokens}
+        self.record.usage = usage
         if not body.get("stream"):
             obj = {"id": mid, "type": "message", "role": "assistant", "model": model,
                    "content": content, "stop_reason": stop, "stop_sequence": None,
@@ -420,11 +452,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             "stop_reason": None, "stop_sequence": None, "usage": start_usage}}))
         if scenario == "tool":
             self.chunk(event("content_block_start", {"type": "content_block_start", "index": 0,
-                             "content_block": {"type": "tool_use", "id": "toolu_1",
-                                               "name": "get_weather", "input": {}}}))
+                             "content_block": dict(tool, input={})}))
             self.chunk(event("content_block_delta", {"type": "content_block_delta", "index": 0,
                              "delta": {"type": "input_json_delta",
-                                       "partial_json": "{\"city\": \"Paris\"}"}}))
+                                       "partial_json": json.dumps(tool["input"])}}))
         else:
             self.chunk(event("content_block_start", {"type": "content_block_start", "index": 0,
                              "content_block": {"type": "text", "text": ""}}))
@@ -441,6 +472,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                          "delta": {"stop_reason": stop, "stop_sequence": None},
                          "usage": {"output_tokens": len(words)}}))
         self.chunk(event("message_stop", {"type": "message_stop"}))
+        if scenario == "linger":
+            self.hold()
         self.end_stream()
 
 
@@ -458,6 +491,7 @@ class FakeProvider:
         self.cached_tokens = 0
         self.cache_write_tokens = 0
         self.reasoning_tokens = 0
+        self.script = []
         self.gate = threading.Event()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
         self.server.daemon_threads = True
@@ -483,6 +517,19 @@ class FakeProvider:
         self.cached_tokens = 0
         self.cache_write_tokens = 0
         self.reasoning_tokens = 0
+        self.script = []
+
+    def scripted(self, items):
+        """The scripted reply for a conversation (see the module doc), or {} for the echo."""
+        turns = [item for item in items or [] if isinstance(item, dict) and
+                 item.get("role") not in ("system", "developer")]
+        if not self.script or not turns:
+            return {}
+        last = json.dumps(turns[-1])
+        for trigger, reply in self.script:
+            if trigger in last:
+                return reply
+        return {}
 
     def count(self, path_suffix=""):
         with self.lock:

@@ -1,6 +1,7 @@
 """Accounting through a real tokenpak: the DB rows, /stats, /metrics and `tokenpak stats`."""
 
 import json
+import socket
 import sqlite3
 import time
 
@@ -192,3 +193,25 @@ def test_stats_cli_reads_the_db_while_the_proxy_is_down(make_proxy, fake, capsys
     data = json.loads(capsys.readouterr().out)
     assert data["summary"]["requests"] == 3
     assert cli.main(["stats", "--since", "bogus"]) != 0
+
+
+def test_client_leaving_right_after_the_final_event_is_accounted(proxy, fake):
+    """Codex closes its connection as soon as response.completed arrives, before the chunked
+    body's end: the provider answered (and billed) in full, so the row is complete with the
+    usage, not a lost stream. The fake holds the stream open after message_stop meanwhile."""
+    body = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 50, "stream": True,
+                       "messages": MESSAGES}).encode()
+    head = ("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "x-api-key: %s\r\nanthropic-version: 2023-06-01\r\nx-fake: linger\r\n"
+            "Content-Length: %d\r\n\r\n" % (ANTHROPIC_KEY, len(body))).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"message_stop" not in received:
+            data = sock.recv(65536)
+            assert data, "stream ended before message_stop"
+            received += data
+    row = rows(proxy)[-1]
+    assert row["complete"] == 1 and row["error"] is None
+    assert row["input_tokens"] == usage_for({"messages": MESSAGES})
+    assert row["output_tokens"] == ANSWER_WORDS and row["cost_usd"] > 0

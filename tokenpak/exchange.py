@@ -336,6 +336,8 @@ def relay_stream(handler, app, ex, response, headers, flight):
                         break
     except Exception as exc:  # the upstream broke mid-stream (reset, timeout, bad framing)
         ex.complete = False
+        if ex.client_gone and answered(ex, rewriter, flight):
+            return
         if not ex.client_gone:
             ex.error = "upstream stream failed: %s" % exc.__class__.__name__
             if rewriter:
@@ -348,6 +350,8 @@ def relay_stream(handler, app, ex, response, headers, flight):
     finally:
         app.hangup.unwatch(watch)
     if ex.client_gone:
+        if answered(ex, rewriter, flight):
+            return
         ex.complete, ex.error = False, ex.error or "client disconnected mid-stream"
         if flight is not None:
             flight.finish(False)
@@ -369,6 +373,19 @@ def relay_stream(handler, app, ex, response, headers, flight):
         flight.finish(ex.complete)
     if record and ex.complete and rewriter is not None:
         store(app, ex, headers, b"".join(recorded), streamed=True)
+
+
+def answered(ex, rewriter, flight):
+    """A client that hung up once the final event reached it got the whole answer: Codex
+    closes its connection at response.completed, before the chunked body's end. Then the
+    call is complete and accounted with the usage that went through, not a lost stream."""
+    if rewriter is None or not rewriter.watcher.complete:
+        return False
+    ex.usage, ex.complete = rewriter.watcher.usage, True
+    ex.model = rewriter.watcher.model or ex.model
+    if flight is not None:
+        flight.finish(False)  # the upstream read was cut: nothing complete to share or store
+    return True
 
 
 def store(app, ex, headers, body, streamed):
