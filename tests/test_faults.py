@@ -3,7 +3,6 @@
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,37 +12,13 @@ import anthropic
 import openai
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY
-
-
-def oa(proxy, **kw):
-    return openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0, **kw)
-
-
-def wait_for(condition, timeout=10.0):
-    """Poll until `condition()` holds; the deadline is a hang guard, not a measurement."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
-def db_rows(proxy, count=1):
-    """The accounting rows, once `count` requests have been recorded (a row is queued
-    after its response has gone out, so the client can be ahead of it)."""
-    assert wait_for(lambda: proxy.app.requests_done >= count)
-    proxy.app.recorder.flush()
-    conn = sqlite3.connect(proxy.app.db_path)
-    conn.row_factory = sqlite3.Row
-    return [dict(r) for r in conn.execute("select * from requests order by id")]
+from helpers import accounting_rows, anthropic_client, openai_client, wait_for
 
 
 # -- upstream resets mid-stream --------------------------------------------------------------
 def test_openai_reset_mid_stream_ends_with_an_error_event(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
-    stream = oa(proxy).chat.completions.create(
+    stream = openai_client(proxy).chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "one two three four"}],
         stream=True, extra_headers={"x-fake": "reset"})
     received = []
@@ -52,13 +27,13 @@ def test_openai_reset_mid_stream_ends_with_an_error_event(make_proxy, fake):
             received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == "Echo: one"  # what arrived before the reset, intact
     assert "incomplete" in str(caught.value)
-    row = db_rows(proxy)[-1]
+    row = accounting_rows(proxy, 1)[-1]
     assert row["complete"] == 0 and "upstream" in row["error"]
     assert proxy.app.cache.stats()["entries"] == 0
 
 
 def test_anthropic_reset_mid_stream_ends_with_an_error_event(proxy, fake):
-    client = anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=proxy.url, max_retries=0)
+    client = anthropic_client(proxy)
     with pytest.raises(anthropic.APIStatusError) as caught:
         with client.messages.stream(model="claude-sonnet-4-6", max_tokens=50,
                                     messages=[{"role": "user", "content": "a b c d"}],
@@ -181,7 +156,7 @@ def test_a_request_that_may_have_arrived_is_not_resent(make_proxy, method, sent)
 
 # -- the database fails while serving ------------------------------------------------------
 def ask(proxy, text):
-    response = oa(proxy).chat.completions.with_raw_response.create(
+    response = openai_client(proxy).chat.completions.with_raw_response.create(
         model="gpt-4o", messages=[{"role": "user", "content": text}])
     return response.headers["x-tokenpak-cache"], response.parse().choices[0].message.content
 

@@ -5,44 +5,10 @@ import hashlib
 import http.client
 import json
 import logging
-import socket
-import time
 
 import pytest
 
-from conftest import ALL_KEYS, OPENAI_KEY
-
-
-def raw_request(proxy, method, path, body=b"", headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response, data
-
-
-def send_raw(proxy, data, read=True, timeout=5):
-    """Write raw bytes on a socket and return whatever the server answers."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
-        sock.sendall(data)
-        if not read:
-            return b""
-        chunks = []
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except socket.timeout:
-            pass
-        return b"".join(chunks)
-
-
-def assert_healthy(proxy):
-    status, _, body = proxy.get("/health")
-    assert status == 200 and json.loads(body)["status"] == "ok"
+from helpers import ALL_KEYS, OPENAI_KEY, assert_healthy, raw_request, send_raw, wait_for
 
 
 def test_health(proxy):
@@ -193,12 +159,10 @@ def test_access_log_has_one_line_per_request_and_no_credentials(proxy, fake, cap
         raw_request(proxy, "POST", "/v1/chat/completions?key=" + key,
                     b'{"model":"gpt-4o","messages":[]}', {"Authorization": "Bearer " + key})
     # The line is written once the response has gone out: wait for the server thread.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [r.getMessage() for r in caplog.records if r.name == "tokenpak.access"]
-        if len(lines) >= 3:
-            break
-        time.sleep(0.01)
+    def access_lines():
+        return [r.getMessage() for r in caplog.records if r.name == "tokenpak.access"]
+    wait_for(lambda: len(access_lines()) >= 3)
+    lines = access_lines()
     assert len(lines) == 3
     assert lines[0].startswith("POST /v1/chat/completions openai 200 ")
     assert lines[1].startswith("POST /v1/chat/completions anthropic 200 ")

@@ -4,9 +4,7 @@ import signal
 import subprocess
 import sys
 
-import openai
-
-from conftest import OPENAI_KEY, REPO, free_port, tokenpak_env, wait_healthy
+from helpers import OPENAI_KEY, REPO, free_port, openai_client, tokenpak_env, wait_healthy
 
 
 def test_python_m_tokenpak_proxy_serves_and_exits_cleanly_on_ctrl_c(fake, isolated_env):
@@ -17,7 +15,7 @@ def test_python_m_tokenpak_proxy_serves_and_exits_cleanly_on_ctrl_c(fake, isolat
     try:
         url = "http://127.0.0.1:%d" % port
         assert wait_healthy(url, process=process)["status"] == "ok"
-        client = openai.OpenAI(api_key=OPENAI_KEY, base_url=url + "/v1", max_retries=0)
+        client = openai_client(url)
         answer = client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "via subprocess"}])
         # Defaults, no config: the answer carries the stats footer after a blank line.

@@ -5,7 +5,7 @@ tokenpak log record (conftest's log_to_artefacts), the stdout and stderr of ever
 process the tests started, daemon log files, config files, the sqlite databases with their
 WAL files, and cache secrets."""
 
-from conftest import ALL_KEYS, OTHER_SECRETS
+from helpers import ALL_KEYS, OTHER_SECRETS
 
 
 def test_no_credential_in_any_artefact(tmp_path_factory):
