@@ -3,7 +3,7 @@ untouched, where that is the transparent choice) and stays healthy."""
 
 import json
 import socket
-import time
+import urllib.error
 
 import openai
 import pytest
@@ -139,6 +139,8 @@ def test_auth_token_required_and_stripped_before_forwarding(make_proxy, fake):
     assert fake.last().header("X-TokenPak-Auth") is None
     # /health stays open for monitoring; /stats and /metrics need the token.
     assert proxy.get("/health")[0] == 200
-    with pytest.raises(Exception):
+    with pytest.raises(urllib.error.HTTPError) as caught:
         proxy.get("/stats")
+    assert caught.value.code == 401
+    assert "X-TokenPak-Auth" in json.loads(caught.value.read())["error"]["message"]
     assert proxy.get("/stats", {"X-TokenPak-Auth": "local-secret-token"})[0] == 200

@@ -134,11 +134,14 @@ def test_anthropic_stream_is_cached_and_replayed(cached, fake):
 
 def test_partial_stream_is_never_cached(cached, fake):
     for _ in range(2):
-        with pytest.raises(Exception):
-            stream = openai_client(cached).chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "a b c d e f"}],
-                stream=True, extra_headers={"x-fake": "reset"})
+        stream = openai_client(cached).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "a b c d e f"}],
+            stream=True, extra_headers={"x-fake": "reset"})
+        with pytest.raises(openai.APIError) as caught:
             list(stream)
+        # tokenpak's error event, not a dropped connection (APIConnectionError, a subclass)
+        assert type(caught.value) is openai.APIError
+        assert "the answer is incomplete" in caught.value.message
     assert fake.count("/chat/completions") == 2
 
 
