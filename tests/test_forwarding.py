@@ -107,18 +107,26 @@ def test_chunked_request_body_is_forwarded(proxy, fake):
     assert fake.last().body == body
 
 
-@pytest.mark.parametrize("garbage", [
-    b"\x00\xff\xfe garbage\r\n\r\n",
-    b"GET\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/9.9\r\n\r\n",
-    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/1.1\r\n" + b"X-H: v\r\n" * 200 + b"\r\n",
+@pytest.mark.parametrize("garbage, status", [
+    (b"\x00\xff\xfe garbage\r\n\r\n", 400),
+    (b"GET\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/9.9\r\n\r\n", 505),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\n" + b"X-H: v\r\n" * 200 + b"\r\n", 431),
 ])
-def test_garbage_gets_a_4xx_and_server_stays_healthy(proxy, fake, garbage):
+def test_garbage_gets_its_error_status_and_server_stays_healthy(proxy, fake, garbage, status):
     answer = send_raw(proxy, garbage)
-    # 4xx, or 505 for an HTTP version from the future; never a crash or a forward
-    assert answer == b"" or answer[9:10] == b"4" or answer[9:12] == b"505", answer[:80]
+    # A whole answer in the provider's error shape, then the connection closes; never a
+    # crash, a silent close or a forward.
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 %d " % status), answer[:80]
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    assert json.loads(body)["error"]["message"]
     assert fake.requests == []
     assert_healthy(proxy)
 
