@@ -56,16 +56,19 @@ def test_port_in_use_is_one_clear_error(spawn_tokenpak, fake, isolated_env):
     assert "Traceback" not in err
 
 
-def test_mode_flag_sets_compression_level(spawn_tokenpak, capsys):
+def test_mode_flag_sets_compression_level():
     from tokenpak import cli
     args = cli.build_parser().parse_args(["serve", "--mode", "strict", "--port", "1"])
     assert cli.serve_overrides(args) == {"compression.level": "strict", "proxy.port": 1}
 
 
-def test_version(capsys):
-    from tokenpak import __version__, cli
-    try:
-        cli.main(["--version"])
-    except SystemExit as exit:
-        assert exit.code == 0
-    assert capsys.readouterr().out.strip() == "tokenpak " + __version__
+def test_version(fake, isolated_env):
+    """`tokenpak --version` as a user runs it: the version on stdout and exit status 0,
+    whether the CLI exits through argparse or returns from main()."""
+    from tokenpak import __version__
+    result = subprocess.run([sys.executable, "-m", "tokenpak", "--version"],
+                            env=tokenpak_env(fake.url, isolated_env), cwd=str(REPO),
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == "tokenpak " + __version__
+    assert result.stderr == b""
