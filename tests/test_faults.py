@@ -178,16 +178,19 @@ def test_db_locked_by_another_process_while_serving(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
     ask(proxy, "warm")
     proxy.app.cache.flush()
+    # Another process holds an exclusive lock until the test releases it (a line on stdin).
     locker = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], "
+        [sys.executable, "-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], "
          "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
-         "time.sleep(3)", proxy.app.db_path], stdout=subprocess.PIPE)
-    assert locker.stdout.readline() == b"locked\n"
+         "sys.stdin.readline(); c.execute('ROLLBACK')", proxy.app.db_path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert locker.stdout.readline() == b"locked\n"
         for i in range(3):
             assert ask(proxy, "while locked %d" % i)[1] == "Echo: while locked %d" % i
     finally:
-        locker.wait(10)
+        locker.communicate(b"\n", timeout=10)
+    assert locker.returncode == 0
     assert wait_for(lambda: ask(proxy, "after lock")[0] == "hit", timeout=15)
 
 
