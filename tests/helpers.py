@@ -31,7 +31,7 @@ GOOGLE_KEY = "AIzaTestGoogleKeySECRET0123456789"
 ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GOOGLE_KEY)
 # Every other credential a test sends; test_zz_credentials greps the artefacts for these too.
 OTHER_SECRETS = ("sk-test-another-key-0000", "sk-test-second", "sk-ant-oat01-test-oauth-token",
-                 "local-secret-token", "sk-bad-unverified")
+                 "local-secret-token", "sk-bad-unverified", "sk-bad-key", "sk-ant-bad-key")
 
 
 # -- clients -----------------------------------------------------------------------------------
