@@ -78,6 +78,25 @@ def send_raw(proxy, data, read=True, timeout=5):
         return b"".join(chunks)
 
 
+def open_stream(proxy, scenario, text="w " * 30, headers=None):
+    """Start a streamed OpenAI chat request on a raw socket (so a test can hang up at a
+    moment of its choosing) and read until the first event arrives. Returns (socket, the
+    bytes received so far: the response head and at least the start of one event)."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT)
+    body = json.dumps({"model": "gpt-4o", "stream": True,
+                       "messages": [{"role": "user", "content": text}]}).encode()
+    extra = "".join("%s: %s\r\n" % pair for pair in (headers or {}).items()).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 b"sk-x\r\nx-fake: %s\r\n%sContent-Length: %d\r\n\r\n%s"
+                 % (scenario.encode(), extra, len(body), body))
+    data = b""
+    while b"data: " not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return sock, data
+
+
 def assert_healthy(proxy):
     status, _, body = proxy.get("/health")
     assert status == 200 and json.loads(body)["status"] == "ok"

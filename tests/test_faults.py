@@ -1,6 +1,5 @@
 """Faults: upstream resets and hangs, clients that leave, keep-alive closes, a failing DB."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import anthropic
 import openai
 import pytest
 
-from helpers import accounting_rows, anthropic_client, openai_client, wait_for
+from helpers import accounting_rows, anthropic_client, open_stream, openai_client, wait_for
 
 
 # -- upstream resets mid-stream --------------------------------------------------------------
@@ -43,28 +42,12 @@ def test_anthropic_reset_mid_stream_ends_with_an_error_event(proxy, fake):
 
 
 # -- the client leaves mid-stream ---------------------------------------------------------------
-def open_stream(proxy, scenario):
-    """Start a streamed request on a raw socket and read until the first event arrives."""
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    body = json.dumps({"model": "gpt-4o", "stream": True,
-                       "messages": [{"role": "user", "content": "w " * 30}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 b"sk-x\r\nx-fake: %s\r\nContent-Length: %d\r\n\r\n%s"
-                 % (scenario.encode(), len(body), body))
-    data = b""
-    while b"data: " not in data:
-        chunk = sock.recv(65536)
-        assert chunk, data
-        data += chunk
-    return sock
-
-
 def test_client_leaving_a_silent_stream_closes_the_upstream_at_once(make_proxy, fake):
     """The upstream sends nothing after the first event (a model 'thinking'): only the
     hang-up watcher can notice the client left; with read_timeout at 60 s, a close within
     the test's wait proves it did."""
     proxy = make_proxy(proxy__read_timeout=60)
-    sock = open_stream(proxy, "hold")
+    sock, _ = open_stream(proxy, "hold")
     sock.close()
     assert wait_for(lambda: fake.closed_by_peer == 1)
     assert wait_for(lambda: proxy.app.active == 0)
@@ -75,7 +58,7 @@ def test_100_disconnects_leave_no_thread_behind(make_proxy, fake):
     fake.hold_seconds = 20
     before = threading.active_count()
     for _ in range(100):
-        open_stream(proxy, "hold").close()
+        open_stream(proxy, "hold")[0].close()
     assert wait_for(lambda: fake.closed_by_peer == 100, timeout=30)
     assert wait_for(lambda: proxy.app.active == 0)
     # Handler threads and the fake's own threads wind down; none may be left streaming.
