@@ -271,7 +271,6 @@ def test_follower_keeps_receiving_after_the_leader_leaves(make_proxy, fake):
                    if e.get("choices"))
     assert text == "Echo: " + words
     assert b"data: [DONE]" in body and b'"error"' not in body
-    assert fake.closed_by_peer == 0
     # The leader's relay ran to the end for the follower: the answer is in the cache.
     again, data = open_stream(proxy, "", text=words, headers=headers)
     with again:
