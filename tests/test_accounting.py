@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from helpers import wait_for
 from tokenpak import accounting, cache, stats
 from tokenpak.accounting import Recorder, price_row
 from tokenpak.cache import CacheStore, Entry, load_secret, scope_id
@@ -37,15 +38,6 @@ def rows(db, where="1"):
         return [dict(r) for r in conn.execute("SELECT * FROM requests WHERE %s ORDER BY id" % where)]
     finally:
         conn.close()
-
-
-def until(predicate, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def request_row(**kw):
@@ -292,7 +284,7 @@ def test_disk_full_drops_rows_logs_once_and_recovers(db, monkeypatch, caplog):
         assert r.rows_dropped >= 1
         assert len([x for x in caplog.records if "full" in x.getMessage()]) == 1
         full[0] = False
-        assert until(lambda: (r.record(request_row(path="/after")), r.flush())
+        assert wait_for(lambda: (r.record(request_row(path="/after")), r.flush())
                      and rows(db, "path = '/after'"))
     finally:
         r.close()
@@ -309,7 +301,7 @@ def test_db_deleted_while_running_is_recreated(recorder, db):
         recorder.flush()
         return os.path.exists(db) and rows(db, "path = '/after-delete'")
 
-    assert until(lands)
+    assert wait_for(lands)
 
 
 def test_corrupt_db_at_start_is_moved_aside(db):
@@ -345,7 +337,7 @@ def test_locked_db_rows_wait_and_are_written_after(recorder, db, monkeypatch):
         assert proc.stdout.readline().strip() == "locked"
         for _ in range(5):
             recorder.record(request_row(path="/during-lock"))  # returns at once
-        assert until(lambda: recorder._health.state == "busy")
+        assert wait_for(lambda: recorder._health.state == "busy")
     finally:
         proc.communicate("\n", timeout=WAIT)
     assert recorder.flush()
@@ -366,7 +358,7 @@ def test_cache_and_accounting_share_a_file_that_is_deleted_then_corrupted(db, mo
             else:
                 with open(db, "r+b") as fh:
                     fh.write(b"\x00broken" * 64)
-                assert until(lambda: glob.glob(db + ".corrupt-*"))  # noticed and moved aside
+                assert wait_for(lambda: glob.glob(db + ".corrupt-*"))  # noticed and moved aside
             tag = "/after-" + damage
 
             def both_work():
@@ -379,7 +371,7 @@ def test_cache_and_accounting_share_a_file_that_is_deleted_then_corrupted(db, mo
                 except sqlite3.Error:
                     return False
 
-            assert until(both_work), damage
+            assert wait_for(both_work), damage
     finally:
         r.close()
         store.close()

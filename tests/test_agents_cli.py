@@ -38,7 +38,7 @@ import time
 
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, REPO, RunningProxy, proxy_settings
+from helpers import ANTHROPIC_KEY, OPENAI_KEY, REPO, RunningProxy, proxy_settings
 from tokenpak import config as configmod
 from tokenpak import pricing, tokens
 

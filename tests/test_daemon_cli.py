@@ -5,12 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
-import openai
-
-from conftest import OPENAI_KEY, REPO, free_port, tokenpak_env, wait_healthy
+from helpers import (OPENAI_KEY, REPO, free_port, openai_client, tokenpak_env, wait_for,
+                     wait_healthy)
 
 
 def tokenpak(env, *args, timeout=60):
@@ -33,8 +30,7 @@ def test_daemon_start_status_stop(fake, isolated_env):
         os.kill(pid, 0)
         # Exit 0 only once listening: the proxy answers right away.
         assert wait_healthy("http://127.0.0.1:%d" % port, timeout=2)["status"] == "ok"
-        client = openai.OpenAI(api_key=OPENAI_KEY, base_url="http://127.0.0.1:%d/v1" % port,
-                               max_retries=0)
+        client = openai_client("http://127.0.0.1:%d" % port)
         client.chat.completions.create(model="gpt-4o",
                                        messages=[{"role": "user", "content": "daemon"}])
         status = tokenpak(env, "status")
@@ -81,7 +77,7 @@ def test_daemon_that_cannot_start_reports_its_error(fake, isolated_env, spawn_to
 
 def test_sigterm_lets_a_slow_stream_finish_and_exits_0(fake, spawn_tokenpak):
     process = spawn_tokenpak("serve")
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=process.url + "/v1", max_retries=0)
+    client = openai_client(process)
     words = " ".join("w%d" % i for i in range(20))
     stream = client.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": words}], stream=True,
@@ -104,16 +100,14 @@ def test_sighup_reloads_the_config_file(fake, spawn_tokenpak, isolated_env):
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps({"footer": {"enabled": False}, "proxy": {"port": 1}}))
     process.send_signal(signal.SIGHUP)
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=process.url + "/v1", max_retries=0)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        text = client.chat.completions.create(
+    client = openai_client(process)
+
+    def answer():
+        return client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "reload"}]
         ).choices[0].message.content
-        if "[tokenpak]" not in text:
-            break
-        time.sleep(0.05)
-    assert text == "Echo: reload"  # the footer is off now, without a restart
+    assert wait_for(lambda: "[tokenpak]" not in answer())
+    assert answer() == "Echo: reload"  # the footer is off now, without a restart
     process.terminate()
     _, err = process.communicate(timeout=30)
     err = err.decode()

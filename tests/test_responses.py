@@ -6,14 +6,12 @@ what the accounting DB and /stats hold, and how cache hits and the footer look t
 """
 
 import json
-import sqlite3
-import time
 
 import openai
 import pytest
 
-from conftest import OPENAI_KEY
 from fakeprovider import responses_usage_for
+from helpers import OPENAI_KEY, accounting_rows
 from tokenpak import pricing, providers
 
 INPUT = "summarise the build log"
@@ -25,19 +23,6 @@ def client(proxy, base="/v1"):
     return openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + base, max_retries=0)
 
 
-def rows(proxy):
-    deadline = time.monotonic() + 10
-    while proxy.app.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proxy.app.recorder.flush()
-    conn = sqlite3.connect(proxy.app.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("select * from requests order by id")]
-    finally:
-        conn.close()
-
-
 def stream(proxy, **kw):
     """One call through the SDK's stream helper: (the cache status recorded, the events,
     the final response the SDK accumulated)."""
@@ -46,7 +31,7 @@ def stream(proxy, **kw):
     with client(proxy).responses.stream(**kw) as s:
         events = list(s)
         final = s.get_final_response()
-    return rows(proxy)[-1]["cache"], events, final
+    return accounting_rows(proxy)[-1]["cache"], events, final
 
 
 def deltas(events):
@@ -69,7 +54,7 @@ def test_bare_responses_path_goes_to_openai(proxy, fake):
     assert answer.output_text == ANSWER
     assert fake.last().path == "/responses"
     assert fake.last().header("Authorization") == "Bearer " + OPENAI_KEY
-    assert rows(proxy)[-1]["model"] == "gpt-4o"
+    assert accounting_rows(proxy)[-1]["model"] == "gpt-4o"
 
 
 # -- accounting ---------------------------------------------------------------------------
@@ -83,7 +68,7 @@ def test_usage_model_and_cost_recorded_stream_and_not(proxy, fake):
     assert events[-1].type == "response.completed"
     prompt = responses_usage_for({"instructions": "be brief", "input": INPUT})
     assert final.usage.input_tokens == answer.usage.input_tokens == prompt
-    first, second = rows(proxy)
+    first, second = accounting_rows(proxy)
     for row, streamed in ((first, 0), (second, 1)):
         assert (row["provider"], row["model"], row["path"]) == ("openai", "gpt-4o", "/v1/responses")
         assert row["streamed"] == streamed and row["complete"] == 1 and row["status"] == 200
@@ -126,7 +111,7 @@ def test_stream_is_cached_and_replayed_event_by_event(make_proxy, fake):
     assert [e.sequence_number for e in second] == list(range(len(first)))
     assert deltas(second) == final2.output_text == ANSWER
     assert final2.id == final1.id
-    hit = rows(proxy)[-1]
+    hit = accounting_rows(proxy)[-1]
     assert (hit["cache"], hit["streamed"], hit["model"], hit["cost_usd"]) == ("hit", 1, "gpt-4o", 0)
     assert hit["output_tokens"] == WORDS
 
@@ -166,7 +151,7 @@ def test_non_stream_footer(make_proxy, fake):
     proxy = make_proxy(footer__enabled=True)
     answer = client(proxy).responses.create(model="gpt-4o", input=INPUT)
     assert answer.output_text.startswith(ANSWER + "\n\n[tokenpak] ")
-    assert answer.output_text.endswith("| cache bypass | $%.4f" % rows(proxy)[-1]["cost_usd"])
+    assert answer.output_text.endswith("| cache bypass | $%.4f" % accounting_rows(proxy)[-1]["cost_usd"])
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -237,6 +222,6 @@ def test_a_broken_stream_raises_in_the_sdk_and_is_not_cached(make_proxy, fake, s
     assert numbers == list(range(len(numbers))) and numbers
     if scenario == "reset":
         assert deltas(seen) == "Echo: summarise"  # what arrived before the reset, intact
-    row = rows(proxy)[-1]
+    row = accounting_rows(proxy)[-1]
     assert row["complete"] == 0 and row["error"] and row["streamed"] == 1
     assert stream(proxy)[0] == "miss"  # nothing was cached

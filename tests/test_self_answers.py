@@ -11,22 +11,10 @@ import logging
 import os
 import socket
 import sqlite3
-import time
 
 import pytest
 
-from conftest import OPENAI_KEY, free_port
-
-
-def eventually(probe, timeout=10.0):
-    """probe()'s first truthy value: a request is logged and recorded just after its
-    answer has gone out, so the test may be a moment ahead of the handler thread."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.01)
+from helpers import OPENAI_KEY, free_port, wait_for
 
 
 def db_rows(proxy):
@@ -43,7 +31,7 @@ def db_rows(proxy):
 
 def rows(proxy, count=1):
     """The DB rows, once there are at least `count`."""
-    return eventually(lambda: len(db_rows(proxy)) >= count and db_rows(proxy)) or db_rows(proxy)
+    return wait_for(lambda: len(db_rows(proxy)) >= count and db_rows(proxy)) or db_rows(proxy)
 
 
 def request(proxy, method, path, body=None, headers=None):
@@ -85,7 +73,7 @@ def access(caplog):
 
 def assert_seen(proxy, access, status, path, error_word, method=None):
     """The answer is in the access log, /metrics and the DB."""
-    line = eventually(lambda: [m for m in access()
+    line = wait_for(lambda: [m for m in access()
                                if " %s - %d " % (path, status) in m])
     assert line, access()
     found = [r for r in rows(proxy) if r["status"] == status and r["path"] == path]
@@ -112,7 +100,7 @@ def test_head_root_without_a_route_is_a_bodyless_200(proxy, fake, access):
     assert response.status == 200 and len(body) == length  # HEAD says what GET sends
     assert json.loads(body)["service"] == "tokenpak"
     assert fake.count() == 0
-    assert eventually(lambda: any(m.startswith("HEAD / - 200") for m in access()))
+    assert wait_for(lambda: any(m.startswith("HEAD / - 200") for m in access()))
     assert [(r["method"], r["status"], r["cost_usd"])
             for r in rows(proxy, 2)] == [("HEAD", 200, 0.0), ("GET", 200, 0.0)]
 
@@ -184,7 +172,7 @@ def test_malformed_request_line_is_seen(proxy, access):
     answer = send_raw(proxy, b"GET /x HTTP/9\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400")
     assert [r["status"] for r in rows(proxy)] == [400]
-    assert eventually(lambda: any(m.startswith("- - - 400") for m in access()))
+    assert wait_for(lambda: any(m.startswith("- - - 400") for m in access()))
     assert metric_count(proxy, 400) == 1
 
 
@@ -196,7 +184,7 @@ def test_a_key_in_a_malformed_request_line_is_not_kept(proxy, access):
     row = rows(proxy)[-1]
     assert row["status"] == 400 and "/v1beta/models?..." in row["error"]
     assert "SECRET" not in row["error"]
-    assert eventually(lambda: any(" 400 " in m for m in access()))
+    assert wait_for(lambda: any(" 400 " in m for m in access()))
     assert not [m for m in access() if "SECRET" in m]
 
 
@@ -206,7 +194,7 @@ def test_502_unreachable_provider_is_seen(make_proxy, access):
                           json.dumps({"model": "gpt-4o", "messages": []}),
                           {"Authorization": "Bearer " + OPENAI_KEY})
     assert response.status == 502
-    line = eventually(lambda: [m for m in access()
+    line = wait_for(lambda: [m for m in access()
                                if m.startswith("POST /v1/chat/completions openai 502")])
     assert line and "error=" in line[0]
     assert metric_count(proxy, 502) == 1
@@ -226,7 +214,7 @@ def test_504_provider_timeout_is_seen(make_proxy, fake, access):
         row = rows(proxy)[-1]
         assert metric_count(proxy, 504) == 1
         assert (row["status"], row["cost_usd"]) == (504, 0.0) and row["error"]
-        assert eventually(lambda: any(" 504 " in m for m in access()))
+        assert wait_for(lambda: any(" 504 " in m for m in access()))
     finally:
         fake.hang_seconds = 30
 

@@ -3,7 +3,6 @@
 import datetime
 import os
 import re
-import sqlite3
 import time
 
 import pytest
@@ -245,8 +244,20 @@ def test_metrics_bound_model_cardinality():
     assert len(models) == stats.MAX_MODELS + 1 and "other" in models
 
 
-def test_metrics_observe_never_raises():
+def test_metrics_observe_never_raises_and_keeps_counting():
     m = stats.Metrics()
     m.observe({})
-    m.observe({"latency_ms": "slow", "usage": "weird"})
-    parse_metrics(m.render())
+    m.observe({"provider": "openai", "model": "gpt-4o", "latency_ms": "slow", "usage": "weird"})
+    m.observe(row(latency_ms=30.0))  # a good request after the malformed ones
+    samples, _ = parse_metrics(m.render())
+    base = (("provider", "openai"), ("model", "gpt-4o"))
+    # The good request is counted in full; the malformed rows added no tokens, cost or
+    # latency, and did not break the text a Prometheus server scrapes.
+    assert samples[("tokenpak_requests_total", base + (("status", "200"), ("cache", "miss")))] == 1
+    assert samples[("tokenpak_tokens_total", base + (("kind", "input"),))] == 1000
+    assert samples[("tokenpak_tokens_total", base + (("kind", "output"),))] == 100
+    one = (1000 * 2.5 + 100 * 10 + 500 * 1.25) / 1e6
+    assert samples[("tokenpak_cost_usd_total", base)] == pytest.approx(one)
+    counts = [v for k, v in samples.items() if k[0] == "tokenpak_request_duration_seconds_count"]
+    assert counts == [1]
+    assert samples[("tokenpak_up", ())] == 1

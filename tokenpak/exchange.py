@@ -22,6 +22,7 @@ answer never depends on the cache, the compressor or the accounting database.
 
 import json
 import logging
+import threading
 import time
 
 from . import footer, sse
@@ -178,7 +179,11 @@ def run(handler, app, ex):
                 replay(handler, app, ex, entry)
                 return
         if not leader:
-            if follow(handler, app, ex, flight):
+            try:
+                followed = follow(handler, app, ex, flight)
+            finally:
+                flight.leave()  # the last reader out stops the shared upstream call
+            if followed:
                 return
             flight = None  # the leader failed before answering: make our own call
         try:
@@ -229,8 +234,23 @@ def follow(handler, app, ex, flight):
             return True
         rewriter = make_rewriter(app, ex) if ex.status < 300 else None
         handler.start_stream(ex.status, headers + footer_headers(app, ex))
-        for chunk in flight.chunks(app.read_timeout):
-            handler.write_chunk(rewriter.feed(chunk) if rewriter else chunk)
+        gone = threading.Event()  # our client hung up: stop reading the shared stream
+
+        def hung_up():
+            gone.set()
+            flight.wake()
+
+        watch = app.hangup.watch(handler.connection, hung_up)
+        try:
+            for chunk in flight.chunks(app.read_timeout, gone):
+                if not handler.write_chunk(rewriter.feed(chunk) if rewriter else chunk):
+                    gone.set()
+                    break
+        finally:
+            app.hangup.unwatch(watch)
+        if gone.is_set():
+            ex.error, ex.complete = "client disconnected mid-stream", False
+            return True
         if rewriter:
             handler.write_chunk(rewriter.close())
             ex.usage = rewriter.watcher.usage
@@ -304,17 +324,21 @@ def relay_whole(handler, app, ex, response, headers, flight):
 def relay_stream(handler, app, ex, response, headers, flight):
     """Relay chunk by chunk: to the client (through the rewriter), the recorder for the
     cache, and followers. A client that leaves stops the upstream read at once, unless
-    followers still need it."""
+    followers still need it; then the last of them to leave stops it."""
     rewriter = make_rewriter(app, ex) if ex.request is not None and ex.status < 300 else None
     if flight is not None:
         flight.set_head(ex.status, headers)
     recorded, size = [], 0
     record = ex.key is not None and 200 <= ex.status < 300 and not ex.no_store
 
+    def stop():
+        ex.client_gone = True
+        shutdown_upstream(response)
+
     def abort():
-        if flight is None or not flight.followers:
-            ex.client_gone = True
-            shutdown_upstream(response)
+        # Our client hung up: stop now, or once the last follower reading it has gone too.
+        if flight is None or flight.leader_left(stop):
+            stop()
 
     handler.start_stream(ex.status, headers + footer_headers(app, ex))
     watch = app.hangup.watch(handler.connection, abort)
