@@ -451,10 +451,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """One access-log line. The path is logged without its query string, which may
         carry a key (Gemini's `?key=`); headers are never logged."""
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s %s %s %d %.1fms %dB%s", ex.method, ex.path.split("?", 1)[0],
-                            ex.route.provider if ex.route else "-", ex.status,
-                            (time.monotonic() - ex.started) * 1000, ex.sent,
-                            " error=%s" % ex.error if ex.error else "")
+            access_log.info("%s %s %s %d %.1fms %dB model=%s cache=%s%s", ex.method,
+                            ex.path.split("?", 1)[0], ex.route.provider if ex.route else "-",
+                            ex.status, (time.monotonic() - ex.started) * 1000, ex.sent,
+                            ex.model or "-", ex.cache, " error=%s" % ex.error if ex.error else "")
+        if access_log.isEnabledFor(logging.DEBUG):  # log.level debug: why it went that way
+            usage = ex.usage
+            access_log.debug(
+                "  client=%s upstream=%s stream=%s compression=%s ttfb=%s usage=%s",
+                self.address_string(), ex.route.url.split("?", 1)[0] if ex.route else "-",
+                "yes" if ex.streamed else "no",
+                ex.compressed.reason if ex.compressed is not None else "-",
+                "%.1fms" % (ex.ttfb * 1000) if ex.ttfb is not None else "-",
+                "in=%d out=%d cache_read=%d" % (usage.input, usage.output, usage.cache_read)
+                if usage is not None else "-")
 
     def log_request(self, code="-", size="-"):
         pass  # replaced by log_exchange
@@ -552,9 +562,17 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
 
 
 def install_signal_handlers(server, reload):
+    stopping = []
+
     def stop(signum, frame):
-        log.info("%s: finishing in-flight requests, then stopping",
-                 signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping:  # a second Ctrl-C: the user will not wait for the streams to drain
+            log.warning("%s again: exiting now, without waiting for in-flight requests", name)
+            logging.shutdown()
+            os._exit(1)
+        stopping.append(signum)
+        log.info("%s: finishing in-flight requests, then stopping (press Ctrl-C again to "
+                 "exit at once)", name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     def hangup(signum, frame):
