@@ -48,7 +48,7 @@ def test_anthropic_non_stream(proxy, fake):
     received = fake.last()
     assert received.path == "/v1/messages"
     # anthropic 2.x sends the key as a Bearer token; older SDKs as x-api-key
-    assert ANTHROPIC_KEY in (received.header("x-api-key"), received.header("Authorization")[7:])
+    assert ANTHROPIC_KEY in (received.header("x-api-key"), (received.header("Authorization") or "")[7:])
     assert received.header("anthropic-version")
 
 
