@@ -324,10 +324,10 @@ def test_prices_of_an_unknown_model_is_one_line(capsys):
 
 
 def test_config_list_masks_the_auth_token(capsys):
-    run(capsys, "config", "set", "proxy.auth_token", "local-secret-token")
+    run(capsys, "config", "set", "proxy.auth_token", "masked-token-value")
     status, out, _ = run(capsys, "config", "list")
     assert status == 0
-    assert "local-secret-token" not in out
+    assert "masked-token-value" not in out
     assert [line.split()[1] for line in out.splitlines()
             if line.startswith("proxy.auth_token")] == ["***"]
     status, out, _ = run(capsys, "config", "list", "--json")
