@@ -194,6 +194,8 @@ def _number(key, value):
                 "a whole number" if key.type == "int" else "a number")
             raise ValueError("expected %s, got %r" % (wanted, value))
         text, factor = match.group(1).replace("_", ""), units[match.group(2)]
+        if len(text) > 30:  # beyond any range here (and int() refuses 4300+ digits)
+            raise ValueError("expected %s, got a %d-digit number" % (_range(key), len(text)))
         if key.unit == "MiB":  # a bare number is MiB already
             factor = factor / float(1 << 20) if match.group(2) else 1
         plain = factor == 1 and "." not in text and "e" not in text
@@ -208,16 +210,22 @@ def _number(key, value):
             number = int(-(-number // 1))  # a unit that leaves a fraction rounds up
     else:
         number = float(number)
-    high = key.high if key.high is not None else float("inf")
-    if not key.low <= number <= high:
-        raise ValueError("expected %s from %s to %s, got %s" % (
-            "a whole number" if key.type == "int" else "a number", _plain(key.low),
-            _plain(high), _plain(number)))
+    if not key.low <= number <= key.high:
+        raise ValueError("expected %s, got %s" % (_range(key), _plain(number)))
     return number
 
 
+def _range(key):
+    return "%s from %s to %s" % ("a whole number" if key.type == "int" else "a number",
+                                 _plain(key.low), _plain(key.high))
+
+
 def _plain(number):
-    return "%d" % number if float(number).is_integer() and abs(number) < 1e18 else "%g" % number
+    """A number as a person writes it: 65535, 0.001, 1e+26."""
+    if isinstance(number, int):
+        return "%d" % number if abs(number) < 10 ** 30 else "a %d-digit number" % len(
+            str(abs(number)))
+    return "%d" % number if number.is_integer() and abs(number) < 1e18 else "%g" % number
 
 
 def _convert(key, value):
@@ -308,17 +316,21 @@ def read_raw(path):
             hint="check its permissions, or set TOKENPAK_CONFIG to another file")
     if not text.strip():
         return {}
+    repair = ("fix it in an editor; or `tokenpak config set KEY VALUE` starts a new file "
+              "and keeps this one as %s" % broken_copy(path))
     try:
         tree = json.loads(text)
+        flat = _flatten(tree) if isinstance(tree, dict) else None
+    except RecursionError:
+        raise BrokenConfig("config file %s nests too deeply to be a tokenpak config" % path,
+                           hint=repair)
     except ValueError as exc:
         raise BrokenConfig("config file %s is not valid JSON: %s" % (path, exc),
-                           hint="fix it in an editor; or `tokenpak config set KEY VALUE` "
-                                "starts a new file and keeps this one as %s" % broken_copy(path))
+                           hint=repair)
     if not isinstance(tree, dict):
         raise BrokenConfig("config file %s must hold a JSON object" % path,
-                           hint="fix it in an editor; or `tokenpak config set KEY VALUE` "
-                                "starts a new file and keeps this one as %s" % broken_copy(path))
-    return _flatten(tree)
+                           hint=repair)
+    return flat
 
 
 def broken_copy(path):
