@@ -435,7 +435,6 @@ def cmd_config_get(args):
 
 def _print_price_key(name):
     """pricing.<model>.<field>: the price in effect and where it comes from."""
-    from . import pricing
     model, field = name[len("pricing."):].rsplit(".", 1)
     found = _price_rows(load_config(), model)
     if not found:
@@ -503,7 +502,7 @@ def _price_rows(config, model=None):
             row[field] = entry[field]
             origin = changed.get((name, field))
             row["sources"][field] = ("config %s (%s)" % (origin, config.source(origin))
-                                     if origin else shipped if name in pricing._SHIPPED["models"]
+                                     if origin else shipped if name in pricing.default_table()
                                      else "defaults to the input price")
         rows.append(row)
     return rows
