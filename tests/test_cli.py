@@ -360,3 +360,22 @@ def test_service_install_into_an_unwritable_place_is_one_line(capsys, monkeypatc
     status, _, err = run(capsys, "service", "install")
     assert status == ExitStatus.ERROR
     assert_one_error(err, "cannot write", "tokenpak.service")
+
+
+def test_health_and_status_report_accounting_that_cannot_be_written(capsys, make_proxy,
+                                                                    tmp_path):
+    import shutil
+    import urllib.request
+    from tokenpak import daemon
+    running = make_proxy()  # db.path is tmp_path/state/tokenpak.db
+    with urllib.request.urlopen(running.url + "/health") as response:
+        assert json.loads(response.read())["status"] == "ok"
+    shutil.rmtree(str(tmp_path / "state"), ignore_errors=True)  # made on the first write
+    (tmp_path / "state").write_text("")  # a path component is now a file
+    with urllib.request.urlopen(running.url + "/health") as response:
+        health = json.loads(response.read())
+    assert health["status"] == "degraded"
+    assert "is a file, not a directory" in health["accounting"]
+    code, text = daemon.status(str(tmp_path / "no.pid"), running.url + "/health")
+    assert text.startswith("tokenpak is running (degraded)")
+    assert "problem:  db.path %s" % (tmp_path / "state" / "tokenpak.db") in text

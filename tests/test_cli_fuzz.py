@@ -11,8 +11,9 @@ that are not what they should be. Whatever it builds, `main(argv)`:
 - exits 2 exactly when the error is a usage error (argparse, an unknown key, a bad value on
   the command line or in the environment).
 
-In-process calls keep it fast. `serve` is stubbed where it would listen, systemctl where it
-would run; everything before that (parsing, config, db.path checks) is the real code.
+In-process calls keep it fast. `serve` is stubbed where it would listen or set up logging,
+systemctl where it would run; everything before that (parsing, config, db.path checks) is
+the real code.
 """
 
 import argparse
@@ -131,6 +132,9 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
     paths += [str(files), str(files / "missing.json"), str(files / "a_file" / "below"),
               str(files / "out.json")]
     monkeypatch.setattr(proxy, "serve", lambda *a, **k: 0)
+    # serve would point the "tokenpak" logger at this test's captured stderr, which is
+    # closed once the test ends: later tests would log into a closed file
+    monkeypatch.setattr(daemon, "setup_logging", lambda *a, **k: None)
     monkeypatch.setattr(daemon, "start", lambda *a, **k: 0)
     monkeypatch.setattr(systemd.subprocess, "run", _no_systemctl)
     monkeypatch.setattr(systemd.shutil, "which", lambda name: "/usr/bin/" + name)

@@ -375,6 +375,8 @@ def status(pid_file: str, health_url: str):
     lines.append("  pid:      %s"
                  % (shown_pid or "unknown (no pid file: not started with --daemon)"))
     lines.append("  address:  %s" % _address(health_url))
+    if health.get("accounting"):  # status "degraded": say what is lost
+        lines.append("  problem:  %s" % health["accounting"])
     if "version" in health:
         lines.append("  version:  %s" % health["version"])
     if isinstance(health.get("uptime_s"), (int, float)):

@@ -36,6 +36,7 @@ from .accounting import Recorder
 from .cache import CacheStore, load_secret, scope_id
 from .coalesce import Coalescer
 from .compression import Settings, compress_request
+from .doctor import db_path_problem
 from .errors import TokenpakError
 from .hangup import HangupWatcher
 from .providers import NoRoute, Router
@@ -167,8 +168,14 @@ class App:
 
     # -- local endpoints -----------------------------------------------------------------
     def health(self):
-        return {"status": "ok", "version": __version__,
+        """"ok", or "degraded" when the database cannot be written: requests are still
+        served, but their accounting (and the cache) would be lost silently."""
+        body = {"status": "ok", "version": __version__,
                 "uptime_s": round(time.time() - self.started, 3), "requests": self.requests}
+        problem = db_path_problem(self.db_path)
+        if problem:
+            body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
+        return body
 
     def stats(self):
         self.recorder.flush(2.0)
