@@ -4,8 +4,11 @@ import json
 import sqlite3
 import time
 
+from pathlib import Path
+
 import anthropic
 import openai
+import pytest
 
 from conftest import ANTHROPIC_KEY, OPENAI_KEY
 from fakeprovider import usage_for
@@ -24,6 +27,7 @@ def rows(proxy):
 
 
 MESSAGES = [{"role": "user", "content": "count my tokens please"}]
+CORPUS = Path(__file__).resolve().parent / "corpus"
 ANSWER_WORDS = len("Echo: count my tokens please".split())
 
 
@@ -84,6 +88,56 @@ def test_unknown_model_costs_unknown_not_zero(proxy, fake):
     assert row["model"] == "my-finetune-x"
     assert row["output_tokens"] == ANSWER_WORDS
     assert row["cost_usd"] is None
+
+
+def test_free_endpoints_cost_zero_and_unknown_prices_count_as_unpriced(proxy, fake):
+    """count_tokens and model listings are free: cost 0, not unknown. A request whose
+    price is unknown is counted in unpriced_requests, consistently with its NULL cost."""
+    an = anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=proxy.url, max_retries=0)
+    counted = an.messages.count_tokens(model="claude-sonnet-4-6", messages=MESSAGES)
+    assert counted.input_tokens == usage_for({"messages": MESSAGES})
+    oa = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    assert [m.id for m in oa.models.list()] == ["gpt-4o"]
+    recorded = rows(proxy)
+    assert [(r["method"], r["path"], r["cost_usd"]) for r in recorded] == [
+        ("POST", "/v1/messages/count_tokens", 0.0), ("GET", "/v1/models", 0.0)]
+    stats = json.loads(proxy.get("/stats")[2])
+    assert stats["unpriced_requests"] == 0 and stats["cost_usd"] == 0.0
+    # a billed call without a price, and one whose usage nobody reported
+    oa.chat.completions.create(model="gpt-4o", messages=MESSAGES,
+                               extra_body={"model": "my-finetune-x"})
+    oa.post("/embeddings", body={"input": "x"}, cast_to=object)
+    stats = json.loads(proxy.get("/stats")[2])
+    assert stats["unpriced_requests"] == 2
+    by_model = stats["by_model"]
+    assert (by_model["my-finetune-x"]["cost_usd"], by_model["my-finetune-x"]["unpriced"]) == \
+        (None, 1)
+    # the free calls' known 0 plus one request of unknown cost, counted as such
+    assert (by_model["(unknown)"]["cost_usd"], by_model["(unknown)"]["unpriced"]) == (0.0, 1)
+
+
+def test_compression_savings_priced_at_cache_read_when_the_provider_caches(make_proxy, fake):
+    """The same compressed request saves the input price per removed token while the
+    provider caches nothing, the (lower) cache-read price once it reads its cache; the
+    footer shows the same figure as the row."""
+    data = json.loads((CORPUS / "009-json-tools-9.json").read_text())
+    proxy = make_proxy(footer__enabled=True)
+    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    first = client.chat.completions.create(**data["body"])
+    fake.cached_tokens = 200
+    second = client.chat.completions.create(**data["body"])
+    a, b = rows(proxy)
+    removed = a["tokens_before"] - a["tokens_after"]
+    assert removed > 0 and b["tokens_before"] - b["tokens_after"] == removed
+    assert a["saved_usd"] == pytest.approx(removed * 2.50 / 1e6)  # gpt-4o input
+    assert b["saved_usd"] == pytest.approx(removed * 1.25 / 1e6)  # gpt-4o cache read
+    assert b["compression_saved_usd"] == b["saved_usd"]
+    for answer, row in ((first, a), (second, b)):
+        assert answer.choices[0].message.content.endswith(
+            "(saved $%.4f)" % row["saved_usd"])
+    stats = json.loads(proxy.get("/stats")[2])
+    assert stats["saved_usd"] == pytest.approx(a["saved_usd"] + b["saved_usd"])
+    assert stats["compression_saved_usd"] == pytest.approx(stats["saved_usd"])
 
 
 def test_cache_hits_are_recorded_as_savings(make_proxy, fake):

@@ -92,6 +92,37 @@ def test_key_depends_on_provider_and_path_not_on_field_order():
     assert len(base) == 64 and int(base, 16) >= 0
 
 
+def test_key_ignores_per_call_labels_of_agents():
+    base = cache_key("openai", "/v1/responses", BODY)
+    for extra in ({"prompt_cache_key": "conv-1234"}, {"safety_identifier": "h"},
+                  {"prompt_cache_retention": "24h"},
+                  {"client_metadata": {"x": "y"}}):
+        assert cache_key("openai", "/v1/responses", dict(BODY, **extra)) == base
+
+
+def test_key_includes_answer_changing_headers_normalised():
+    path = "/v1/messages"
+    none = cache_key("anthropic", path, BODY)
+    assert cache_key("anthropic", path, BODY, {}) == none  # no header: the old key
+    beta = cache_key("anthropic", path, BODY, {"anthropic-beta": "context-1m-2025-08-07"})
+    assert beta != none
+    two = cache_key("anthropic", path, BODY, {"anthropic-beta": "a-1,b-2"})
+    assert cache_key("anthropic", path, BODY, {"anthropic-beta": " b-2 , a-1,a-1"}) == two
+    assert cache_key("anthropic", path, BODY, {"anthropic-beta": "a-1"}) != two
+    assert cache_key("anthropic", path, BODY, {"anthropic-version": "2023-06-01"}) != none
+    assert cache_key("openai", path, BODY, {"openai-beta": "assistants=v2"}) != \
+        cache_key("openai", path, BODY)
+
+
+def test_key_ignores_per_call_headers():
+    base = cache_key("anthropic", "/v1/messages", BODY, {"anthropic-version": "2023-06-01"})
+    noisy = {"anthropic-version": "2023-06-01", "x-request-id": "r1", "idempotency-key": "i",
+             "x-stainless-retry-count": "1", "user-agent": "claude-cli/2.1", "traceparent": "t",
+             "x-claude-code-session-id": "s", "x-client-request-id": "c", "session_id": "x",
+             "openai-organization": "org", "openai-project": "p", "x-api-key": "sk-ant-x"}
+    assert cache_key("anthropic", "/v1/messages", BODY, noisy) == base
+
+
 def test_key_survives_lone_surrogates():
     assert cache_key("openai", "/v1/chat/completions", {"messages": "\ud800"})
 

@@ -46,6 +46,35 @@ def test_parameter_change_misses(cached, fake):
     assert fake.count("/chat/completions") == 3  # `user`/`metadata` do not count; `store` does
 
 
+def test_answer_changing_headers_are_in_the_key(cached, fake):
+    """The same body with and without a beta feature is two questions; a reordered beta
+    list is the same question."""
+    def msg(**headers):
+        return an(cached).messages.with_raw_response.create(
+            model="claude-sonnet-4-6", max_tokens=50, extra_headers=headers,
+            messages=[{"role": "user", "content": "beta or not"}])
+    assert msg().headers["x-tokenpak-cache"] == "miss"
+    with_beta = msg(**{"anthropic-beta": "context-1m-2025-08-07"})
+    assert with_beta.headers["x-tokenpak-cache"] == "miss"
+    assert fake.count("/v1/messages") == 2
+    assert fake.last().header("anthropic-beta") == "context-1m-2025-08-07"
+    both = msg(**{"anthropic-beta": "context-1m-2025-08-07,files-api-2025-04-14"})
+    assert both.headers["x-tokenpak-cache"] == "miss"
+    again = msg(**{"anthropic-beta": "files-api-2025-04-14, context-1m-2025-08-07"})
+    assert again.headers["x-tokenpak-cache"] == "hit"
+    assert fake.count("/v1/messages") == 3
+
+
+def test_per_call_headers_do_not_defeat_the_cache(cached, fake):
+    ask(oa(cached), extra_headers={"x-stainless-retry-count": "0", "x-request-id": "a",
+                                   "User-Agent": "one/1.0", "idempotency-key": "k1"})
+    again = ask(oa(cached), extra_headers={"x-stainless-retry-count": "1", "x-request-id": "b",
+                                           "User-Agent": "two/2.0", "idempotency-key": "k2",
+                                           "x-claude-code-session-id": "s2"})
+    assert again.headers["x-tokenpak-cache"] == "hit"
+    assert fake.count("/chat/completions") == 1
+
+
 def test_no_cache_refreshes_and_no_store_bypasses(cached, fake):
     ask(oa(cached))
     refreshed = ask(oa(cached), extra_headers={"Cache-Control": "no-cache"})

@@ -53,6 +53,36 @@ def test_footer_appended_and_stripped_round_trip_openai(make_proxy, fake):
     assert sent[1]["content"] == "Echo: first question"
 
 
+def test_footer_stripped_however_the_client_gives_it_back(make_proxy, fake):
+    """aider-style trailing whitespace, CRLF, markdown rendering, a block of its own: the
+    provider never receives the footer."""
+    proxy = make_proxy(footer__enabled=True)
+    answer = an(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=50,
+                                       messages=[{"role": "user", "content": "first"}])
+    text = answer.content[0].text
+    said, line = text.split("\n\n")
+    assert said == "Echo: first" and line.startswith("[tokenpak] ")
+    variants = [
+        text + "\n\n",
+        text.replace("\n", "\r\n") + "\r\n",
+        said + "\n\n*" + line.replace("[tokenpak]", "\\[tokenpak\\]") + "*\n",
+        said + "\n\n> " + line,
+        [{"type": "text", "text": said}, {"type": "text", "text": line + "\n"}],
+    ]
+    for variant in variants:
+        an(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=[
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": variant},
+            {"role": "user", "content": "second"}])
+        sent = fake.last()
+        assert b"tokenpak" not in sent.body, variant
+        content = sent.json()["messages"][1]["content"]
+        if isinstance(content, str):
+            assert content.replace("\r\n", "\n") == said
+        else:
+            assert content == [{"type": "text", "text": said}]
+
+
 def test_footer_in_streams_both_sdks(make_proxy, fake):
     proxy = make_proxy(footer__enabled=True)
     stream = oa(proxy).chat.completions.create(
@@ -169,3 +199,43 @@ def test_compressed_requests_are_accounted(make_proxy, fake):
     stats = json.loads(proxy.get("/stats")[2])
     assert stats["compressed_requests"] == 1
     assert stats["tokens_saved"] > 0
+
+
+def _unmarked(value):
+    if isinstance(value, dict):
+        return {k: _unmarked(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_unmarked(v) for v in value]
+    return value
+
+
+def test_claude_code_turns_are_compressed_and_stay_prefix_stable(make_proxy, fake):
+    """Claude Code's exact request (marker on the newest block, thinking, 24 tools), two turns
+    sent as the CLI sends them: both compressed, turn N a byte-identical prefix of turn N+1."""
+    data = case("agents/018-claude-code-18.json")
+    proxy = make_proxy()  # default settings: hybrid, threshold 4,500
+    import http.client
+    forwarded = []
+    for body in (data["previous"], data["body"]):
+        raw = json.dumps(body).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request("POST", data["path"], body=raw, headers={
+            "x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01",
+            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+            "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read()
+        conn.close()
+        assert len(fake.last().body) < 0.8 * len(raw)
+        forwarded.append(fake.last().json())
+    before, after = forwarded
+    old, new = _unmarked(before["messages"]), _unmarked(after["messages"])
+    assert json.dumps(new).startswith(json.dumps(old)[:-1])
+    assert after["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    newest = after["messages"][-1]["content"][-1]["content"]
+    assert newest != data["body"]["messages"][-1]["content"][-1]["content"]  # compressed too
+    for key in ("system", "tools", "thinking", "context_management"):
+        assert after[key] == data["body"][key]
+    text = "\n".join(strings(after))
+    assert all(needle in text for needle in data["needles"])

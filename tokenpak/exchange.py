@@ -4,10 +4,11 @@ This is design.md's "one request" walk. `proxy.Handler` owns the sockets and cal
 once a request is read and routed; everything here talks to the client through the
 handler's small writing API (write_head, write_chunk, end_chunks).
 
-1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, Anthropic messages),
-   strip old footers from the history and compress (footer.py, compression.py). An OpenAI
-   stream that did not ask for usage is asked for it, and the extra chunk is dropped again
-   on the way back (sse.StreamRewriter), so accounting never records a stream as free.
+1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, OpenAI Responses,
+   Anthropic messages), strip old footers from the history and compress (footer.py,
+   compression.py). An OpenAI chat stream that did not ask for usage is asked for it, and
+   the extra chunk is dropped again on the way back (sse.StreamRewriter), so accounting
+   never records a stream as free; a Responses stream always ends with its usage.
 2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
    requests in flight share one upstream call (coalesce.py).
 3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
@@ -24,6 +25,7 @@ import logging
 import time
 
 from . import footer, sse
+from .accounting import price_row
 from .cache import Entry, cache_key
 from .coalesce import FlightFailed
 from .hangup import shutdown_upstream
@@ -50,7 +52,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "client_gone", "_json")
+                 "no_store", "no_cache", "client_gone", "local", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -76,6 +78,7 @@ class Exchange:
         self.drop_usage = False
         self.no_store = self.no_cache = False
         self.client_gone = False
+        self.local = False              # a local endpoint's answer: logged, not recorded
         self._json = False              # not parsed yet
 
     def json_body(self):
@@ -102,7 +105,7 @@ def prepare(app, ex):
     if api is None or ex.method != "POST":
         return
     request = ex.json_body()  # invalid JSON: the provider will say what is wrong with it
-    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+    if not known_shape(api, request):
         return
     ex.request = request
     ex.model = request.get("model") if isinstance(request.get("model"), str) else None
@@ -134,13 +137,23 @@ def prepare(app, ex):
                                      separators=(",", ":")).encode("utf-8")
     if app.cache is not None and not ex.no_store:
         try:
-            ex.key = cache_key(ex.route.provider, ex.path, body) + (
+            ex.key = cache_key(ex.route.provider, ex.path, body, ex.lower) + (
                 ":sse" if ex.streamed else ":json")
             ex.scope = app.scope_for(credential(ex.lower))
             ex.cache = "miss"
         except Exception:
             log.exception("cache key failed; not caching this request")
             ex.key = None
+
+
+def known_shape(api, request):
+    """Whether a parsed body has the shape of its API: `messages` a list (chat, Anthropic),
+    or `input` a string or a list of items (Responses)."""
+    if not isinstance(request, dict):
+        return False
+    if api == "responses":
+        return isinstance(request.get("input"), (str, list))
+    return isinstance(request.get("messages"), list)
 
 
 # -- 2. cache and coalescing --------------------------------------------------------------
@@ -407,14 +420,14 @@ def token_counts(ex, usage):
 
 
 def footer_line(app, ex, usage):
+    """The footer for this answer: the same cost and savings its accounting row gets."""
     before, after = token_counts(ex, usage)
-    cost = None
-    if usage is not None and ex.cache not in ("hit", "coalesced"):
-        cost = app.cost(ex.model, _usage_dict(usage))
-    elif ex.cache in ("hit", "coalesced"):
-        cost = 0.0
+    cost, saved = price_row({
+        "model": ex.model, "cache": ex.cache, "method": ex.method, "path": ex.path,
+        "status": ex.status, "usage": _usage_dict(usage) if usage is not None else None,
+        "tokens_before": before, "tokens_after": after}, app.prices)
     return footer.format_line(before, after, "hit" if ex.cache in ("hit", "coalesced")
-                              else ex.cache, cost)
+                              else ex.cache, cost, saved)
 
 
 def footer_headers(app, ex):
@@ -437,7 +450,8 @@ def row(ex):
         before, after = token_counts(ex, usage)
     return {
         "ts": time.time(), "provider": ex.route.provider if ex.route else None,
-        "model": ex.model, "path": ex.path.split("?", 1)[0], "status": ex.status,
+        "model": ex.model, "method": ex.method, "path": ex.path.split("?", 1)[0],
+        "status": ex.status,
         "streamed": ex.streamed, "cache": ex.cache,
         "usage": _usage_dict(usage) if usage is not None else None,
         "tokens_before": before, "tokens_after": after,

@@ -49,6 +49,7 @@ AUTH_HEADER = exchange.AUTH_HEADER
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 METHOD_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
+LOCAL_METHODS = ("GET", "HEAD")
 # Settings that only a restart applies (SIGHUP says so when they change).
 RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.log_file",
                 "proxy.connect_timeout", "proxy.read_timeout")
@@ -150,14 +151,9 @@ class App:
             scope = "shared"
         self.cache.put(scope, key, entry)
 
-    def cost(self, model, usage):
-        return pricing.cost(model or "", usage, self.prices)
-
     def record(self, ex):
         """Queue the accounting row and count the metrics; never raises."""
         try:
-            if ex.route is None:
-                return
             if self.shared_cache and ex.scope and 200 <= ex.status < 300:
                 self.verified_scopes.add(ex.scope)
             row = exchange.row(ex)
@@ -233,7 +229,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- request reading ---------------------------------------------------------------
     def handle_one_request(self):
-        """Read one request and dispatch it, whatever its method."""
+        """Read one request and dispatch it, whatever its method; then log and record it."""
+        self.exchange = None  # never the previous keep-alive request's
+        self.head_sent = False
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
@@ -245,40 +243,76 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
-            self.head_sent = False
-            self.exchange = None  # never the previous keep-alive request's
             self.dispatch()
         except (socket.timeout, TimeoutError):
             self.close_connection = True
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
         except Exception:
-            # A bug in tokenpak: log it, and answer in the provider's shape if we still can,
-            # rather than dropping the connection on the client's SDK.
-            log.exception("unexpected error while handling %s %s", self.command,
-                          self.path.split("?", 1)[0])
-            self.close_connection = True
-            if not self.head_sent:
-                try:
-                    self.fail(500, "tokenpak internal error; see the tokenpak log")
-                except OSError:
-                    pass
+            self.internal_error()
+        finally:
+            self.finish_exchange()
+
+    def internal_error(self):
+        """A bug in tokenpak: log it, and answer in the provider's shape if we still can,
+        rather than dropping the connection on the client's SDK."""
+        log.exception("unexpected error while handling %s %s", self.command,
+                      (self.path or "").split("?", 1)[0])
+        self.close_connection = True
+        if not self.head_sent:
+            try:
+                self.fail(500, "tokenpak internal error; see the tokenpak log")
+            except OSError:
+                pass
+
+    def finish_exchange(self):
+        """Log and record the request this connection just answered, whoever answered it:
+        the provider, the cache, or tokenpak itself (a 4xx before forwarding, a local
+        endpoint, a malformed request line). Never raises."""
+        ex, self.exchange = self.exchange, None
+        if ex is None:
+            return
+        if not ex.status and not ex.error:
+            ex.error = "no answer: the client's connection closed or timed out"
+        self.log_exchange(ex)
+        if not ex.local:
+            self.server.app.record(ex)
 
     def dispatch(self):
         app = self.server.app
-        local = LOCAL_ENDPOINTS.get(self.path.split("?", 1)[0]) if self.command == "GET" else None
+        self.exchange = exchange.Exchange(self.command, self.path, self.headers.items(), b"")
+        local = LOCAL_ENDPOINTS.get(self.path.split("?", 1)[0])
+        if local is not None and self.command not in LOCAL_METHODS:
+            self.fail(405, "%s answers GET and HEAD only" % self.path.split("?", 1)[0],
+                      extra=[("Allow", ", ".join(LOCAL_METHODS))])
+            return
         if local is not None and (local is Handler.send_health or not app.auth_token
                                   or self.authorised(app.auth_token)):
-            local(self, app)  # /health is open to monitors; usage figures need the token
+            # /health is open to monitors; usage figures need the token. Successful local
+            # answers are logged but not recorded: a monitor polling /health every few
+            # seconds would otherwise fill the accounting table with non-requests.
+            self.exchange.local = True
+            local(self, app)
             return
         app.begin()
         try:
             self.proxy(app)
+        except (OSError, TimeoutError):
+            raise  # the client's connection: handle_one_request closes it
+        except Exception:
+            self.internal_error()
         finally:
+            self.finish_exchange()  # before end(): a drained tokenpak has recorded everything
             app.end()
 
     def send_health(self, app):
         self.send_json(200, app.health())
+
+    def send_root(self, app):
+        """GET or HEAD / that no rule routes: tokenpak says what it is (Claude Code sends
+        `HEAD /` on start to check that its base URL answers)."""
+        self.send_json(200, {"service": "tokenpak", "version": __version__,
+                             "health": "/health"})
 
     def send_stats(self, app):
         self.send_json(200, app.stats())
@@ -338,6 +372,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- proxying ----------------------------------------------------------------------
     def proxy(self, app):
+        ex = self.exchange
         if not METHOD_TOKEN.match(self.command):
             self.fail(400, "invalid HTTP method %r" % self.command[:40], close=True)
             return
@@ -349,18 +384,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.read_body(app)
         if body is None:
             return
-        ex = exchange.Exchange(self.command, self.path, self.headers.items(), body)
-        self.exchange = ex
+        ex.body = ex.forward_body = body
         try:
             ex.route = app.router.route(ex.path, ex.lower, ex.model_name)
         except NoRoute as exc:
+            if self.command in LOCAL_METHODS and ex.path.split("?", 1)[0] == "/":
+                self.send_root(app)  # a transparent proxy forwards `/` when it can route it
+                return
             self.fail(400, str(exc))
             return
-        try:
-            exchange.run(self, app, ex)
-        finally:
-            self.log_exchange(ex)
-            app.record(ex)
+        exchange.run(self, app, ex)
 
     def authorised(self, token):
         given = self.headers.get(AUTH_HEADER) or ""
@@ -409,7 +442,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- writing -----------------------------------------------------------------------
     def write_head(self, status, reason, headers, length, body=b"", chunked=False):
-        """Status line and headers, plus a small body, in a single send."""
+        """Status line and headers, plus a small body, in a single send.
+
+        The answer to HEAD is the head alone (RFC 9110 9.3.2): Content-Length still says
+        what GET would have sent, but no body follows, or the client would read it as the
+        start of the next answer on the connection."""
         lines = ["HTTP/1.1 %d %s" % (status, reason or _reason(status))]
         lines.extend("%s: %s" % pair for pair in headers)
         if length is not None:
@@ -420,34 +457,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
         self.head_sent = True
-        self.wfile.write(head + body if body else head)
+        if body and self.command != "HEAD":
+            head += body
+        self.wfile.write(head)
 
-    def send_json(self, status, obj):
+    def send_json(self, status, obj, extra=()):
         body = json.dumps(obj).encode("utf-8")
-        self.write_head(status, None, [("Content-Type", "application/json")], str(len(body)),
-                        body)
+        ex = getattr(self, "exchange", None)
+        if ex is not None:
+            ex.status, ex.sent = status, 0 if self.command == "HEAD" else len(body)
+        self.write_head(status, None, [("Content-Type", "application/json")] + list(extra),
+                        str(len(body)), body)
 
-    def fail(self, status, message, close=False):
+    def fail(self, status, message, close=False, extra=()):
         """Answer with tokenpak's own error, shaped like the provider's."""
         ex = getattr(self, "exchange", None)
         api = ex.route.api if ex is not None and ex.route is not None else None
         if api is None:
-            api = "anthropic" if self.path.startswith("/v1/messages") else "openai"
+            api = "anthropic" if (self.path or "").startswith("/v1/messages") else "openai"
         if close:
             self.close_connection = True
-        body = json.dumps(error_body(api, status, message)).encode("utf-8")
         if ex is not None:
-            ex.status, ex.sent = status, len(body)
-        self.write_head(status, None, [("Content-Type", "application/json"),
-                                       (exchange.CACHE_HEADER, "bypass")], str(len(body)), body)
+            ex.error = ex.error or message
+        self.send_json(status, error_body(api, status, message),
+                       [(exchange.CACHE_HEADER, "bypass")] + list(extra))
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's errors for malformed HTTP (bad request line, header overflow), as
-        JSON instead of an HTML page."""
+        JSON instead of an HTML page; recorded like tokenpak's other answers."""
         self.close_connection = True
         text = message or _reason(code)
         if explain:
             text = "%s: %s" % (text, explain)
+        # The request line may not have been parsed: no method, and a path only if it was.
+        method = self.command or "-"
+        path = self.path if self.command and isinstance(getattr(self, "path", None), str) else "-"
+        self.exchange = exchange.Exchange(method, path, [], b"")
+        # The stdlib quotes the raw request line in some messages: never keep its query
+        # string (Gemini's `?key=`) in the log or the DB.
+        self.exchange.error = text = _no_query(text)
         try:
             self.send_json(int(code), error_body("openai", int(code), text))
         except OSError:
@@ -456,13 +504,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- logging -----------------------------------------------------------------------
     def log_exchange(self, ex):
         """One access-log line. The path is logged without its query string, which may
-        carry a key (Gemini's `?key=`); headers are never logged."""
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s %s %s %d %.1fms %dB model=%s cache=%s%s", ex.method,
-                            ex.path.split("?", 1)[0], ex.route.provider if ex.route else "-",
-                            ex.status, (time.monotonic() - ex.started) * 1000, ex.sent,
-                            ex.model or "-", ex.cache, " error=%s" % ex.error if ex.error else "")
-        if access_log.isEnabledFor(logging.DEBUG):  # log.level debug: why it went that way
+        carry a key (Gemini's `?key=`); headers are never logged. Successful answers of
+        the local endpoints go to the debug level (monitors poll them)."""
+        level = logging.DEBUG if ex.local and ex.status < 400 else logging.INFO
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "%s %s %s %d %.1fms %dB model=%s cache=%s%s", ex.method,
+                           ex.path.split("?", 1)[0], ex.route.provider if ex.route else "-",
+                           ex.status, (time.monotonic() - ex.started) * 1000, ex.sent,
+                           ex.model or "-", ex.cache, " error=%s" % ex.error if ex.error else "")
+        if access_log.isEnabledFor(logging.DEBUG) and not ex.local:  # why it went that way
             usage = ex.usage
             access_log.debug(
                 "  client=%s upstream=%s stream=%s compression=%s ttfb=%s usage=%s",
@@ -477,7 +527,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass  # replaced by log_exchange
 
     def log_message(self, format, *args):
-        log.debug("%s: %s", self.address_string(), format % args)
+        log.debug("%s: %s", self.address_string(), _no_query(format % args))
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+def _no_query(text):
+    """`text` with every query string cut out ("/v1/x?key=..." -> "/v1/x?...")."""
+    return _QUERY.sub("?...", text) if "?" in text else text
 
 
 def _reason(status):
