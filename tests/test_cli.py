@@ -348,8 +348,13 @@ def test_system_flag_uses_the_debian_services_files(capsys, monkeypatch):
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "packaging", "systemd", "tokenpak.service")) as unit:
         environment = [line for line in unit if line.startswith("Environment=")][0]
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "packaging", "debian", "README.Debian")) as readme:
+        explained = readme.read()
     for name, value in cli.SYSTEM_ENV.items():
         assert "%s=%s" % (name, value) in environment  # the same files the service uses
+        assert "%s=%s" % (name, value) in explained  # and what the admin is told
+    assert "tokenpak --system config set" in explained
 
 
 def test_service_install_into_an_unwritable_place_is_one_line(capsys, monkeypatch, tmp_path):
