@@ -9,7 +9,10 @@ import copy
 import json
 
 import anthropic
-import httpx2
+try:  # the SDKs' own HTTP library: httpx2 under openai>=3 / anthropic>=2 (Python >= 3.11)
+    import httpx2
+except ImportError:  # older Pythons get SDK versions built on httpx, the same API
+    import httpx as httpx2
 import openai
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -8,7 +8,10 @@ served by an httpx2 MockTransport to real `openai` and `anthropic` clients.
 import json
 
 import anthropic
-import httpx2
+try:  # the SDKs' own HTTP library: httpx2 under openai>=3 / anthropic>=2 (Python >= 3.11)
+    import httpx2
+except ImportError:  # older Pythons get SDK versions built on httpx, the same API
+    import httpx as httpx2
 import openai
 import pytest
 

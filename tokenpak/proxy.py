@@ -36,6 +36,7 @@ from .accounting import Recorder
 from .cache import CacheStore, load_secret, scope_id
 from .coalesce import Coalescer
 from .compression import Settings, compress_request
+from .doctor import db_path_problem
 from .errors import TokenpakError
 from .hangup import HangupWatcher
 from .providers import NoRoute, Router
@@ -163,8 +164,14 @@ class App:
 
     # -- local endpoints -----------------------------------------------------------------
     def health(self):
-        return {"status": "ok", "version": __version__,
+        """"ok", or "degraded" when the database cannot be written: requests are still
+        served, but their accounting (and the cache) would be lost silently."""
+        body = {"status": "ok", "version": __version__,
                 "uptime_s": round(time.time() - self.started, 3), "requests": self.requests}
+        problem = db_path_problem(self.db_path)
+        if problem:
+            body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
+        return body
 
     def stats(self):
         self.recorder.flush(2.0)
@@ -501,10 +508,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         the local endpoints go to the debug level (monitors poll them)."""
         level = logging.DEBUG if ex.local and ex.status < 400 else logging.INFO
         if access_log.isEnabledFor(level):
-            access_log.log(level, "%s %s %s %d %.1fms %dB%s", ex.method, ex.path.split("?", 1)[0],
-                            ex.route.provider if ex.route else "-", ex.status,
-                            (time.monotonic() - ex.started) * 1000, ex.sent,
-                            " error=%s" % ex.error if ex.error else "")
+            access_log.log(level, "%s %s %s %d %.1fms %dB model=%s cache=%s%s", ex.method,
+                           ex.path.split("?", 1)[0], ex.route.provider if ex.route else "-",
+                           ex.status, (time.monotonic() - ex.started) * 1000, ex.sent,
+                           ex.model or "-", ex.cache, " error=%s" % ex.error if ex.error else "")
+        if access_log.isEnabledFor(logging.DEBUG) and not ex.local:  # why it went that way
+            usage = ex.usage
+            access_log.debug(
+                "  client=%s upstream=%s stream=%s compression=%s ttfb=%s usage=%s",
+                self.address_string(), ex.route.url.split("?", 1)[0] if ex.route else "-",
+                "yes" if ex.streamed else "no",
+                ex.compressed.reason if ex.compressed is not None else "-",
+                "%.1fms" % (ex.ttfb * 1000) if ex.ttfb is not None else "-",
+                "in=%d out=%d cache_read=%d" % (usage.input, usage.output, usage.cache_read)
+                if usage is not None else "-")
 
     def log_request(self, code="-", size="-"):
         pass  # replaced by log_exchange
@@ -610,9 +627,17 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
 
 
 def install_signal_handlers(server, reload):
+    stopping = []
+
     def stop(signum, frame):
-        log.info("%s: finishing in-flight requests, then stopping",
-                 signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping:  # a second Ctrl-C: the user will not wait for the streams to drain
+            log.warning("%s again: exiting now, without waiting for in-flight requests", name)
+            logging.shutdown()
+            os._exit(1)
+        stopping.append(signum)
+        log.info("%s: finishing in-flight requests, then stopping (press Ctrl-C again to "
+                 "exit at once)", name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     def hangup(signum, frame):

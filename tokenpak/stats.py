@@ -85,6 +85,41 @@ def parse_since(text: str) -> float:
                         status=ExitStatus.USAGE)
 
 
+def describe_since(text: str, cutoff: float) -> str:
+    """How a --since value reads in a sentence: "in the last 7d", "since 2026-11-01"."""
+    value = str(text).strip()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        later = " (a date in the future)" if cutoff > time.time() else ""
+        return "since %s%s" % (value, later)
+    return "in the last %s" % value
+
+
+def cache_info(db_path: str):
+    """Entries, bytes, oldest/newest and key count of the answer cache, read-only: None
+    when there is no database. Unlike the server, it never creates a file or moves a
+    corrupt one aside; it reports it."""
+    empty = (0, 0, None, None, 0)  # a DB that accounting made before anything was cached
+    try:
+        conn = _connect(db_path)
+        if conn is None:
+            return None
+        try:
+            n, size, oldest, newest, scopes = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), MAX(created),"
+                " COUNT(DISTINCT scope) FROM cache_entries").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            n, size, oldest, newest, scopes = empty
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise TokenpakError("cannot read the database %s: %s" % (db_path, exc),
+                            hint="`tokenpak serve` moves a corrupt database aside when it "
+                                 "starts; or move it away yourself") from None
+    return {"entries": n, "bytes": size, "oldest": oldest, "newest": newest, "scopes": scopes}
+
+
 def _connect(db_path):
     """A read-only connection, or None when there is no DB yet."""
     path = os.path.abspath(os.path.expanduser(db_path))
