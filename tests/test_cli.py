@@ -159,6 +159,26 @@ def test_compress_output_into_a_missing_directory_is_one_line(capsys, tmp_path):
     assert_one_error(err, "cannot write", "No such file or directory")
 
 
+def test_compress_takes_a_responses_body(capsys, tmp_path):
+    """Codex's /v1/responses bodies are compressed by the proxy, so the dry run knows them
+    too: the shape is guessed from `input`, and the tool output shrinks."""
+    log = "\n".join("2026-01-01 00:00:%02d worker retrying (attempt 3/5)" % (i % 60)
+                     for i in range(400))
+    body = {"model": "gpt-5", "instructions": "Be brief.", "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "go"}]},
+        {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": log}]}
+    path = tmp_path / "body.json"
+    path.write_text(json.dumps(body))
+    status, out, _ = run(capsys, "compress", str(path), "--mode", "aggressive",
+                         "--output", str(tmp_path / "out.json"))
+    assert status == ExitStatus.OK
+    assert "responses request" in out and "compressed" in out
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["instructions"] == "Be brief."
+    assert len(written["input"][2]["output"]) < len(log) / 2
+
+
 # -- a broken config file: the hint is true, stop and status still work ------------------------
 
 

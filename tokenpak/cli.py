@@ -16,6 +16,7 @@ from . import config as configmod
 from .errors import ExitStatus, TokenpakError
 
 MODES = ("strict", "hybrid", "balanced", "aggressive")
+APIS = ("openai", "anthropic", "responses")  # the request shapes `compress` knows
 # What the Debian package's system service uses (packaging/systemd/tokenpak.service sets
 # the same variables): `tokenpak --system ...` acts on that installation.
 SYSTEM_ENV = {"TOKENPAK_CONFIG": "/etc/tokenpak/config.json",
@@ -98,7 +99,7 @@ def build_parser():
         "compress", help="dry run: what compression does to a request body")
     compress.add_argument("file", metavar="FILE", help="a JSON request body, or - for stdin")
     compress.add_argument("--mode", choices=MODES, help="compression level (default: config)")
-    compress.add_argument("--api", choices=("openai", "anthropic"),
+    compress.add_argument("--api", choices=APIS,
                           help="body shape (default: guessed from the body)")
     compress.add_argument("--output", metavar="FILE", help="write the compressed body here")
     compress.set_defaults(func=cmd_compress)
@@ -329,7 +330,10 @@ def cmd_cache_clear(args):
 
 
 def guess_api(body):
-    """Anthropic messages have a top-level system or typed content blocks of their own."""
+    """Responses bodies carry `input` instead of `messages`; Anthropic messages have a
+    top-level system or typed content blocks of their own."""
+    if "messages" not in body and isinstance(body.get("input"), (str, list)):
+        return "responses"
     if "system" in body or body.get("anthropic_version"):
         return "anthropic"
     for message in body.get("messages") or ():
@@ -371,10 +375,12 @@ def cmd_compress(args):
     if isinstance(body, dict) and isinstance(body.get("body"), dict):
         api = api or body.get("api")  # a corpus case: {"api": ..., "body": {...}}
         body = body["body"]
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        raise TokenpakError("%s is not a chat request body (no \"messages\" list)" % args.file,
-                            hint="give an OpenAI chat completions or Anthropic messages body")
-    api = api if api in ("openai", "anthropic") else guess_api(body)
+    if not isinstance(body, dict) or not (isinstance(body.get("messages"), list)
+                                          or isinstance(body.get("input"), (str, list))):
+        raise TokenpakError("%s is not a request body (no \"messages\" or \"input\")"
+                            % args.file, hint="give an OpenAI chat completions, OpenAI "
+                            "Responses or Anthropic messages body")
+    api = api if api in APIS else guess_api(body)
     settings = compression.Settings(
         enabled=True, level=config.get("compression.level"),
         threshold_tokens=config.get("compression.threshold_tokens"),
