@@ -123,13 +123,30 @@ def accounting_rows(proxy, count=None):
         assert wait_for(lambda: not proxy.app.active)
     else:
         assert wait_for(lambda: proxy.app.requests_done >= count)
+    return db_rows(proxy)
+
+
+def db_rows(proxy):
+    """The accounting rows the writer has flushed so far (none when there is no DB yet)."""
     proxy.app.recorder.flush()
+    if not os.path.exists(proxy.app.db_path):
+        return []
     conn = sqlite3.connect(proxy.app.db_path)
     conn.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in conn.execute("select * from requests order by id")]
     finally:
         conn.close()
+
+
+def unmarked(value):
+    """`value` without any cache_control field: where Claude Code's marker sits is not
+    content, so prefix checks compare bodies with the markers removed."""
+    if isinstance(value, dict):
+        return {k: unmarked(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [unmarked(v) for v in value]
+    return value
 
 
 # -- tokenpak in this process ------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 import json
 import socket
-import sqlite3
-import time
 
 from pathlib import Path
 

@@ -32,13 +32,11 @@ non-essential traffic off. In CI (CI=true) a missing CLI fails the test; elsewhe
 
 import json
 import os
-import sqlite3
 import subprocess
-import time
 
 import pytest
 
-from helpers import ANTHROPIC_KEY, OPENAI_KEY, REPO, RunningProxy, proxy_settings
+from helpers import ANTHROPIC_KEY, OPENAI_KEY, REPO, RunningProxy, accounting_rows, proxy_settings
 from tokenpak import config as configmod
 from tokenpak import pricing, tokens
 
@@ -113,18 +111,6 @@ def start_tokenpak(fake_url, folder):
     return RunningProxy(config)
 
 
-def accounting_rows(proxy):
-    """The proxy's accounting rows, once the handlers are done and the writer has flushed."""
-    deadline = time.monotonic() + 10
-    while proxy.app.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proxy.app.recorder.flush()
-    conn = sqlite3.connect(proxy.app.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("select * from requests order by id")]
-    finally:
-        conn.close()
 
 
 class Session:

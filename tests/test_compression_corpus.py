@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import unmarked
 from tokenpak import compression as C
 from tokenpak import tokens
 
@@ -113,13 +114,6 @@ def test_aggressive_keeps_the_provider_shape(path):
     assert result.tokens_after <= result.tokens_before
 
 
-def _unmarked(value):
-    """`value` without any cache_control field: where the marker sits is not content."""
-    if isinstance(value, dict):
-        return {k: _unmarked(v) for k, v in value.items() if k != "cache_control"}
-    if isinstance(value, list):
-        return [_unmarked(v) for v in value]
-    return value
 
 
 def _markers(value, path=()):
@@ -143,8 +137,8 @@ def test_previous_turn_is_forwarded_as_a_byte_identical_prefix(path, level):
     before = C.compress_request(case["api"], case["previous"], settings)
     after = C.compress_request(case["api"], case["body"], settings)
     assert before.changed and after.changed  # Claude Code's marker no longer stops compression
-    old = _unmarked(before.body["messages"])
-    new = _unmarked(after.body["messages"])
+    old = unmarked(before.body["messages"])
+    new = unmarked(after.body["messages"])
     assert len(new) > len(old)
     for i, message in enumerate(old):
         assert new[i] == message, i

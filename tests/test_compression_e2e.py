@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ANTHROPIC_KEY, OPENAI_KEY, wait_for
+from helpers import ANTHROPIC_KEY, OPENAI_KEY, unmarked, wait_for
 from helpers import anthropic_client as an
 from helpers import openai_client as oa
 
@@ -191,12 +191,6 @@ def test_compressed_requests_are_accounted(make_proxy, fake):
     assert stats["tokens_saved"] > 0
 
 
-def _unmarked(value):
-    if isinstance(value, dict):
-        return {k: _unmarked(v) for k, v in value.items() if k != "cache_control"}
-    if isinstance(value, list):
-        return [_unmarked(v) for v in value]
-    return value
 
 
 def test_claude_code_turns_are_compressed_and_stay_prefix_stable(make_proxy, fake):
@@ -220,7 +214,7 @@ def test_claude_code_turns_are_compressed_and_stay_prefix_stable(make_proxy, fak
         assert len(fake.last().body) < 0.8 * len(raw)
         forwarded.append(fake.last().json())
     before, after = forwarded
-    old, new = _unmarked(before["messages"]), _unmarked(after["messages"])
+    old, new = unmarked(before["messages"]), unmarked(after["messages"])
     assert json.dumps(new).startswith(json.dumps(old)[:-1])
     assert after["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
     newest = after["messages"][-1]["content"][-1]["content"]

@@ -11,6 +11,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from helpers import unmarked
 from tokenpak import compression as C
 
 PROPS = settings(max_examples=60, deadline=None, database=None,
@@ -229,12 +230,6 @@ def _marked(messages):
     return out
 
 
-def _unmarked(value):
-    if isinstance(value, dict):
-        return {k: _unmarked(v) for k, v in value.items() if k != "cache_control"}
-    if isinstance(value, list):
-        return [_unmarked(v) for v in value]
-    return value
 
 
 @PROPS
@@ -245,8 +240,8 @@ def test_claude_code_turn_is_a_byte_identical_prefix_of_the_next(messages, data,
     turn = {"model": "claude", "max_tokens": 10, "system": system}
     before = C.compress_request("anthropic", dict(turn, messages=_marked(messages[:cut])), cfg)
     after = C.compress_request("anthropic", dict(turn, messages=_marked(messages)), cfg)
-    old = _unmarked(before.body["messages"])
-    new = _unmarked(after.body["messages"])
+    old = unmarked(before.body["messages"])
+    new = unmarked(after.body["messages"])
     assert new[:cut] == old
     old_bytes, new_bytes = json.dumps(old).encode(), json.dumps(new).encode()
     assert new_bytes.startswith(old_bytes[:-1])

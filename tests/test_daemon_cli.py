@@ -150,7 +150,7 @@ def test_status_and_stop_work_when_the_config_breaks_after_the_start(fake, isola
 
 def test_a_second_ctrl_c_exits_at_once(fake, spawn_tokenpak):
     process = spawn_tokenpak("serve")
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=process.url + "/v1", max_retries=0)
+    client = openai_client(process)
     words = " ".join("w%d" % i for i in range(200))
     stream = client.chat.completions.create(  # 200 events 0.2 s apart: 40 s to drain
         model="gpt-4o", messages=[{"role": "user", "content": words}], stream=True,
@@ -181,8 +181,7 @@ def test_access_line_has_model_and_cache_result_and_debug_adds_detail(fake, isol
     assert tokenpak(env, "config", "set", "log.level", "debug").returncode == 0
     assert tokenpak(env, "serve", "--daemon").returncode == 0
     try:
-        client = openai.OpenAI(api_key=OPENAI_KEY, base_url="http://127.0.0.1:%d/v1" % port,
-                               max_retries=0)
+        client = openai_client("http://127.0.0.1:%d" % port)
         for _ in range(2):
             client.chat.completions.create(model="gpt-4o",
                                            messages=[{"role": "user", "content": "twice"}])

@@ -8,25 +8,13 @@ malformed request line, `HEAD /` from Claude Code — must show in the access lo
 import http.client
 import json
 import logging
-import os
 import socket
-import sqlite3
 
 import pytest
 
-from helpers import OPENAI_KEY, free_port, wait_for
+from helpers import OPENAI_KEY, db_rows, free_port, wait_for
 
 
-def db_rows(proxy):
-    proxy.app.recorder.flush()
-    if not os.path.exists(proxy.app.db_path):
-        return []
-    conn = sqlite3.connect(proxy.app.db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("select * from requests order by id")]
-    finally:
-        conn.close()
 
 
 def rows(proxy, count=1):
