@@ -1,6 +1,6 @@
 """Benchmark prompt compression over tests/corpus (a copy of ../shared/corpus): tokens saved, facts kept, time.
 
-    python bench/compression.py [--corpus DIR] [--markdown] [--repeat N]
+    python bench/compression.py [--corpus DIR] [--agents DIR] [--markdown] [--repeat N]
 
 For each mode (strict, hybrid, aggressive) and case kind (the corpus name without its
 number: agent-session, json-tools, ...) it reports prompt tokens before and after (exact
@@ -8,6 +8,9 @@ o200k_base counts), needles and verbatim blocks kept, tokens saved per transform
 CPU time of compress_request per 100k prompt tokens: cold (empty memo) and for a new turn
 appended to a memoised history (the steady state of an agent session). Times are process
 CPU time, best of --repeat runs, so other load on the machine distorts them less.
+The agents corpus (tests/corpus/agents: Claude Code requests with their previous turn) is
+reported on its own: tokens saved, needles kept, and whether each previous turn was
+forwarded as a byte-identical prefix of the next one (cache_control markers aside).
 Numbers, not pass/fail: the figures go in the README.
 """
 
@@ -77,6 +80,25 @@ def with_new_turn(case):
     return body
 
 
+def unmarked(value):
+    """`value` without cache_control fields: where Claude Code's marker sits is not content."""
+    if isinstance(value, dict):
+        return {k: unmarked(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [unmarked(v) for v in value]
+    return value
+
+
+def prefix_stable(case, settings):
+    """Is compress(previous) a byte-identical prefix of compress(body), markers aside?"""
+    if "previous" not in case:
+        return None
+    old = unmarked(compression.compress_request(case["api"], case["previous"], settings).body)
+    new = unmarked(compression.compress_request(case["api"], case["body"], settings).body)
+    old_bytes = json.dumps(old["messages"]).encode()
+    return json.dumps(new["messages"]).encode().startswith(old_bytes[:-1])
+
+
 def measure(cases, mode, repeat):
     """Per-kind totals and timings for one mode."""
     settings = compression.Settings(level=mode)
@@ -97,6 +119,10 @@ def measure(cases, mode, repeat):
         row["needles_kept"] += sum(1 for n in case["needles"] if n in text)
         row["verbatim"] += len(case["verbatim"])
         row["verbatim_kept"] += sum(1 for v in case["verbatim"] if v in text)
+        stable = prefix_stable(case, settings)
+        if stable is not None:
+            row["prefixes"] += 1
+            row["prefixes_kept"] += stable
         transforms.update(result.saved_by_transform)
         prompt_tokens += result.tokens_before
         cold_ms += cpu_ms(lambda: compression.compress_request(api, body, settings), repeat,
@@ -130,7 +156,21 @@ def table(header, rows, markdown, left=1):
     return "\n".join([line(header)] + [line(r) for r in rows])
 
 
-def report(cases, repeat, markdown):
+def agents_table(agents, repeat, markdown):
+    """Claude Code requests: savings, needles and prefix stability per mode."""
+    rows = []
+    for mode in MODES:
+        res = measure(agents, mode, repeat)
+        c = sum(res["kinds"].values(), collections.Counter())
+        rows.append([mode, "{:,}".format(c["before"]), "{:,}".format(c["after"]),
+                     pct(c["before"], c["after"]), "%d/%d" % (c["needles_kept"], c["needles"]),
+                     "%d/%d" % (c["prefixes_kept"], c["prefixes"]),
+                     "%.1f" % res["cold_per_100k"], "%.2f" % res["warm_per_100k"]])
+    return table(["mode", "tokens before", "after", "saved", "needles kept",
+                  "previous turn a prefix", "cold ms/100k", "new turn ms/100k"], rows, markdown)
+
+
+def report(cases, repeat, markdown, agents=()):
     results = {mode: measure(cases, mode, repeat) for mode in MODES}
     out = ["tokenizer: %s; %d cases" % (tokens.backend(), len(cases)), ""]
     rows = []
@@ -158,20 +198,26 @@ def report(cases, repeat, markdown):
             for mode, r in results.items()]
     out.append(table(["mode", "cold ms/100k tokens", "new turn ms/100k tokens",
                       "slowest new turn (ms)"], rows, markdown))
+    if agents:
+        out += ["", "agents corpus (Claude Code requests): %d cases" % len(agents), ""]
+        out.append(agents_table(agents, repeat, markdown))
     return "\n".join(out)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="folder of corpus *.json")
+    parser.add_argument("--agents", default=str(DEFAULT_CORPUS / "agents"),
+                        help="folder of Claude Code *.json cases with a previous turn")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--repeat", type=int, default=5, help="timing runs per case (best kept)")
     args = parser.parse_args(argv)
     cases = load_cases(args.corpus)
     if not cases:
         parser.error("no *.json cases in %s" % args.corpus)
+    agents = load_cases(args.agents) if Path(args.agents).is_dir() else []
     tokens.warm_up()
-    print(report(cases, args.repeat, args.markdown))
+    print(report(cases, args.repeat, args.markdown, agents))
     return 0
 
 

@@ -3,40 +3,26 @@
 Every test runs with HOME, the config file and the database in its own temporary folder and
 with no TOKENPAK_* variables from the developer's environment, so no test reads or writes
 ~/.tokenpak.
+
+Only fixtures live here; what tests import by name is in helpers.py.
 """
 
-import json
+import logging
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from fakeprovider import FakeProvider
+from helpers import REPO, RunningProxy, free_port, proxy_settings, tokenpak_env, wait_healthy
 from tokenpak import config as configmod
-from tokenpak import proxy as proxymod
-
-REPO = Path(__file__).resolve().parents[1]
-# The API keys tests use. test_no_credentials greps every artefact for all of them.
-OPENAI_KEY = "sk-test-openai-0123456789abcdefSECRET"
-ANTHROPIC_KEY = "sk-ant-api03-test-anthropic-SECRET-0123456789"
-GOOGLE_KEY = "AIzaTestGoogleKeySECRET0123456789"
-ALL_KEYS = (OPENAI_KEY, ANTHROPIC_KEY, GOOGLE_KEY)
-# Every other credential a test sends; test_zz_credentials greps the artefacts for all.
-OTHER_SECRETS = ("sk-test-another-key-0000", "sk-test-second", "sk-ant-oat01-test-oauth-token",
-                 "local-secret-token", "sk-bad-unverified")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def log_to_artefacts(tmp_path_factory):
     """Every tokenpak log record of the run goes to a file among the artefacts, so the
     credentials check at the end of the suite reads what any log line said."""
-    import logging
     path = tmp_path_factory.getbasetemp() / "tokenpak-test.log"
     handler = logging.FileHandler(str(path), encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
@@ -76,46 +62,6 @@ def fake(fake_server):
     return fake_server
 
 
-class RunningProxy:
-    """A tokenpak server running in this process on a free port."""
-
-    def __init__(self, config):
-        self.server = proxymod.create_server(config)
-        self.app = self.server.app
-        self.config = config
-        self.port = self.server.server_address[1]
-        self.url = "http://127.0.0.1:%d" % self.port
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def get(self, path, headers=None):
-        request = urllib.request.Request(self.url + path, headers=headers or {})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-        self.app.close()
-
-
-def proxy_settings(fake_url, tmp_path, **overrides):
-    """Config overrides for a tokenpak pointed at the fake provider. Cache and footer are
-    off unless a test turns them on, so forwarding tests see the provider's exact bytes."""
-    settings = {
-        "proxy.host": "127.0.0.1", "proxy.port": 0,
-        "proxy.providers.openai.url": fake_url,
-        "proxy.providers.anthropic.url": fake_url,
-        "proxy.providers.google.url": fake_url + "/v1beta/openai",
-        "proxy.read_timeout": 5, "proxy.connect_timeout": 2,
-        "cache.enabled": False, "footer.enabled": False,
-        "db.path": str(tmp_path / "state" / "tokenpak.db"),
-    }
-    settings.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return settings
-
-
 @pytest.fixture
 def make_proxy(fake, tmp_path):
     started = []
@@ -135,39 +81,6 @@ def make_proxy(fake, tmp_path):
 @pytest.fixture
 def proxy(make_proxy):
     return make_proxy()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url, timeout=10.0, process=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise AssertionError("tokenpak exited with %s" % process.returncode)
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as response:
-                return json.loads(response.read())
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("tokenpak did not become healthy at %s" % url)
-
-
-def tokenpak_env(fake_url, home, **extra):
-    """Environment for a tokenpak subprocess pointed at the fake provider."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENPAK_")}
-    env.update({
-        "HOME": str(home), "PYTHONPATH": str(REPO),
-        "TOKENPAK_CONFIG": str(Path(home) / ".tokenpak" / "config.json"),
-        "TOKENPAK_DB": str(Path(home) / ".tokenpak" / "tokenpak.db"),
-        "TOKENPAK_OPENAI_URL": fake_url, "TOKENPAK_ANTHROPIC_URL": fake_url,
-        "TOKENPAK_GOOGLE_URL": fake_url + "/v1beta/openai",
-    })
-    env.update(extra)
-    return env
 
 
 @pytest.fixture

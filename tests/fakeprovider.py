@@ -1,5 +1,8 @@
 """A fake LLM provider: a real HTTP server speaking OpenAI's and Anthropic's wire formats.
 
+OpenAI's are chat completions and the Responses API (POST /v1/responses, what Codex speaks:
+the same event sequence, field shapes and `event:` lines as api.openai.com).
+
 Tests point tokenpak at it and assert on what it received (`requests`) and on what the
 official SDKs parsed. Each answer is deterministic: it echoes the last user message, so a
 test can tell answers apart, and it reports usage the way the real provider does.
@@ -11,13 +14,27 @@ Scenarios are picked per request by the `x-fake` header (the SDKs send it with
   slow     stream events 0.05 s apart (`x-fake-delay` overrides)
   reset    stream a few events, then reset the connection (RST)
   hang     accept the request and never answer
-  tool     answer with a tool call instead of text
+  tool     answer with a tool call instead of text (Responses: only when the last input
+           item asks, i.e. is not a function_call_output, so a tool round trip ends)
   gzip     non-stream answer gzip-encoded
   hold     stream the first event, then stay silent watching the socket: counts in
            `FakeProvider.closed_by_peer` if the proxy closes the connection meanwhile
   gate     stream the first event, then wait for `FakeProvider.gate` before the rest (proves
            the client got the first event while the upstream was still going)
+  truncate (Responses) end the stream cleanly but without response.completed
+  linger   (Anthropic) send message_stop, then hold the stream open (as `hold`) before
+           ending it, so a client can hang up after the final event but before the end
 A key containing "bad" gets 401, as the real providers answer an invalid key.
+
+Scripted answers, for the real coding-agent CLIs (tests/test_agents_cli.py): a CLI drives a
+conversation of several requests (a tool call, then the answer once it ran the tool), so
+`FakeProvider.script` holds (trigger, reply) rules. The first rule whose trigger occurs in
+the request's last turn (the JSON text of its last message or input item that is not a
+system or developer message: Claude Code appends one after the user's) answers, otherwise
+the echo does. A reply is {"text": "..."} or {"tool": name, "input": {...}, "id": call id},
+sent as a tool_use, a tool_calls entry or a function_call. A rule depends on the request
+alone, never on what came before, so the same conversation gets the same answers directly
+and through tokenpak. Each request's answered usage is kept on its `Recorded`.
 """
 
 import base64
@@ -41,6 +58,7 @@ class Recorded:
         self.path = path
         self.headers = headers          # [(name, value)] in arrival order
         self.body = body
+        self.usage = None               # the usage the fake answered with, when it did
 
     def header(self, name):
         for key, value in self.headers:
@@ -70,6 +88,25 @@ def _last_user_text(messages):
     return ""
 
 
+def _last_input_text(items):
+    """The Responses API's `input` (a string or a list of items) as _last_user_text reads
+    messages: the last user text, or "tool result" after a function_call_output."""
+    if isinstance(items, str):
+        return items
+    for item in reversed(items or []):
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call_output":
+            return "tool result"
+        if item.get("role") == "user":
+            content = item.get("content")
+            if isinstance(content, str):
+                return content
+            return " ".join(p.get("text", "") for p in content or []
+                            if isinstance(p, dict) and p.get("type") == "input_text")
+    return ""
+
+
 def _valid_chat(payload):
     if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
         return False
@@ -80,6 +117,11 @@ def _valid_chat(payload):
 def usage_for(body):
     """Deterministic 'prompt tokens' for a body: its JSON size / 4."""
     return max(1, len(json.dumps(body.get("messages", []))) // 4)
+
+
+def responses_usage_for(body):
+    """usage_for of a Responses body: its instructions and input."""
+    return max(1, len(json.dumps([body.get("instructions"), body.get("input")])) // 4)
 
 
 class FakeHandler(http.server.BaseHTTPRequestHandler):
@@ -104,6 +146,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         record = Recorded(self.command, self.path, list(self.headers.items()), body)
         fake = self.server.fake
+        self.record = record
         with fake.lock:
             fake.requests.append(record)
         scenario = self.headers.get("x-fake", "")
@@ -139,6 +182,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                               "messages: expected a list of message objects")
         if path.endswith("/chat/completions") and isinstance(payload, dict):
             return self.openai(payload, scenario)
+        if path.endswith("/responses") and self.command == "POST":
+            if not (isinstance(payload, dict) and isinstance(payload.get("input"), (str, list))):
+                return self.error(400, False, "invalid_request_error",
+                                  "Missing required parameter: 'input'.")
+            return self.responses(payload, scenario)
         if path.endswith("/messages/count_tokens") and isinstance(payload, dict):
             return self.send_body(200, json.dumps({"input_tokens": usage_for(payload)}))
         if path.endswith("/messages") and isinstance(payload, dict):
@@ -215,18 +263,25 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
 
     # -- OpenAI --------------------------------------------------------------------------
     def openai(self, body, scenario):
-        text = ANSWER_PREFIX + _last_user_text(body.get("messages"))
+        reply = self.server.fake.scripted(body.get("messages"))
+        text = reply.get("text") or ANSWER_PREFIX + _last_user_text(body.get("messages"))
         prompt = usage_for(body)
         words = text.split(" ")
         usage = {"prompt_tokens": prompt, "completion_tokens": len(words),
                  "total_tokens": prompt + len(words),
                  "prompt_tokens_details": {"cached_tokens": self.server.fake.cached_tokens}}
+        self.record.usage = usage
         model = body.get("model", "gpt-4o")
         cid = "chatcmpl-fake%d" % len(self.server.fake.requests)
+        call = {"id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}
+        if "tool" in reply:
+            call = {"id": reply.get("id", "call_1"), "name": reply["tool"],
+                    "arguments": json.dumps(reply.get("input", {}))}
+            scenario = "tool"
         if scenario == "tool":
             message = {"role": "assistant", "content": None, "tool_calls": [{
-                "id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}
+                "id": call["id"], "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]}}]}
             finish = "tool_calls"
         else:
             message = {"role": "assistant", "content": text, "refusal": None}
@@ -255,8 +310,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                            "logprobs": None, "finish_reason": None}]))
         if scenario == "tool":
             self.chunk(event([{"index": 0, "delta": {"tool_calls": [{
-                "index": 0, "id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                "index": 0, "id": call["id"], "type": "function",
+                "function": {"name": call["name"], "arguments": call["arguments"]}}]},
                 "logprobs": None, "finish_reason": None}]))
         else:
             for i, word in enumerate(words):
@@ -272,17 +327,107 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         self.chunk(b"data: [DONE]\n\n")
         self.end_stream()
 
+    # -- OpenAI Responses --------------------------------------------------------------
+    def responses(self, body, scenario):
+        """POST /v1/responses: one message output item (or a function_call), usage at the end."""
+        fake = self.server.fake
+        n = len(fake.requests)
+        items = body.get("input")
+        reply = fake.scripted(items)
+        tool_turn = "tool" in reply or scenario == "tool" and not (
+            isinstance(items, list) and items and isinstance(items[-1], dict)
+            and items[-1].get("type") == "function_call_output")
+        text = reply.get("text") or ANSWER_PREFIX + _last_input_text(items)
+        words = text.split(" ")
+        prompt = responses_usage_for(body)
+        usage = {"input_tokens": prompt,
+                 "input_tokens_details": {"cached_tokens": fake.cached_tokens},
+                 "output_tokens": len(words) + fake.reasoning_tokens,  # reasoning included
+                 "output_tokens_details": {"reasoning_tokens": fake.reasoning_tokens},
+                 "total_tokens": prompt + len(words) + fake.reasoning_tokens}
+        self.record.usage = usage
+        if tool_turn:
+            item = {"id": "fc_fake%d" % n, "type": "function_call", "status": "completed",
+                    "arguments": json.dumps(reply.get("input", {})) if "tool" in reply
+                    else "{\"city\":\"Paris\"}",
+                    "call_id": reply.get("id", "call_fake%d" % n),
+                    "name": reply.get("tool", "get_weather")}
+        else:
+            item = {"id": "msg_fake%d" % n, "type": "message", "status": "completed",
+                    "content": [{"type": "output_text", "annotations": [], "logprobs": [],
+                                 "text": text}], "role": "assistant"}
+        response = {
+            "id": "resp_fake%d" % n, "object": "response", "created_at": 1700000000,
+            "status": "completed", "background": False, "error": None,
+            "incomplete_details": None, "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": body.get("model", "gpt-4o"), "output": [item],
+            "parallel_tool_calls": True, "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+            "store": body.get("store", True), "temperature": 1.0,
+            "text": {"format": {"type": "text"}, "verbosity": "medium"},
+            "tool_choice": "auto", "tools": body.get("tools", []), "top_p": 1.0,
+            "truncation": "disabled", "usage": usage, "user": None, "metadata": {}}
+        if not body.get("stream"):
+            return self.send_body(200, json.dumps(response))
+        seq = [0]
+
+        def event(kind, **fields):
+            obj = dict({"type": kind, "sequence_number": seq[0]}, **fields)
+            seq[0] += 1
+            self.chunk(("event: %s\ndata: %s\n\n" % (kind, json.dumps(
+                obj, separators=(",", ":")))).encode())
+
+        pending = dict(response, status="in_progress", output=[], usage=None)
+        self.start_stream()
+        event("response.created", response=pending)
+        event("response.in_progress", response=pending)
+        if tool_turn:
+            event("response.output_item.added", output_index=0,
+                  item=dict(item, status="in_progress", arguments=""))
+            event("response.function_call_arguments.delta", item_id=item["id"],
+                  output_index=0, delta=item["arguments"])
+            event("response.function_call_arguments.done", item_id=item["id"],
+                  output_index=0, arguments=item["arguments"])
+        else:
+            event("response.output_item.added", output_index=0,
+                  item=dict(item, status="in_progress", content=[]))
+            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+            event("response.content_part.added", item_id=item["id"], output_index=0,
+                  content_index=0, part=part)
+            for i, word in enumerate(words):
+                self.delay(scenario)
+                if scenario == "reset" and i == 2:
+                    return self.reset()
+                event("response.output_text.delta", item_id=item["id"], output_index=0,
+                      content_index=0, delta=word if i == 0 else " " + word, logprobs=[])
+            event("response.output_text.done", item_id=item["id"], output_index=0,
+                  content_index=0, text=text, logprobs=[])
+            event("response.content_part.done", item_id=item["id"], output_index=0,
+                  content_index=0, part=dict(part, text=text))
+        event("response.output_item.done", output_index=0, item=item)
+        if scenario == "truncate":
+            return self.end_stream()  # the body ends without response.completed
+        event("response.completed", response=response)
+        self.end_stream()
+
     # -- Anthropic -----------------------------------------------------------------------
     def anthropic(self, body, scenario):
-        text = ANSWER_PREFIX + _last_user_text(body.get("messages"))
+        fake = self.server.fake
+        reply = fake.scripted(body.get("messages"))
+        text = reply.get("text") or ANSWER_PREFIX + _last_user_text(body.get("messages"))
         prompt = usage_for(body)
         words = text.split(" ")
-        fake = self.server.fake
         model = body.get("model", "claude-sonnet-4-6")
         mid = "msg_fake%d" % len(fake.requests)
+        tool = {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                "input": {"city": "Paris"}}
+        if "tool" in reply:
+            tool = {"type": "tool_use", "id": reply.get("id", "toolu_1"), "name": reply["tool"],
+                    "input": reply.get("input", {})}
+            scenario = "tool"
         if scenario == "tool":
-            content = [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                        "input": {"city": "Paris"}}]
+            content = [tool]
             stop = "tool_use"
         else:
             content = [{"type": "text", "text": text}]
@@ -290,6 +435,7 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         usage = {"input_tokens": prompt, "output_tokens": len(words),
                  "cache_creation_input_tokens": fake.cache_write_tokens,
                  "cache_read_input_tokens": fake.cached_tokens}
+        self.record.usage = usage
         if not body.get("stream"):
             obj = {"id": mid, "type": "message", "role": "assistant", "model": model,
                    "content": content, "stop_reason": stop, "stop_sequence": None,
@@ -306,11 +452,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             "stop_reason": None, "stop_sequence": None, "usage": start_usage}}))
         if scenario == "tool":
             self.chunk(event("content_block_start", {"type": "content_block_start", "index": 0,
-                             "content_block": {"type": "tool_use", "id": "toolu_1",
-                                               "name": "get_weather", "input": {}}}))
+                             "content_block": dict(tool, input={})}))
             self.chunk(event("content_block_delta", {"type": "content_block_delta", "index": 0,
                              "delta": {"type": "input_json_delta",
-                                       "partial_json": "{\"city\": \"Paris\"}"}}))
+                                       "partial_json": json.dumps(tool["input"])}}))
         else:
             self.chunk(event("content_block_start", {"type": "content_block_start", "index": 0,
                              "content_block": {"type": "text", "text": ""}}))
@@ -327,6 +472,8 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
                          "delta": {"stop_reason": stop, "stop_sequence": None},
                          "usage": {"output_tokens": len(words)}}))
         self.chunk(event("message_stop", {"type": "message_stop"}))
+        if scenario == "linger":
+            self.hold()
         self.end_stream()
 
 
@@ -343,6 +490,8 @@ class FakeProvider:
         self.delay_before = 0.0
         self.cached_tokens = 0
         self.cache_write_tokens = 0
+        self.reasoning_tokens = 0
+        self.script = []
         self.gate = threading.Event()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
         self.server.daemon_threads = True
@@ -367,6 +516,20 @@ class FakeProvider:
         self.delay_before = 0.0
         self.cached_tokens = 0
         self.cache_write_tokens = 0
+        self.reasoning_tokens = 0
+        self.script = []
+
+    def scripted(self, items):
+        """The scripted reply for a conversation (see the module doc), or {} for the echo."""
+        turns = [item for item in items or [] if isinstance(item, dict) and
+                 item.get("role") not in ("system", "developer")]
+        if not self.script or not turns:
+            return {}
+        last = json.dumps(turns[-1])
+        for trigger, reply in self.script:
+            if trigger in last:
+                return reply
+        return {}
 
     def count(self, path_suffix=""):
         with self.lock:

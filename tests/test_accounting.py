@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tokenpak import accounting, cache
+from helpers import wait_for
+from tokenpak import accounting, cache, stats
 from tokenpak.accounting import Recorder, price_row
 from tokenpak.cache import CacheStore, Entry, load_secret, scope_id
 from tokenpak.db import DbFile
@@ -37,15 +38,6 @@ def rows(db, where="1"):
         return [dict(r) for r in conn.execute("SELECT * FROM requests WHERE %s ORDER BY id" % where)]
     finally:
         conn.close()
-
-
-def until(predicate, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def request_row(**kw):
@@ -99,12 +91,98 @@ def test_cache_hit_costs_nothing_and_saves_what_it_would_have_cost():
     assert cost == 0.0 and saved == pytest.approx(2.5)
 
 
-def test_compression_saving_is_input_price_times_tokens_removed():
+def test_compression_saving_is_input_price_when_the_provider_cached_nothing():
     row = {"model": "gpt-4o", "cache": "miss", "tokens_before": 3_000_000, "tokens_after": 1_000_000,
-           "usage": {"input": 1_000_000, "output": 0}}
+           "usage": {"input": 1_000_000, "output": 0, "cache_read": 0, "cache_write": 0}}
     cost, saved = price_row(row)
-    assert cost == pytest.approx(2.5) and saved == pytest.approx(5.0)
+    assert cost == pytest.approx(2.5) and saved == pytest.approx(2 * 2.5)
     assert price_row(dict(row, model="unknown-x")) == (None, 0.0)
+
+
+@pytest.mark.parametrize("usage", [
+    {"input": 1_000, "output": 0, "cache_read": 900_000, "cache_write": 0},
+    {"input": 1_000, "output": 0, "cache_read": 0, "cache_write": 900_000},  # written now
+    None,                                                                   # usage unknown
+])
+def test_compression_saving_is_cache_read_price_when_the_provider_caches(usage):
+    """A removed token may have sat in the prefix the provider reads from its cache: it
+    is worth the cache-read price, never more (claude-sonnet-4-6: $3 input, $0.30 read)."""
+    row = {"model": "claude-sonnet-4-6", "cache": "miss", "usage": usage,
+           "tokens_before": 2_000_000, "tokens_after": 1_000_000}
+    cost, saved = price_row(row)
+    assert saved == pytest.approx(0.30)
+    cost, saved = price_row(dict(row, cache="hit"))
+    full = 0.0 if usage is None else accounting.pricing.cost("claude-sonnet-4-6", usage)
+    assert cost == 0.0 and saved == pytest.approx(0.30 + full)
+
+
+@pytest.mark.parametrize("extra", [
+    {"method": "POST", "path": "/v1/messages/count_tokens"},
+    {"method": "POST", "path": "/v1/responses/input_tokens"},
+    {"method": "POST", "path": "/v1beta/models/gemini-2.5-pro:countTokens"},
+    {"method": "GET", "path": "/v1/models"},
+    {"method": "GET", "path": "/v1/models/claude-sonnet-4-6"},
+    {"method": "HEAD", "path": "/"},
+    {"method": "POST", "path": "/v1/messages", "status": 401, "usage": None},
+    {"method": "POST", "path": "/v1/messages", "status": 502, "usage": None, "model": None},
+])
+def test_free_requests_cost_zero_not_unknown(extra):
+    row = dict(request_row(model="no-such-model", tokens_before=None, tokens_after=None), **extra)
+    assert price_row(row) == (0.0, 0.0)
+
+
+def test_billed_request_with_unknown_price_or_usage_is_unknown():
+    assert price_row(request_row(model="no-such-model"))[0] is None
+    assert price_row(request_row(usage=None, method="POST"))[0] is None  # usage unknown
+
+
+def test_migration_from_schema_1(tmp_path):
+    """An accounting DB written by tokenpak 0.1 gains the new columns, its compression
+    savings re-priced by the cache-aware rule and its free/error rows costed at 0."""
+    db = str(tmp_path / "old.db")
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE requests (id INTEGER PRIMARY KEY, ts REAL NOT NULL, provider TEXT,
+            model TEXT, path TEXT, status INTEGER, streamed INTEGER, cache TEXT,
+            input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER,
+            cache_write_tokens INTEGER, tokens_before INTEGER, tokens_after INTEGER,
+            cost_usd REAL, saved_usd REAL, latency_ms REAL, ttfb_ms REAL, key_id TEXT,
+            error TEXT, complete INTEGER);
+        -- compressed, provider read 900k from its cache: saved 1M tokens at $3 then
+        INSERT INTO requests (ts, model, path, status, cache, input_tokens, output_tokens,
+            cache_read_tokens, cache_write_tokens, tokens_before, tokens_after, cost_usd,
+            saved_usd) VALUES (1, 'claude-sonnet-4-6', '/v1/messages', 200, 'miss', 1000, 0,
+            900000, 0, 2000000, 1000000, 0.273, 3.0);
+        -- a tokenpak 401 and a count_tokens call, both 'unknown' in schema 1
+        INSERT INTO requests (ts, path, status, cache, error) VALUES
+            (2, '/v1/messages', 401, 'bypass', 'missing X-TokenPak-Auth');
+        INSERT INTO requests (ts, model, path, status, cache) VALUES
+            (3, 'claude-sonnet-4-6', '/v1/messages/count_tokens', 200, 'bypass');
+    """)
+    conn.close()
+    old = stats.summary(db)  # `tokenpak stats` reads a DB the daemon has not upgraded yet
+    assert old["requests"] == 3 and old["compression_saved_usd"] == 0
+    r = Recorder(db)
+    r.start()
+    r.record(request_row(method="POST"))
+    r.close()
+    got = rows(db)
+    assert got[0]["saved_usd"] == pytest.approx(0.30)
+    assert got[0]["compression_saved_usd"] == pytest.approx(0.30)
+    assert got[0]["cost_usd"] == pytest.approx(0.273)  # cost stays as recorded
+    assert (got[1]["cost_usd"], got[2]["cost_usd"]) == (0.0, 0.0)
+    assert got[3]["method"] == "POST" and got[3]["cost_usd"] > 0
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    conn.close()
+    r = Recorder(db)  # a second open: nothing to do, nothing re-priced twice
+    r.start()
+    r.record(request_row(method="POST"))
+    r.close()
+    assert len(rows(db)) == 5 and rows(db)[0]["saved_usd"] == pytest.approx(0.30)
+    assert stats.summary(db)["compression_saved_usd"] == pytest.approx(0.30)
 
 
 def test_explicit_cost_is_kept(recorder, db):
@@ -206,7 +284,7 @@ def test_disk_full_drops_rows_logs_once_and_recovers(db, monkeypatch, caplog):
         assert r.rows_dropped >= 1
         assert len([x for x in caplog.records if "full" in x.getMessage()]) == 1
         full[0] = False
-        assert until(lambda: (r.record(request_row(path="/after")), r.flush())
+        assert wait_for(lambda: (r.record(request_row(path="/after")), r.flush())
                      and rows(db, "path = '/after'"))
     finally:
         r.close()
@@ -223,7 +301,7 @@ def test_db_deleted_while_running_is_recreated(recorder, db):
         recorder.flush()
         return os.path.exists(db) and rows(db, "path = '/after-delete'")
 
-    assert until(lands)
+    assert wait_for(lands)
 
 
 def test_corrupt_db_at_start_is_moved_aside(db):
@@ -259,7 +337,7 @@ def test_locked_db_rows_wait_and_are_written_after(recorder, db, monkeypatch):
         assert proc.stdout.readline().strip() == "locked"
         for _ in range(5):
             recorder.record(request_row(path="/during-lock"))  # returns at once
-        assert until(lambda: recorder._health.state == "busy")
+        assert wait_for(lambda: recorder._health.state == "busy")
     finally:
         proc.communicate("\n", timeout=WAIT)
     assert recorder.flush()
@@ -280,7 +358,7 @@ def test_cache_and_accounting_share_a_file_that_is_deleted_then_corrupted(db, mo
             else:
                 with open(db, "r+b") as fh:
                     fh.write(b"\x00broken" * 64)
-                assert until(lambda: glob.glob(db + ".corrupt-*"))  # noticed and moved aside
+                assert wait_for(lambda: glob.glob(db + ".corrupt-*"))  # noticed and moved aside
             tag = "/after-" + damage
 
             def both_work():
@@ -293,7 +371,7 @@ def test_cache_and_accounting_share_a_file_that_is_deleted_then_corrupted(db, mo
                 except sqlite3.Error:
                     return False
 
-            assert until(both_work), damage
+            assert wait_for(both_work), damage
     finally:
         r.close()
         store.close()

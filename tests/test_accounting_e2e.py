@@ -1,35 +1,25 @@
 """Accounting through a real tokenpak: the DB rows, /stats, /metrics and `tokenpak stats`."""
 
 import json
-import sqlite3
-import time
+import socket
 
-import anthropic
-import openai
+from pathlib import Path
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY
+import pytest
+
 from fakeprovider import usage_for
+from helpers import ANTHROPIC_KEY, accounting_rows, anthropic_client, openai_client
 from tokenpak import cli
 
 
-def rows(proxy):
-    # A row is queued just after its response has gone out: wait for the handlers.
-    deadline = time.monotonic() + 10
-    while proxy.app.active and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proxy.app.recorder.flush()
-    conn = sqlite3.connect(proxy.app.db_path)
-    conn.row_factory = sqlite3.Row
-    return [dict(r) for r in conn.execute("select * from requests order by id")]
-
-
 MESSAGES = [{"role": "user", "content": "count my tokens please"}]
+CORPUS = Path(__file__).resolve().parent / "corpus"
 ANSWER_WORDS = len("Echo: count my tokens please".split())
 
 
 def test_openai_usage_recorded_stream_and_not(proxy, fake):
     fake.cached_tokens = 3
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client = openai_client(proxy)
     answer = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES,
                                                  stream=True))
@@ -39,7 +29,7 @@ def test_openai_usage_recorded_stream_and_not(proxy, fake):
     # ...but tokenpak asked upstream for it, so the stream is accounted, not free.
     assert fake.last().json()["stream_options"] == {"include_usage": True}
     prompt = usage_for({"messages": MESSAGES})
-    first, second = rows(proxy)
+    first, second = accounting_rows(proxy)
     for row, streamed in ((first, 0), (second, 1)):
         assert row["streamed"] == streamed
         assert row["input_tokens"] + row["cache_read_tokens"] == prompt
@@ -53,45 +43,95 @@ def test_openai_usage_recorded_stream_and_not(proxy, fake):
 
 
 def test_client_that_asked_for_usage_still_gets_it(proxy, fake):
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client = openai_client(proxy)
     chunks = list(client.chat.completions.create(
         model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == ANSWER_WORDS
-    assert rows(proxy)[-1]["output_tokens"] == ANSWER_WORDS
+    assert accounting_rows(proxy)[-1]["output_tokens"] == ANSWER_WORDS
 
 
 def test_anthropic_usage_recorded_stream_and_not(proxy, fake):
     fake.cached_tokens, fake.cache_write_tokens = 5, 7
-    client = anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=proxy.url, max_retries=0)
+    client = anthropic_client(proxy)
     client.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=MESSAGES)
     with client.messages.stream(model="claude-sonnet-4-6", max_tokens=50,
                                 messages=MESSAGES) as stream:
         list(stream.text_stream)
     prompt = usage_for({"messages": MESSAGES})
-    for row in rows(proxy):
+    for row in accounting_rows(proxy):
         assert row["input_tokens"] == prompt
         assert row["cache_read_tokens"] == 5 and row["cache_write_tokens"] == 7
         assert row["output_tokens"] == ANSWER_WORDS
         assert row["provider"] == "anthropic"
-    assert [r["streamed"] for r in rows(proxy)] == [0, 1]
+    assert [r["streamed"] for r in accounting_rows(proxy)] == [0, 1]
 
 
 def test_unknown_model_costs_unknown_not_zero(proxy, fake):
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client = openai_client(proxy)
     client.chat.completions.create(model="gpt-4o", messages=MESSAGES,
                                    extra_body={"model": "my-finetune-x"})
-    row = rows(proxy)[-1]
+    row = accounting_rows(proxy)[-1]
     assert row["model"] == "my-finetune-x"
     assert row["output_tokens"] == ANSWER_WORDS
     assert row["cost_usd"] is None
 
 
+def test_free_endpoints_cost_zero_and_unknown_prices_count_as_unpriced(proxy, fake):
+    """count_tokens and model listings are free: cost 0, not unknown. A request whose
+    price is unknown is counted in unpriced_requests, consistently with its NULL cost."""
+    an = anthropic_client(proxy)
+    counted = an.messages.count_tokens(model="claude-sonnet-4-6", messages=MESSAGES)
+    assert counted.input_tokens == usage_for({"messages": MESSAGES})
+    oa = openai_client(proxy)
+    assert [m.id for m in oa.models.list()] == ["gpt-4o"]
+    recorded = accounting_rows(proxy)
+    assert [(r["method"], r["path"], r["cost_usd"]) for r in recorded] == [
+        ("POST", "/v1/messages/count_tokens", 0.0), ("GET", "/v1/models", 0.0)]
+    stats = json.loads(proxy.get("/stats")[2])
+    assert stats["unpriced_requests"] == 0 and stats["cost_usd"] == 0.0
+    # a billed call without a price, and one whose usage nobody reported
+    oa.chat.completions.create(model="gpt-4o", messages=MESSAGES,
+                               extra_body={"model": "my-finetune-x"})
+    oa.post("/embeddings", body={"input": "x"}, cast_to=object)
+    stats = json.loads(proxy.get("/stats")[2])
+    assert stats["unpriced_requests"] == 2
+    by_model = stats["by_model"]
+    assert (by_model["my-finetune-x"]["cost_usd"], by_model["my-finetune-x"]["unpriced"]) == \
+        (None, 1)
+    # the free calls' known 0 plus one request of unknown cost, counted as such
+    assert (by_model["(unknown)"]["cost_usd"], by_model["(unknown)"]["unpriced"]) == (0.0, 1)
+
+
+def test_compression_savings_priced_at_cache_read_when_the_provider_caches(make_proxy, fake):
+    """The same compressed request saves the input price per removed token while the
+    provider caches nothing, the (lower) cache-read price once it reads its cache; the
+    footer shows the same figure as the row."""
+    data = json.loads((CORPUS / "009-json-tools-9.json").read_text())
+    proxy = make_proxy(footer__enabled=True)
+    client = openai_client(proxy)
+    first = client.chat.completions.create(**data["body"])
+    fake.cached_tokens = 200
+    second = client.chat.completions.create(**data["body"])
+    a, b = accounting_rows(proxy)
+    removed = a["tokens_before"] - a["tokens_after"]
+    assert removed > 0 and b["tokens_before"] - b["tokens_after"] == removed
+    assert a["saved_usd"] == pytest.approx(removed * 2.50 / 1e6)  # gpt-4o input
+    assert b["saved_usd"] == pytest.approx(removed * 1.25 / 1e6)  # gpt-4o cache read
+    assert b["compression_saved_usd"] == b["saved_usd"]
+    for answer, row in ((first, a), (second, b)):
+        assert answer.choices[0].message.content.endswith(
+            "(saved $%.4f)" % row["saved_usd"])
+    stats = json.loads(proxy.get("/stats")[2])
+    assert stats["saved_usd"] == pytest.approx(a["saved_usd"] + b["saved_usd"])
+    assert stats["compression_saved_usd"] == pytest.approx(stats["saved_usd"])
+
+
 def test_cache_hits_are_recorded_as_savings(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client = openai_client(proxy)
     for _ in range(3):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    recorded = rows(proxy)
+    recorded = accounting_rows(proxy)
     assert [r["cache"] for r in recorded] == ["miss", "hit", "hit"]
     assert recorded[1]["cost_usd"] == 0
     assert recorded[1]["saved_usd"] == recorded[0]["cost_usd"] > 0
@@ -108,7 +148,7 @@ def test_cache_hits_are_recorded_as_savings(make_proxy, fake):
 
 
 def test_metrics_endpoint(proxy, fake):
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client = openai_client(proxy)
     client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     status, headers, body = proxy.get("/metrics")
     text = body.decode()
@@ -123,7 +163,7 @@ def test_metrics_endpoint(proxy, fake):
 
 def test_stats_cli_reads_the_db_while_the_proxy_is_down(make_proxy, fake, capsys, monkeypatch):
     proxy = make_proxy()
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client = openai_client(proxy)
     for model in ("gpt-4o", "gpt-4o", "gpt-4o-mini"):
         client.chat.completions.create(model=model, messages=MESSAGES)
     proxy.stop()
@@ -138,3 +178,25 @@ def test_stats_cli_reads_the_db_while_the_proxy_is_down(make_proxy, fake, capsys
     data = json.loads(capsys.readouterr().out)
     assert data["summary"]["requests"] == 3
     assert cli.main(["stats", "--since", "bogus"]) != 0
+
+
+def test_client_leaving_right_after_the_final_event_is_accounted(proxy, fake):
+    """Codex closes its connection as soon as response.completed arrives, before the chunked
+    body's end: the provider answered (and billed) in full, so the row is complete with the
+    usage, not a lost stream. The fake holds the stream open after message_stop meanwhile."""
+    body = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 50, "stream": True,
+                       "messages": MESSAGES}).encode()
+    head = ("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "x-api-key: %s\r\nanthropic-version: 2023-06-01\r\nx-fake: linger\r\n"
+            "Content-Length: %d\r\n\r\n" % (ANTHROPIC_KEY, len(body))).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"message_stop" not in received:
+            data = sock.recv(65536)
+            assert data, "stream ended before message_stop"
+            received += data
+    row = accounting_rows(proxy)[-1]
+    assert row["complete"] == 1 and row["error"] is None
+    assert row["input_tokens"] == usage_for({"messages": MESSAGES})
+    assert row["output_tokens"] == ANSWER_WORDS and row["cost_usd"] > 0

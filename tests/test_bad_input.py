@@ -3,15 +3,15 @@ untouched, where that is the transparent choice) and stays healthy."""
 
 import json
 import socket
-import time
+import urllib.error
 
 import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import OPENAI_KEY
-from test_forwarding import assert_healthy, raw_request, send_raw
+from helpers import (RunningProxy, assert_healthy, openai_client, proxy_settings,
+                     raw_request, send_raw)
 
 
 def test_slow_loris_client_is_cut_off(make_proxy, fake):
@@ -100,7 +100,6 @@ bodies = st.fixed_dictionaries(
 
 @pytest.fixture(scope="module")
 def hypothesis_proxy(fake_server, tmp_path_factory):
-    from conftest import RunningProxy, proxy_settings
     from tokenpak import config as configmod
     tmp = tmp_path_factory.mktemp("hyp")
     settings_ = proxy_settings(fake_server.url, tmp, footer__enabled=True, cache__enabled=True,
@@ -123,7 +122,7 @@ def test_no_request_body_becomes_a_500(hypothesis_proxy, body, path):
 # -- optional client token when listening beyond loopback -----------------------------------
 def test_auth_token_required_and_stripped_before_forwarding(make_proxy, fake):
     proxy = make_proxy(proxy__auth_token="local-secret-token")
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
+    client = openai_client(proxy)
     with pytest.raises(openai.AuthenticationError) as caught:
         client.chat.completions.create(model="gpt-4o",
                                        messages=[{"role": "user", "content": "x"}])
@@ -140,6 +139,8 @@ def test_auth_token_required_and_stripped_before_forwarding(make_proxy, fake):
     assert fake.last().header("X-TokenPak-Auth") is None
     # /health stays open for monitoring; /stats and /metrics need the token.
     assert proxy.get("/health")[0] == 200
-    with pytest.raises(Exception):
+    with pytest.raises(urllib.error.HTTPError) as caught:
         proxy.get("/stats")
+    assert caught.value.code == 401
+    assert "X-TokenPak-Auth" in json.loads(caught.value.read())["error"]["message"]
     assert proxy.get("/stats", {"X-TokenPak-Auth": "local-secret-token"})[0] == 200

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import sqlite3
 import stat
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from helpers import wait_for
 from tokenpak import cache
 from tokenpak.cache import CacheStore, Entry, cache_key, load_secret, scope_id
 from tokenpak.db import DbFile
@@ -46,16 +48,6 @@ def entry(body=b'{"answer": 42}', created=None, **kw):
                  usage={"input": 10, "output": 2, "cache_read": 0, "cache_write": 0}, model="gpt-4o")
 
 
-def until(predicate, timeout=WAIT):
-    """Poll a condition the background writer is expected to reach."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def roundtrip_works(s, scope="s", key="probe"):
     """A put becomes readable from the DB (not just from memory)."""
     s.put(scope, key, entry(b"probe"))
@@ -89,11 +81,48 @@ def test_key_depends_on_provider_and_path_not_on_field_order():
     assert cache_key("anthropic", "/v1/chat/completions", BODY) != base
     assert cache_key("openai", "/v1/messages", BODY) != base
     assert cache_key("openai", "/v1/chat/completions", dict(reversed(list(BODY.items())))) == base
-    assert len(base) == 64 and int(base, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", base)  # a SHA-256 hex digest, as the DB stores it
+
+
+def test_key_ignores_per_call_labels_of_agents():
+    base = cache_key("openai", "/v1/responses", BODY)
+    for extra in ({"prompt_cache_key": "conv-1234"}, {"safety_identifier": "h"},
+                  {"prompt_cache_retention": "24h"},
+                  {"client_metadata": {"x": "y"}}):
+        assert cache_key("openai", "/v1/responses", dict(BODY, **extra)) == base
+
+
+def test_key_includes_answer_changing_headers_normalised():
+    path = "/v1/messages"
+    none = cache_key("anthropic", path, BODY)
+    assert cache_key("anthropic", path, BODY, {}) == none  # no header: the old key
+    beta = cache_key("anthropic", path, BODY, {"anthropic-beta": "context-1m-2025-08-07"})
+    assert beta != none
+    two = cache_key("anthropic", path, BODY, {"anthropic-beta": "a-1,b-2"})
+    assert cache_key("anthropic", path, BODY, {"anthropic-beta": " b-2 , a-1,a-1"}) == two
+    assert cache_key("anthropic", path, BODY, {"anthropic-beta": "a-1"}) != two
+    assert cache_key("anthropic", path, BODY, {"anthropic-version": "2023-06-01"}) != none
+    assert cache_key("openai", path, BODY, {"openai-beta": "assistants=v2"}) != \
+        cache_key("openai", path, BODY)
+
+
+def test_key_ignores_per_call_headers():
+    base = cache_key("anthropic", "/v1/messages", BODY, {"anthropic-version": "2023-06-01"})
+    noisy = {"anthropic-version": "2023-06-01", "x-request-id": "r1", "idempotency-key": "i",
+             "x-stainless-retry-count": "1", "user-agent": "claude-cli/2.1", "traceparent": "t",
+             "x-claude-code-session-id": "s", "x-client-request-id": "c", "session_id": "x",
+             "openai-organization": "org", "openai-project": "p", "x-api-key": "sk-ant-x"}
+    assert cache_key("anthropic", "/v1/messages", BODY, noisy) == base
 
 
 def test_key_survives_lone_surrogates():
-    assert cache_key("openai", "/v1/chat/completions", {"messages": "\ud800"})
+    """A lone surrogate (valid JSON text, not encodable as UTF-8) neither raises nor is
+    collapsed into a replacement character that another prompt would share."""
+    def key(text):
+        return cache_key("openai", "/v1/chat/completions", {"messages": text})
+    assert re.fullmatch("[0-9a-f]{64}", key("\ud800"))
+    assert key("\ud800") == key("\ud800")
+    assert len({key("\ud800"), key("\udc00"), key("\ufffd"), key("?"), key("")}) == 5
 
 
 # ------------------------------------------------------------------ secret and scope
@@ -318,7 +347,7 @@ def test_db_deleted_while_open_is_recreated(store, db):
         os.unlink(path)
     store.get("s", "old")  # must not raise (a hit from the unlinked file is fine)
     store.put("s", "new", entry())
-    assert until(lambda: os.path.exists(db) and roundtrip_works(store))
+    assert wait_for(lambda: os.path.exists(db) and roundtrip_works(store))
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT COUNT(*) FROM cache_entries WHERE key = 'probe'").fetchone()[0] == 1
     conn.close()
@@ -344,8 +373,8 @@ def test_corrupted_while_open_is_moved_aside_and_recovers(store, db):
         fh.write(b"\x00garbage" * 64)
     store.get("s", "k")  # no exception, whatever it returns
     store.put("s", "k2", entry())
-    assert until(lambda: glob.glob(db + ".corrupt-*"))
-    assert until(lambda: roundtrip_works(store))
+    assert wait_for(lambda: glob.glob(db + ".corrupt-*"))
+    assert wait_for(lambda: roundtrip_works(store))
 
 
 def test_corrupt_pages_behind_a_valid_header_are_detected(db):
@@ -360,7 +389,7 @@ def test_corrupt_pages_behind_a_valid_header_are_detected(db):
     try:
         for i in range(50):
             s.get("s", "k%d" % i)  # misses or hits, never an exception
-        assert until(lambda: roundtrip_works(s))
+        assert wait_for(lambda: roundtrip_works(s))
         moved = [f for f in glob.glob(db + ".corrupt-*") if not f.endswith(("-wal", "-shm"))]
         assert len(moved) == 1  # the fresh file is never mistaken for the corrupt one
     finally:
@@ -409,7 +438,7 @@ def test_db_locked_by_another_process(store, db):
         assert store.dropped == 1
     finally:
         proc.communicate("\n", timeout=WAIT)
-    assert until(lambda: roundtrip_works(store, key="after"))
+    assert wait_for(lambda: roundtrip_works(store, key="after"))
     assert store.get("s", "before").body == b"before"
 
 
@@ -423,9 +452,10 @@ def test_unusable_directory_then_recovery(tmp_path):
         s.put("s", "k", entry())
         assert s.flush()
         assert "error" in s.stats()
-        assert s.clear() >= 0
+        assert s.dropped == 1  # the entry could not be written: counted, not hidden
+        assert s.clear() == 0  # nothing was stored; clearing an unusable DB does not raise
         blocker.unlink()  # the directory becomes creatable: the cache comes back
-        assert until(lambda: roundtrip_works(s))
+        assert wait_for(lambda: roundtrip_works(s))
         assert os.path.exists(db)
     finally:
         s.close()
@@ -510,7 +540,7 @@ def test_disk_full_drops_writes_then_recovers(db, monkeypatch):
         assert s.dropped == 1
         assert s.get("s", "big") is None
         full[0] = False  # space freed: the writer reconnects after its back-off
-        assert until(lambda: roundtrip_works(s))
+        assert wait_for(lambda: roundtrip_works(s))
     finally:
         s.close()
 

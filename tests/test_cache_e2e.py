@@ -3,19 +3,10 @@
 import sqlite3
 import threading
 
-import anthropic
 import openai
 import pytest
 
-from conftest import ALL_KEYS, ANTHROPIC_KEY, OPENAI_KEY
-
-
-def oa(proxy, key=OPENAI_KEY):
-    return openai.OpenAI(api_key=key, base_url=proxy.url + "/v1", max_retries=0)
-
-
-def an(proxy, key=ANTHROPIC_KEY):
-    return anthropic.Anthropic(api_key=key, base_url=proxy.url, max_retries=0)
+from helpers import ALL_KEYS, anthropic_client, openai_client
 
 
 def ask(client, text="cache me", **kw):
@@ -29,8 +20,8 @@ def cached(make_proxy):
 
 
 def test_hit_miss_and_header(cached, fake):
-    first = ask(oa(cached))
-    second = ask(oa(cached))
+    first = ask(openai_client(cached))
+    second = ask(openai_client(cached))
     assert first.headers["x-tokenpak-cache"] == "miss"
     assert second.headers["x-tokenpak-cache"] == "hit"
     assert second.parse().choices[0].message.content == "Echo: cache me"
@@ -39,53 +30,84 @@ def test_hit_miss_and_header(cached, fake):
 
 
 def test_parameter_change_misses(cached, fake):
-    ask(oa(cached), temperature=0.1)
-    again = ask(oa(cached), temperature=0.9)
+    ask(openai_client(cached), temperature=0.1)
+    again = ask(openai_client(cached), temperature=0.9)
     assert again.headers["x-tokenpak-cache"] == "miss"
-    ask(oa(cached), temperature=0.1, user="someone-else", metadata={"a": "b"}, store=False)
+    ask(openai_client(cached), temperature=0.1, user="someone-else", metadata={"a": "b"},
+        store=False)
     assert fake.count("/chat/completions") == 3  # `user`/`metadata` do not count; `store` does
 
 
+def test_answer_changing_headers_are_in_the_key(cached, fake):
+    """The same body with and without a beta feature is two questions; a reordered beta
+    list is the same question."""
+    def msg(**headers):
+        return anthropic_client(cached).messages.with_raw_response.create(
+            model="claude-sonnet-4-6", max_tokens=50, extra_headers=headers,
+            messages=[{"role": "user", "content": "beta or not"}])
+    assert msg().headers["x-tokenpak-cache"] == "miss"
+    with_beta = msg(**{"anthropic-beta": "context-1m-2025-08-07"})
+    assert with_beta.headers["x-tokenpak-cache"] == "miss"
+    assert fake.count("/v1/messages") == 2
+    assert fake.last().header("anthropic-beta") == "context-1m-2025-08-07"
+    both = msg(**{"anthropic-beta": "context-1m-2025-08-07,files-api-2025-04-14"})
+    assert both.headers["x-tokenpak-cache"] == "miss"
+    again = msg(**{"anthropic-beta": "files-api-2025-04-14, context-1m-2025-08-07"})
+    assert again.headers["x-tokenpak-cache"] == "hit"
+    assert fake.count("/v1/messages") == 3
+
+
+def test_per_call_headers_do_not_defeat_the_cache(cached, fake):
+    ask(openai_client(cached), extra_headers={
+        "x-stainless-retry-count": "0", "x-request-id": "a", "User-Agent": "one/1.0",
+        "idempotency-key": "k1"})
+    again = ask(openai_client(cached), extra_headers={
+        "x-stainless-retry-count": "1", "x-request-id": "b", "User-Agent": "two/2.0",
+        "idempotency-key": "k2", "x-claude-code-session-id": "s2"})
+    assert again.headers["x-tokenpak-cache"] == "hit"
+    assert fake.count("/chat/completions") == 1
+
+
 def test_no_cache_refreshes_and_no_store_bypasses(cached, fake):
-    ask(oa(cached))
-    refreshed = ask(oa(cached), extra_headers={"Cache-Control": "no-cache"})
+    ask(openai_client(cached))
+    refreshed = ask(openai_client(cached), extra_headers={"Cache-Control": "no-cache"})
     assert refreshed.headers["x-tokenpak-cache"] == "miss"
     assert fake.count("/chat/completions") == 2
-    bypass = ask(oa(cached), "never stored", extra_headers={"Cache-Control": "no-store"})
+    bypass = ask(openai_client(cached), "never stored", extra_headers={"Cache-Control": "no-store"})
     assert bypass.headers["x-tokenpak-cache"] == "bypass"
-    again = ask(oa(cached), "never stored")
+    again = ask(openai_client(cached), "never stored")
     assert again.headers["x-tokenpak-cache"] == "miss"
     assert fake.count("/chat/completions") == 4
 
 
 def test_another_key_never_gets_the_entry(cached, fake):
-    ask(oa(cached))
-    other = ask(oa(cached, key="sk-test-another-key-0000"))
+    ask(openai_client(cached))
+    other = ask(openai_client(cached, key="sk-test-another-key-0000"))
     assert other.headers["x-tokenpak-cache"] == "miss"
     assert fake.count("/chat/completions") == 2
 
 
 def test_rejected_key_never_hits(cached, fake):
-    ask(oa(cached))
+    ask(openai_client(cached))
     with pytest.raises(openai.AuthenticationError):
-        ask(oa(cached, key="sk-bad-key"))
+        ask(openai_client(cached, key="sk-bad-key"))
     with pytest.raises(openai.AuthenticationError):
-        ask(oa(cached, key="sk-bad-key"))  # errors are never cached either
+        ask(openai_client(cached, key="sk-bad-key"))  # errors are never cached either
     assert fake.count("/chat/completions") == 3
 
 
 def test_shared_scope_serves_other_verified_keys_only(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True, cache__scope="shared")
-    ask(oa(proxy))
-    ask(oa(proxy, key="sk-test-second"), "warm second key")  # the provider accepts it
-    assert ask(oa(proxy, key="sk-test-second")).headers["x-tokenpak-cache"] == "hit"
+    ask(openai_client(proxy))
+    ask(openai_client(proxy, key="sk-test-second"), "warm second key")  # the provider accepts it
+    assert ask(openai_client(proxy, key="sk-test-second")).headers["x-tokenpak-cache"] == "hit"
     with pytest.raises(openai.AuthenticationError):
-        ask(oa(proxy, key="sk-bad-unverified"))
+        ask(openai_client(proxy, key="sk-bad-unverified"))
 
 
 def test_openai_stream_is_cached_and_replayed_as_events(cached, fake):
     def run():
-        response = oa(cached).chat.completions.with_raw_response.create(
+        response = openai_client(cached).chat.completions.with_raw_response.create(
             model="gpt-4o", messages=[{"role": "user", "content": "stream me"}], stream=True)
         chunks = list(response.parse())
         return response.headers["x-tokenpak-cache"], chunks
@@ -102,7 +124,7 @@ def test_openai_stream_is_cached_and_replayed_as_events(cached, fake):
 
 def test_anthropic_stream_is_cached_and_replayed(cached, fake):
     for expected in ("miss", "hit"):
-        with an(cached).messages.stream(model="claude-sonnet-4-6", max_tokens=50,
+        with anthropic_client(cached).messages.stream(model="claude-sonnet-4-6", max_tokens=50,
                                         messages=[{"role": "user", "content": "stream"}]) as s:
             assert "".join(s.text_stream) == "Echo: stream"
             assert s.get_final_message().usage.output_tokens == 2
@@ -112,17 +134,20 @@ def test_anthropic_stream_is_cached_and_replayed(cached, fake):
 
 def test_partial_stream_is_never_cached(cached, fake):
     for _ in range(2):
-        with pytest.raises(Exception):
-            stream = oa(cached).chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "a b c d e f"}],
-                stream=True, extra_headers={"x-fake": "reset"})
+        stream = openai_client(cached).chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "a b c d e f"}],
+            stream=True, extra_headers={"x-fake": "reset"})
+        with pytest.raises(openai.APIError) as caught:
             list(stream)
+        # tokenpak's error event, not a dropped connection (APIConnectionError, a subclass)
+        assert type(caught.value) is openai.APIError
+        assert "the answer is incomplete" in caught.value.message
     assert fake.count("/chat/completions") == 2
 
 
 def test_stream_and_non_stream_are_separate_entries(cached, fake):
-    ask(oa(cached), "same prompt")
-    stream = oa(cached).chat.completions.create(
+    ask(openai_client(cached), "same prompt")
+    stream = openai_client(cached).chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "same prompt"}], stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) \
         == "Echo: same prompt"
@@ -135,7 +160,7 @@ def test_eight_concurrent_identical_requests_make_one_upstream_call(cached, fake
 
     def run():
         barrier.wait()
-        response = ask(oa(cached), "together")
+        response = ask(openai_client(cached), "together")
         results.append((response.headers["x-tokenpak-cache"],
                         response.parse().choices[0].message.content))
 
@@ -157,7 +182,7 @@ def test_concurrent_identical_streams_share_one_call_incrementally(cached, fake)
 
     def run():
         try:
-            stream = oa(cached).chat.completions.create(
+            stream = openai_client(cached).chat.completions.create(
                 model="gpt-4o", messages=[{"role": "user", "content": "shared stream"}],
                 stream=True, extra_headers={"x-fake": "gate"})
             chunks = iter(stream)
@@ -183,18 +208,18 @@ def test_concurrent_identical_streams_share_one_call_incrementally(cached, fake)
 
 def test_cache_survives_restart(make_proxy, fake, tmp_path):
     first = make_proxy(cache__enabled=True)
-    ask(oa(first), "persist")
+    ask(openai_client(first), "persist")
     first.app.cache.flush()
     first.stop()
     second = make_proxy(cache__enabled=True)
-    assert ask(oa(second), "persist").headers["x-tokenpak-cache"] == "hit"
+    assert ask(openai_client(second), "persist").headers["x-tokenpak-cache"] == "hit"
     assert fake.count("/chat/completions") == 1
 
 
 def test_ttl_expiry(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True, cache__ttl_seconds=0)
-    ask(oa(proxy))
-    assert ask(oa(proxy)).headers["x-tokenpak-cache"] == "miss"
+    ask(openai_client(proxy))
+    assert ask(openai_client(proxy)).headers["x-tokenpak-cache"] == "miss"
     assert fake.count("/chat/completions") == 2
 
 
@@ -203,15 +228,15 @@ def test_corrupt_db_at_start_still_serves(make_proxy, fake, tmp_path):
     db.parent.mkdir(parents=True)
     db.write_bytes(b"this is not a database" * 100)
     proxy = make_proxy(cache__enabled=True)
-    assert ask(oa(proxy)).parse().choices[0].message.content == "Echo: cache me"
-    assert ask(oa(proxy)).parse().choices[0].message.content == "Echo: cache me"
+    assert ask(openai_client(proxy)).parse().choices[0].message.content == "Echo: cache me"
+    assert ask(openai_client(proxy)).parse().choices[0].message.content == "Echo: cache me"
 
 
 def test_db_holds_no_api_key(make_proxy, fake, tmp_path):
     proxy = make_proxy(cache__enabled=True)
     for key in ALL_KEYS:
-        ask(oa(proxy, key=key), "secret check")
-    with an(proxy).messages.stream(model="claude-sonnet-4-6", max_tokens=5,
+        ask(openai_client(proxy, key=key), "secret check")
+    with anthropic_client(proxy).messages.stream(model="claude-sonnet-4-6", max_tokens=5,
                                    messages=[{"role": "user", "content": "s"}]) as s:
         list(s.text_stream)
     proxy.app.cache.flush()
@@ -231,7 +256,7 @@ def test_db_holds_no_api_key(make_proxy, fake, tmp_path):
 def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fake):
     """Request B misses the cache while identical request A is still in flight; A then
     stores its answer and leaves before B joins. B must find A's answer, not call again."""
-    ask(oa(cached), "race")
+    ask(openai_client(cached), "race")
     real_get, calls = cached.app.cache_get, []
 
     def racing_get(scope, key, *rest):
@@ -239,7 +264,7 @@ def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fak
         return None if len(calls) == 1 else real_get(scope, key, *rest)  # the first raced
 
     cached.app.cache_get = racing_get
-    again = ask(oa(cached), "race")
+    again = ask(openai_client(cached), "race")
     assert again.headers["x-tokenpak-cache"] == "hit"
     assert len(calls) == 2
     assert fake.count("/chat/completions") == 1

@@ -1,9 +1,11 @@
 """Coalescing: one leader per key, followers see the head and every chunk as it arrives."""
 
+import json
 import threading
 
 import pytest
 
+from helpers import open_stream, wait_for
 from tokenpak.coalesce import Coalescer, Flight, FlightFailed, FlightTimeout
 
 WAIT = 10.0  # generous: only reached when the code under test is broken
@@ -158,3 +160,119 @@ def test_different_keys_do_not_share():
     a, la = co.join("a")
     b, lb = co.join("b")
     assert la and lb and a is not b
+
+
+def test_upstream_stops_when_the_last_reader_leaves_in_either_order():
+    stopped = []
+    # the leader's client leaves first: the stop waits for the follower
+    co = Coalescer()
+    flight, _ = co.join("k")
+    co.join("k")
+    assert flight.leader_left(lambda: stopped.append("late")) is False
+    assert stopped == []
+    flight.leave()
+    assert stopped == ["late"] and flight.abandoned
+    # the follower leaves first: the leader is told to stop at once
+    flight, _ = co.join("j")
+    co.join("j")
+    flight.leave()
+    assert flight.leader_left(lambda: stopped.append("never")) is True
+    assert stopped == ["late"] and flight.abandoned
+
+
+def test_a_follower_finishing_after_a_complete_answer_stops_nothing():
+    stopped = []
+    co = Coalescer()
+    flight, _ = co.join("k")
+    co.join("k")
+    flight.leader_left(lambda: stopped.append(1))
+    flight.finish(True)  # the leader relayed the whole answer for the follower
+    flight.leave()
+    assert stopped == [] and not flight.abandoned
+
+
+def test_an_abandoned_flight_is_not_joined():
+    co = Coalescer()
+    flight, _ = co.join("k")
+    assert flight.leader_left(lambda: None) is True
+    fresh, leads = co.join("k")
+    assert leads and fresh is not flight
+    co.done("k", flight)  # the old leader unwinding does not remove the new flight
+    assert co.join("k") == (fresh, False)
+
+
+def test_a_follower_whose_client_left_stops_waiting():
+    flight = Flight()
+    flight.set_head(200, [])
+    flight.push(b"a")
+    gone = threading.Event()
+    got = []
+
+    def follower():
+        for chunk in flight.chunks(WAIT, gone):
+            got.append(chunk)
+
+    t = threading.Thread(target=follower)
+    t.start()
+    assert wait_for(lambda: got == [b"a"], timeout=WAIT)
+    gone.set()
+    flight.wake()
+    t.join(WAIT)
+    assert not t.is_alive() and got == [b"a"]
+
+
+# -- through a real tokenpak: the shared upstream call lives as long as someone reads it ------
+def read_stream(sock, data=b""):
+    """Everything until the chunked body's last chunk (or the peer closing)."""
+    while not data.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("last", ["follower", "leader"])
+def test_upstream_call_stops_once_leader_and_followers_have_all_gone(make_proxy, fake, last):
+    """Two identical streams share one upstream call that goes silent after its first event
+    (a model thinking). When both clients have hung up, in either order, tokenpak closes
+    the upstream connection; with read_timeout at 60 s and the fake holding for 20 s, a
+    close within the wait can only come from tokenpak noticing nobody reads any more."""
+    proxy = make_proxy(cache__enabled=True, proxy__read_timeout=60)
+    leader, _ = open_stream(proxy, "hold")
+    follower, head = open_stream(proxy, "hold")
+    assert b"X-TokenPak-Cache: hit" in head  # it shares the leader's call...
+    assert fake.count("/chat/completions") == 1  # ...which is the only one upstream
+    first, second = (leader, follower) if last == "follower" else (follower, leader)
+    first.close()
+    second.close()
+    assert wait_for(lambda: fake.closed_by_peer == 1)
+    assert wait_for(lambda: proxy.app.active == 0)
+
+
+def test_follower_keeps_receiving_after_the_leader_leaves(make_proxy, fake):
+    """The leader's client hangs up after the first event; the upstream call goes on for
+    the follower still reading, which gets the whole answer, and it is cached."""
+    proxy = make_proxy(cache__enabled=True, proxy__read_timeout=60)
+    words = " ".join("w%d" % i for i in range(30))
+    # The fake sends the first event, waits for the gate, then the rest 50 ms apart.
+    headers = {"x-fake-delay": "0.05"}
+    leader, _ = open_stream(proxy, "gate", text=words, headers=headers)
+    follower, data = open_stream(proxy, "gate", text=words, headers=headers)
+    assert b"X-TokenPak-Cache: hit" in data and fake.count("/chat/completions") == 1
+    leader.close()
+    fake.gate.set()
+    with follower:
+        body = read_stream(follower, data)
+    assert body.endswith(b"0\r\n\r\n")  # a complete chunked body, not a cut-off one
+    events = [json.loads(line[6:]) for line in body.split(b"\n")
+              if line.startswith(b"data: {")]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                   if e.get("choices"))
+    assert text == "Echo: " + words
+    assert b"data: [DONE]" in body and b'"error"' not in body
+    # The leader's relay ran to the end for the follower: the answer is in the cache.
+    again, data = open_stream(proxy, "", text=words, headers=headers)
+    with again:
+        assert b"X-TokenPak-Cache: hit" in read_stream(again, data)
+    assert fake.count("/chat/completions") == 1

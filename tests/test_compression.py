@@ -153,15 +153,21 @@ def test_backref_keeps_first_copy_and_needs_hybrid():
     assert C.compress_request("openai", small, HYBRID0).changed is False
 
 
-def test_cache_control_freezes_everything_up_to_the_last_marker():
+def test_a_marked_block_compresses_exactly_as_unmarked_and_keeps_its_marker():
+    """Claude Code moves its marker to the newest block every turn: the mark changes nothing."""
     body = anthropic_body()
-    body["messages"][2]["content"][0]["cache_control"] = {"type": "ephemeral"}
-    out = C.compress_request("anthropic", body, HYBRID0).body
-    assert out["messages"][2] is body["messages"][2]
-    assert out["messages"][0] is body["messages"][0]
-    # After the marker: compressed; the repeat names the frozen (raw) first copy.
-    after = out["messages"][4]["content"][0]["content"][0]["text"]
-    assert after.startswith("[tokenpak: identical to the bash result for tool_use_id toolu_1")
+    plain = C.compress_request("anthropic", body, HYBRID0).body
+    marked = copy.deepcopy(body)
+    marked["messages"][2]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    marked["messages"][4]["content"][0]["content"][0]["cache_control"] = {"type": "ephemeral"}
+    out = C.compress_request("anthropic", marked, HYBRID0).body
+    first, second = out["messages"][2]["content"][0], out["messages"][4]["content"][0]
+    assert first["cache_control"] == {"type": "ephemeral"}
+    assert second["content"][0]["cache_control"] == {"type": "ephemeral"}
+    assert "[×60]" in first["content"]
+    assert first["content"] == plain["messages"][2]["content"][0]["content"]
+    assert second["content"][0]["text"] == plain["messages"][4]["content"][0]["content"][0]["text"]
+    assert second["content"][0]["text"].startswith("[tokenpak: identical to the bash result")
 
 
 def test_thinking_turns_and_unknown_blocks_are_left_alone():
@@ -288,3 +294,121 @@ def test_dry_run_and_format_report():
     assert len(table) == 3 and len({line.index("user") for line in table}) == 1  # aligned
     below = C.format_report(C.dry_run("anthropic", body, C.Settings()))
     assert "below threshold: forwarded unchanged" in below
+
+
+# ------------------------------------------------------------------ segments (issue 9)
+
+def test_a_log_whose_repeated_line_ends_in_a_parenthesis_is_compressed():
+    line = "WARN retrying connection to db.internal:5432 (attempt 3/5)"
+    text = "\n".join([line] * 3000)
+    out = C.transform_block(text, HYBRID0, is_tool=True)
+    assert out == line + " [×3000]"
+
+
+def test_pasted_json_then_log_then_fenced_code_each_get_their_own_treatment():
+    dump = json.dumps({"service": "billing", "replicas": [
+        {"name": "b-%d" % i, "status": "ok", "region": "eu-west-1"} for i in range(8)]}, indent=2)
+    log = "\n".join("2026-11-23 10:00:01 INFO worker %d heartbeat ok (queue=0)   " % (i % 2)
+                    for i in range(40))
+    code = "```python\ndef handler(event):   \n    return {'ok': True}   \n```"
+    text = "The state:\n" + dump + "\n\nThe log:\n" + log + "\n\nThe handler:\n" + code + "\nWhy?"
+    body = {"messages": [{"role": "user", "content": text}]}
+    out = C.compress_request("openai", body, HYBRID0).body["messages"][0]["content"]
+    assert code in out  # byte-identical, trailing spaces and all
+    state = out.split("\n")[1]
+    assert T.table_decode(json.loads(state)) == json.loads(dump)  # minified, exact
+    assert '"columns":["name","status","region"]' in state
+    assert T.DITTO_LEGEND in out and "   \n" not in out.split("```")[0]
+    assert tokens.count(out) < 0.6 * tokens.count(text)
+
+
+def test_numbered_log_listing_collapses_with_its_line_range():
+    """Claude Code's Read of a log: every line number the model could cite survives."""
+    rows = ["%6d\t2026-05-09 07:29:%02d status installed pkg-%d" % (i, i % 60, i)
+            for i in range(1, 12)]
+    rows += ["%6d\t\x1b[32m[worker-0] heartbeat ok queue=0 lag=0ms\x1b[0m" % i
+             for i in range(12, 3012)]
+    rows += ["%6d\tdone" % 3012]
+    text = "\n".join(rows) + "\n\n<system-reminder>\nBe careful.\n</system-reminder>"
+    out = C.transform_block(text, HYBRID0, is_tool=True)
+    assert "    12-3011\t[worker-0] heartbeat ok queue=0 lag=0ms [×3000]" in out
+    assert "     1\t2026-05-09 07:29:01 status installed pkg-1" in out
+    assert "  3012\tdone" in out and out.endswith("<system-reminder>\nBe careful.\n</system-reminder>")
+    assert len(out) < len(text) / 50
+    code = "\n".join("%6d\t    value = compute(%d)   " % (i, i) for i in range(1, 40))
+    assert C.transform_block(code, HYBRID0, is_tool=True) == code  # a listing of code: exact
+
+
+# ------------------------------------------------------------------ OpenAI Responses (Codex)
+
+def responses_body():
+    return {
+        "model": "gpt-5-codex",
+        "instructions": "You are Codex.   \n" + _log(5),
+        "tools": [{"type": "function", "name": "shell", "parameters": {"type": "object"}}],
+        "input": [
+            {"type": "message", "role": "developer",
+             "content": [{"type": "input_text", "text": _log(5)}]},
+            {"type": "message", "role": "user",
+             "content": [{"type": "input_text", "text": "Fix the build.   \n" + _log(10)}]},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAA" + "x" * 40},
+            {"type": "function_call", "call_id": "call_1", "name": "shell",
+             "arguments": '{"command": ["make"]}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": _log()},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": _log(5)}]},
+            {"type": "function_call", "call_id": "call_2", "name": "shell",
+             "arguments": '{"command": ["make", "-k"]}'},
+            {"type": "function_call_output", "call_id": "call_2", "output": _log()},
+            {"role": "user", "content": "Again?   "},
+        ],
+    }
+
+
+def test_responses_input_compresses_tool_outputs_and_user_text_only():
+    body = responses_body()
+    before = copy.deepcopy(body)
+    result = C.compress_request("responses", body, HYBRID0)
+    assert body == before and result.changed
+    out = result.body
+    assert out["instructions"] == body["instructions"] and out["tools"] is body["tools"]
+    items, old = out["input"], body["input"]
+    for i in (0, 2, 3, 5, 6):  # developer, reasoning, calls, assistant output
+        assert items[i] is old[i]
+    assert items[1]["content"][0]["text"].startswith("Fix the build.\n")
+    assert "[×10]" in items[1]["content"][0]["text"]
+    assert items[4]["output"].startswith("[worker-1] heartbeat ok queue=0 lag=0ms [×60]")
+    assert items[4]["call_id"] == "call_1"
+    # The repeat names the first copy by its function_call: name, call_id and arguments.
+    assert items[7]["output"] == C.reference_text(
+        'the shell result for call_id call_1 (input {"command": ["make"]})')
+    assert items[8]["content"] == "Again?"
+
+
+def test_responses_leaves_string_input_encrypted_and_unknown_items_alone():
+    text = {"model": "gpt-5", "input": _log(200)}
+    assert C.compress_request("responses", text, HYBRID0).body is text
+    body = {"model": "gpt-5", "input": [
+        {"type": "function_call_output", "call_id": "c", "output": _log(), "encrypted_content": "x"},
+        {"type": "function_call_output", "call_id": "c", "output": _log(), "extra": 1},
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": _log(), "annotations": []}]},
+    ]}
+    assert C.compress_request("responses", body, HYBRID0).body is body
+
+
+def test_responses_counts_instructions_input_and_tools():
+    body = responses_body()
+    texts = list(tokens.request_texts("responses", body))
+    assert body["instructions"] in texts and '{"command": ["make"]}' in texts
+    assert body["input"][4]["output"] in texts
+    assert not any("gAAAA" in t for t in texts)  # encrypted reasoning is not prompt text
+    total = tokens.count_request("responses", body)
+    assert total == (tokens.REPLY_PRIMING + tokens.MESSAGE_OVERHEAD * len(body["input"])
+                     + sum(tokens.count(t) for t in texts if t))
+    assert tokens.estimate_request("responses", body) > 0.8 * total
+    result = C.compress_request("responses", body, HYBRID0)
+    assert result.tokens_after < result.tokens_before == total
+    assert sum(result.saved_by_transform.values()) == result.tokens_before - result.tokens_after
+    small = {"model": "gpt-5", "input": [{"role": "user", "content": "hi"}]}
+    assert C.compress_request("responses", small, C.Settings()).reason == "below threshold"

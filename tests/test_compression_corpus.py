@@ -1,7 +1,10 @@
 """The corpus contract: every realistic case keeps its needles and verbatim blocks.
 
-tests/corpus/*.json (shipped copies of ../shared/corpus) are request bodies with `needles` (strings that must survive
-compression) and `verbatim` (blocks that must arrive byte-identical).
+tests/corpus/*.json (shipped copies of ../shared/corpus) are request bodies with `needles`
+(strings that must survive compression) and `verbatim` (blocks that must arrive
+byte-identical); tests/corpus/agents/*.json are Claude Code requests with their `previous`
+turn, for the property that protects the provider's prompt cache: turn N is forwarded as a
+byte-identical prefix of turn N+1, wherever the `cache_control` marker sits.
 """
 
 import copy
@@ -10,12 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from helpers import unmarked
 from tokenpak import compression as C
 from tokenpak import tokens
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
-CASES = sorted(CORPUS.glob("*.json"))
-assert CASES, "tests/corpus is missing"
+# Claude Code's exact request shape: its system prompt and 24 tools, thinking,
+# context_management, system-reminder blocks, the cache_control marker on the newest block,
+# and each case's `previous` turn.
+AGENTS = sorted((CORPUS / "agents").glob("*.json"))
+CASES = sorted(CORPUS.glob("*.json")) + AGENTS
+assert CASES and AGENTS, "tests/corpus is missing"
 
 
 def _load(path):
@@ -104,3 +112,69 @@ def test_aggressive_keeps_the_provider_shape(path):
                 if b.get("type") == "tool_use":
                     assert a == b
     assert result.tokens_after <= result.tokens_before
+
+
+
+
+def _markers(value, path=()):
+    """Paths of every cache_control field, and its value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "cache_control":
+                yield path, item
+            else:
+                yield from _markers(item, path + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _markers(item, path + (i,))
+
+
+@pytest.mark.parametrize("level", ["strict", "hybrid", "aggressive"])
+@pytest.mark.parametrize("path", AGENTS, ids=lambda p: p.stem)
+def test_previous_turn_is_forwarded_as_a_byte_identical_prefix(path, level):
+    case = _load(path)
+    settings = C.Settings(level=level)
+    before = C.compress_request(case["api"], case["previous"], settings)
+    after = C.compress_request(case["api"], case["body"], settings)
+    assert before.changed and after.changed  # Claude Code's marker no longer stops compression
+    old = unmarked(before.body["messages"])
+    new = unmarked(after.body["messages"])
+    assert len(new) > len(old)
+    for i, message in enumerate(old):
+        assert new[i] == message, i
+    old_bytes = json.dumps(old).encode()
+    new_bytes = json.dumps(new).encode()
+    assert new_bytes.startswith(old_bytes[:-1])  # all but the closing "]"
+    for key in ("system", "tools", "thinking", "context_management", "metadata"):
+        assert after.body[key] == case["body"][key]
+        assert before.body[key] == after.body[key]
+
+
+@pytest.mark.parametrize("path", AGENTS, ids=lambda p: p.stem)
+def test_claude_code_shape_keeps_markers_thinking_and_tool_inputs(path):
+    case = _load(path)
+    body = case["body"]
+    out = C.compress_request(case["api"], body, C.Settings()).body
+    assert list(_markers(out)) == list(_markers(body))  # every marker, where it was
+    newest = out["messages"][-1]["content"][-1]
+    assert newest["content"] != body["messages"][-1]["content"][-1]["content"]  # compressed
+    for new, old in zip(out["messages"], body["messages"]):
+        for a, b in zip(new["content"], old["content"]):
+            if b["type"] != "tool_result" and b["type"] != "text":
+                assert a == b  # thinking, tool_use
+        if any(b["type"] == "thinking" for b in old["content"]):
+            assert new == old  # the whole turn holding a signed thinking block
+
+
+def test_agents_corpus_saves_tokens():
+    """Claude Code sessions used to save 0% (the marker froze everything); hybrid, defaults."""
+    if tokens.backend() == "estimator":
+        pytest.skip("savings are measured with the exact tokenizer")
+    before = after = 0
+    for path in AGENTS:
+        case = _load(path)
+        result = C.compress_request(case["api"], case["body"], C.Settings())
+        assert result.tokens_after < 0.85 * result.tokens_before, path.stem
+        before += result.tokens_before
+        after += result.tokens_after
+    assert (before - after) / before >= 0.28

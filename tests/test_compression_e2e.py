@@ -3,25 +3,17 @@
 import json
 from pathlib import Path
 
-import anthropic
-import openai
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY
+from helpers import ANTHROPIC_KEY, OPENAI_KEY, unmarked, wait_for
+from helpers import anthropic_client as an
+from helpers import openai_client as oa
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
 def case(name):
     return json.loads((CORPUS / name).read_text())
-
-
-def oa(proxy):
-    return openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0)
-
-
-def an(proxy):
-    return anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=proxy.url, max_retries=0)
 
 
 def strings(value):
@@ -51,6 +43,36 @@ def test_footer_appended_and_stripped_round_trip_openai(make_proxy, fake):
     oa(proxy).chat.completions.create(model="gpt-4o", messages=messages)
     sent = fake.last().json()["messages"]
     assert sent[1]["content"] == "Echo: first question"
+
+
+def test_footer_stripped_however_the_client_gives_it_back(make_proxy, fake):
+    """aider-style trailing whitespace, CRLF, markdown rendering, a block of its own: the
+    provider never receives the footer."""
+    proxy = make_proxy(footer__enabled=True)
+    answer = an(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=50,
+                                       messages=[{"role": "user", "content": "first"}])
+    text = answer.content[0].text
+    said, line = text.split("\n\n")
+    assert said == "Echo: first" and line.startswith("[tokenpak] ")
+    variants = [
+        text + "\n\n",
+        text.replace("\n", "\r\n") + "\r\n",
+        said + "\n\n*" + line.replace("[tokenpak]", "\\[tokenpak\\]") + "*\n",
+        said + "\n\n> " + line,
+        [{"type": "text", "text": said}, {"type": "text", "text": line + "\n"}],
+    ]
+    for variant in variants:
+        an(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=[
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": variant},
+            {"role": "user", "content": "second"}])
+        sent = fake.last()
+        assert b"tokenpak" not in sent.body, variant
+        content = sent.json()["messages"][1]["content"]
+        if isinstance(content, str):
+            assert content.replace("\r\n", "\n") == said
+        else:
+            assert content == [{"type": "text", "text": said}]
 
 
 def test_footer_in_streams_both_sdks(make_proxy, fake):
@@ -122,9 +144,10 @@ def test_corpus_request_is_compressed_upstream_keeping_every_needle(make_proxy, 
     before = int(response.headers["x-tokenpak-tokens-before"])
     after = int(response.headers["x-tokenpak-tokens-after"])
     assert after < before
+    assert wait_for(lambda: proxy.app.requests_done >= 1)  # recorded off the hot path
     proxy.app.recorder.flush()
     stats = json.loads(proxy.get("/stats")[2])
-    assert stats["compressed_requests"] >= 0  # recorded off the hot path; see accounting tests
+    assert stats["compressed_requests"] == 1
 
 
 def test_small_prompt_is_forwarded_byte_for_byte_in_strict(make_proxy, fake):
@@ -161,11 +184,42 @@ def test_compressed_requests_are_accounted(make_proxy, fake):
     data = case("009-json-tools-9.json")
     proxy = make_proxy()
     oa(proxy).chat.completions.create(**data["body"])
-    import time
-    deadline = time.monotonic() + 10
-    while proxy.app.requests_done < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for(lambda: proxy.app.requests_done >= 1)
     proxy.app.recorder.flush()
     stats = json.loads(proxy.get("/stats")[2])
     assert stats["compressed_requests"] == 1
     assert stats["tokens_saved"] > 0
+
+
+
+
+def test_claude_code_turns_are_compressed_and_stay_prefix_stable(make_proxy, fake):
+    """Claude Code's exact request (marker on the newest block, thinking, 24 tools), two turns
+    sent as the CLI sends them: both compressed, turn N a byte-identical prefix of turn N+1."""
+    data = case("agents/018-claude-code-18.json")
+    proxy = make_proxy()  # default settings: hybrid, threshold 4,500
+    import http.client
+    forwarded = []
+    for body in (data["previous"], data["body"]):
+        raw = json.dumps(body).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request("POST", data["path"], body=raw, headers={
+            "x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01",
+            "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+            "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read()
+        conn.close()
+        assert len(fake.last().body) < 0.8 * len(raw)
+        forwarded.append(fake.last().json())
+    before, after = forwarded
+    old, new = unmarked(before["messages"]), unmarked(after["messages"])
+    assert json.dumps(new).startswith(json.dumps(old)[:-1])
+    assert after["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    newest = after["messages"][-1]["content"][-1]["content"]
+    assert newest != data["body"]["messages"][-1]["content"][-1]["content"]  # compressed too
+    for key in ("system", "tools", "thinking", "context_management"):
+        assert after[key] == data["body"][key]
+    text = "\n".join(strings(after))
+    assert all(needle in text for needle in data["needles"])

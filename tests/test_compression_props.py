@@ -2,7 +2,8 @@
 
 Whatever the body, the output is valid for the provider (same roles, ids, tool structure,
 media, system prompt), the input is not mutated, compressing twice changes nothing, and
-appending a turn leaves the compressed history byte-identical.
+appending a turn leaves the compressed history byte-identical — also in Claude Code's
+shape, where the cache_control marker moves to the newest block every turn.
 """
 
 import copy
@@ -10,6 +11,7 @@ import json
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from helpers import unmarked
 from tokenpak import compression as C
 
 PROPS = settings(max_examples=60, deadline=None, database=None,
@@ -144,8 +146,11 @@ def test_output_keeps_provider_shape(api_body, cfg):
         if isinstance(old.get("content"), list):
             for a, b in zip(new["content"], old["content"]):
                 if not isinstance(b, dict) or b.get("type") not in ("text", "tool_result") \
-                        or set(b) - {"type", "text", "tool_use_id", "content", "is_error"}:
-                    assert a == b  # media, tool_use, thinking, cache_control, unknown
+                        or set(b) - {"type", "text", "tool_use_id", "content", "is_error",
+                                     "cache_control"}:
+                    assert a == b  # media, tool_use, thinking, unknown
+                else:
+                    assert a.get("cache_control") == b.get("cache_control")  # kept, in place
 
 
 @PROPS
@@ -161,9 +166,7 @@ def test_idempotent(api_body, cfg):
 @given(bodies, st.lists(st.one_of(openai_message, anthropic_message), min_size=1, max_size=3),
        compression_settings)
 def test_prefix_stable_when_a_turn_is_appended(api_body, extra, cfg):
-    api, body = api_body
-    if any("cache_control" in json.dumps(m) for m in extra):
-        return  # a new marker deliberately freezes the history before it
+    api, body = api_body  # a marker in the new turn changes nothing before it
     before = C.compress_request(api, body, cfg).body
     grown = dict(body, messages=list(body["messages"]) + extra)
     after = C.compress_request(api, grown, cfg).body
@@ -179,3 +182,68 @@ noisy_text = st.one_of(texts, st.text(alphabet="ab \t\r\n\x1b[]{}\":,0159m×〃-
 def test_block_transform_is_idempotent(text, cfg, is_tool):
     once = C.transform_block(text, cfg, is_tool)
     assert C.transform_block(once, cfg, is_tool) == once
+
+
+# ------------------------------------------------------------------ Claude Code's shape
+
+def _numbered(lines):
+    return "\n".join("%6d\t%s" % (i, line) for i, line in enumerate(lines, 1))
+
+
+_LOG = ["2026-05-09 07:29:%02d status unpacked libfoo%d" % (i // 3, i) for i in range(12)]
+tool_outputs = st.one_of(
+    texts,
+    st.lists(st.sampled_from(_LOG + [ESC % 32 + "[worker-0] heartbeat ok" + ESC % 0]),
+             min_size=2, max_size=30).map(_numbered),
+    st.lists(st.sampled_from(["def f(x):", "    return x", "", "class A:", "    pass"]),
+             min_size=2, max_size=12).map(_numbered),
+    st.lists(lines, max_size=10).map("\n".join).map(lambda t: t + "\n\n<system-reminder>\nx\n"
+                                                            "</system-reminder>"),
+)
+reminder = st.sampled_from(["<system-reminder>\nAvailable agent types: claude, explore.\n"
+                            "</system-reminder>", "<system-reminder>\ncurrentDate: 2026-11-23\n"
+                            "</system-reminder>"])
+
+
+@st.composite
+def claude_code_turns(draw):
+    """A Claude Code conversation: reminders, thinking, tool_use, tool results, text."""
+    first = [{"type": "text", "text": t} for t in draw(st.lists(reminder, max_size=2))]
+    messages = [{"role": "user", "content": first + [{"type": "text", "text": draw(texts)}]}]
+    for n in range(draw(st.integers(1, 5))):
+        tool_id = "toolu_%d" % n
+        assistant = [{"type": "text", "text": draw(st.sampled_from(["Let me check.", "Next."]))},
+                     {"type": "tool_use", "id": tool_id, "name": draw(st.sampled_from(["Bash", "Read"])),
+                      "input": {"command": draw(st.sampled_from(["cat log", "ls", "make"]))}}]
+        if draw(st.booleans()):
+            assistant.insert(0, {"type": "thinking", "thinking": draw(texts), "signature": "sig"})
+        messages.append({"role": "assistant", "content": assistant})
+        result = {"type": "tool_result", "tool_use_id": tool_id, "content": draw(tool_outputs)}
+        messages.append({"role": "user", "content": [result]})
+    return messages
+
+
+def _marked(messages):
+    """The messages as Claude Code sends them: the marker on the newest block only."""
+    out = copy.deepcopy(messages)
+    out[-1]["content"][-1]["cache_control"] = {"type": "ephemeral"}
+    return out
+
+
+
+
+@PROPS
+@given(claude_code_turns(), st.data(), compression_settings)
+def test_claude_code_turn_is_a_byte_identical_prefix_of_the_next(messages, data, cfg):
+    cut = data.draw(st.integers(1, len(messages) - 1))
+    system = [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}]
+    turn = {"model": "claude", "max_tokens": 10, "system": system}
+    before = C.compress_request("anthropic", dict(turn, messages=_marked(messages[:cut])), cfg)
+    after = C.compress_request("anthropic", dict(turn, messages=_marked(messages)), cfg)
+    old = unmarked(before.body["messages"])
+    new = unmarked(after.body["messages"])
+    assert new[:cut] == old
+    old_bytes, new_bytes = json.dumps(old).encode(), json.dumps(new).encode()
+    assert new_bytes.startswith(old_bytes[:-1])
+    assert after.body["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert after.body["system"] == system

@@ -5,12 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 
-import openai
-
-from conftest import OPENAI_KEY, REPO, free_port, tokenpak_env, wait_healthy
+from helpers import (OPENAI_KEY, REPO, free_port, openai_client, tokenpak_env, wait_for,
+                     wait_healthy)
 
 
 def tokenpak(env, *args, timeout=60):
@@ -33,8 +30,7 @@ def test_daemon_start_status_stop(fake, isolated_env):
         os.kill(pid, 0)
         # Exit 0 only once listening: the proxy answers right away.
         assert wait_healthy("http://127.0.0.1:%d" % port, timeout=2)["status"] == "ok"
-        client = openai.OpenAI(api_key=OPENAI_KEY, base_url="http://127.0.0.1:%d/v1" % port,
-                               max_retries=0)
+        client = openai_client("http://127.0.0.1:%d" % port)
         client.chat.completions.create(model="gpt-4o",
                                        messages=[{"role": "user", "content": "daemon"}])
         status = tokenpak(env, "status")
@@ -81,7 +77,7 @@ def test_daemon_that_cannot_start_reports_its_error(fake, isolated_env, spawn_to
 
 def test_sigterm_lets_a_slow_stream_finish_and_exits_0(fake, spawn_tokenpak):
     process = spawn_tokenpak("serve")
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=process.url + "/v1", max_retries=0)
+    client = openai_client(process)
     words = " ".join("w%d" % i for i in range(20))
     stream = client.chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": words}], stream=True,
@@ -104,18 +100,97 @@ def test_sighup_reloads_the_config_file(fake, spawn_tokenpak, isolated_env):
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps({"footer": {"enabled": False}, "proxy": {"port": 1}}))
     process.send_signal(signal.SIGHUP)
-    client = openai.OpenAI(api_key=OPENAI_KEY, base_url=process.url + "/v1", max_retries=0)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        text = client.chat.completions.create(
+    client = openai_client(process)
+
+    def answer():
+        return client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "reload"}]
         ).choices[0].message.content
-        if "[tokenpak]" not in text:
-            break
-        time.sleep(0.05)
-    assert text == "Echo: reload"  # the footer is off now, without a restart
+    assert wait_for(lambda: "[tokenpak]" not in answer())
+    assert answer() == "Echo: reload"  # the footer is off now, without a restart
     process.terminate()
     _, err = process.communicate(timeout=30)
     err = err.decode()
     assert "reload: footer.enabled = False" in err
     assert "reload: proxy.port" not in err  # the port came from --port, which still wins
+
+
+def test_status_and_stop_find_the_daemon_where_it_listens(fake, isolated_env):
+    """--port (not the config) chose the port, and a later `config set proxy.port` plus
+    SIGHUP changes the file but not the socket: status and stop still find it."""
+    port = free_port()
+    env = tokenpak_env(fake.url, isolated_env)  # no TOKENPAK_PORT: the config says 8766
+    started = tokenpak(env, "serve", "--daemon", "--port", str(port))
+    assert started.returncode == 0, started.stderr
+    pid_file = isolated_env / ".tokenpak" / "tokenpak.pid"
+    try:
+        assert tokenpak(env, "config", "set", "proxy.port", str(free_port())).returncode == 0
+        os.kill(int(pid_file.read_text().split()[0]), signal.SIGHUP)
+        status = tokenpak(env, "status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "address:  http://127.0.0.1:%d" % port in status.stdout
+    finally:
+        stopped = tokenpak(env, "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "waiting up to" in stopped.stdout and "tokenpak stopped" in stopped.stdout
+    assert not pid_file.exists()
+
+
+def test_status_and_stop_work_when_the_config_breaks_after_the_start(fake, isolated_env):
+    port = free_port()
+    env = daemon_env(fake, isolated_env, port)
+    assert tokenpak(env, "serve", "--daemon").returncode == 0
+    (isolated_env / ".tokenpak" / "config.json").write_text("{broken")
+    status = tokenpak(env, "status")
+    stopped = tokenpak(env, "stop")
+    assert status.returncode == 0 and "127.0.0.1:%d" % port in status.stdout
+    assert "tokenpak: warning:" in status.stderr and "Traceback" not in status.stderr
+    assert stopped.returncode == 0, stopped.stderr
+
+
+def test_a_second_ctrl_c_exits_at_once(fake, spawn_tokenpak):
+    process = spawn_tokenpak("serve")
+    client = openai_client(process)
+    words = " ".join("w%d" % i for i in range(200))
+    stream = client.chat.completions.create(  # 200 events 0.2 s apart: 40 s to drain
+        model="gpt-4o", messages=[{"role": "user", "content": words}], stream=True,
+        extra_headers={"x-fake-delay": "0.2"})
+    next(iter(stream))
+    process.send_signal(signal.SIGINT)
+    wait_for_line(process, "press Ctrl-C again")
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 1  # a drained stop exits 0
+    err = process.stderr.read().decode()
+    assert "SIGINT again: exiting now" in err and "Traceback" not in err
+    stream.close()
+
+
+def wait_for_line(process, text):
+    """Read the process's stderr until a line holds `text` (it is still running)."""
+    seen = []
+    for line in iter(process.stderr.readline, b""):
+        seen.append(line.decode())
+        if text in seen[-1]:
+            return
+    raise AssertionError("no %r in: %s" % (text, "".join(seen)))
+
+
+def test_access_line_has_model_and_cache_result_and_debug_adds_detail(fake, isolated_env):
+    port = free_port()
+    env = daemon_env(fake, isolated_env, port)
+    assert tokenpak(env, "config", "set", "log.level", "debug").returncode == 0
+    assert tokenpak(env, "serve", "--daemon").returncode == 0
+    try:
+        client = openai_client("http://127.0.0.1:%d" % port)
+        for _ in range(2):
+            client.chat.completions.create(model="gpt-4o",
+                                           messages=[{"role": "user", "content": "twice"}])
+    finally:
+        assert tokenpak(env, "stop").returncode == 0
+    log = (isolated_env / ".tokenpak" / "tokenpak.log").read_text()
+    lines = [l for l in log.splitlines() if "POST /v1/chat/completions openai 200" in l]
+    assert len(lines) == 2
+    assert "model=gpt-4o cache=miss" in lines[0] and "model=gpt-4o cache=hit" in lines[1]
+    assert "upstream=%s/v1/chat/completions" % fake.url in log
+    assert "usage=in=" in log
+    assert OPENAI_KEY not in log

@@ -1,9 +1,7 @@
 """Faults: upstream resets and hangs, clients that leave, keep-alive closes, a failing DB."""
 
-import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,37 +11,13 @@ import anthropic
 import openai
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY
-
-
-def oa(proxy, **kw):
-    return openai.OpenAI(api_key=OPENAI_KEY, base_url=proxy.url + "/v1", max_retries=0, **kw)
-
-
-def wait_for(condition, timeout=10.0):
-    """Poll until `condition()` holds; the deadline is a hang guard, not a measurement."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
-
-
-def db_rows(proxy, count=1):
-    """The accounting rows, once `count` requests have been recorded (a row is queued
-    after its response has gone out, so the client can be ahead of it)."""
-    assert wait_for(lambda: proxy.app.requests_done >= count)
-    proxy.app.recorder.flush()
-    conn = sqlite3.connect(proxy.app.db_path)
-    conn.row_factory = sqlite3.Row
-    return [dict(r) for r in conn.execute("select * from requests order by id")]
+from helpers import accounting_rows, anthropic_client, open_stream, openai_client, wait_for
 
 
 # -- upstream resets mid-stream --------------------------------------------------------------
 def test_openai_reset_mid_stream_ends_with_an_error_event(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
-    stream = oa(proxy).chat.completions.create(
+    stream = openai_client(proxy).chat.completions.create(
         model="gpt-4o", messages=[{"role": "user", "content": "one two three four"}],
         stream=True, extra_headers={"x-fake": "reset"})
     received = []
@@ -52,13 +26,13 @@ def test_openai_reset_mid_stream_ends_with_an_error_event(make_proxy, fake):
             received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == "Echo: one"  # what arrived before the reset, intact
     assert "incomplete" in str(caught.value)
-    row = db_rows(proxy)[-1]
+    row = accounting_rows(proxy, 1)[-1]
     assert row["complete"] == 0 and "upstream" in row["error"]
     assert proxy.app.cache.stats()["entries"] == 0
 
 
 def test_anthropic_reset_mid_stream_ends_with_an_error_event(proxy, fake):
-    client = anthropic.Anthropic(api_key=ANTHROPIC_KEY, base_url=proxy.url, max_retries=0)
+    client = anthropic_client(proxy)
     with pytest.raises(anthropic.APIStatusError) as caught:
         with client.messages.stream(model="claude-sonnet-4-6", max_tokens=50,
                                     messages=[{"role": "user", "content": "a b c d"}],
@@ -68,28 +42,12 @@ def test_anthropic_reset_mid_stream_ends_with_an_error_event(proxy, fake):
 
 
 # -- the client leaves mid-stream ---------------------------------------------------------------
-def open_stream(proxy, scenario):
-    """Start a streamed request on a raw socket and read until the first event arrives."""
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    body = json.dumps({"model": "gpt-4o", "stream": True,
-                       "messages": [{"role": "user", "content": "w " * 30}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 b"sk-x\r\nx-fake: %s\r\nContent-Length: %d\r\n\r\n%s"
-                 % (scenario.encode(), len(body), body))
-    data = b""
-    while b"data: " not in data:
-        chunk = sock.recv(65536)
-        assert chunk, data
-        data += chunk
-    return sock
-
-
 def test_client_leaving_a_silent_stream_closes_the_upstream_at_once(make_proxy, fake):
     """The upstream sends nothing after the first event (a model 'thinking'): only the
     hang-up watcher can notice the client left; with read_timeout at 60 s, a close within
     the test's wait proves it did."""
     proxy = make_proxy(proxy__read_timeout=60)
-    sock = open_stream(proxy, "hold")
+    sock, _ = open_stream(proxy, "hold")
     sock.close()
     assert wait_for(lambda: fake.closed_by_peer == 1)
     assert wait_for(lambda: proxy.app.active == 0)
@@ -100,7 +58,7 @@ def test_100_disconnects_leave_no_thread_behind(make_proxy, fake):
     fake.hold_seconds = 20
     before = threading.active_count()
     for _ in range(100):
-        open_stream(proxy, "hold").close()
+        open_stream(proxy, "hold")[0].close()
     assert wait_for(lambda: fake.closed_by_peer == 100, timeout=30)
     assert wait_for(lambda: proxy.app.active == 0)
     # Handler threads and the fake's own threads wind down; none may be left streaming.
@@ -181,7 +139,7 @@ def test_a_request_that_may_have_arrived_is_not_resent(make_proxy, method, sent)
 
 # -- the database fails while serving ------------------------------------------------------
 def ask(proxy, text):
-    response = oa(proxy).chat.completions.with_raw_response.create(
+    response = openai_client(proxy).chat.completions.with_raw_response.create(
         model="gpt-4o", messages=[{"role": "user", "content": text}])
     return response.headers["x-tokenpak-cache"], response.parse().choices[0].message.content
 
@@ -203,16 +161,19 @@ def test_db_locked_by_another_process_while_serving(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
     ask(proxy, "warm")
     proxy.app.cache.flush()
+    # Another process holds an exclusive lock until the test releases it (a line on stdin).
     locker = subprocess.Popen(
-        [sys.executable, "-c", "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], "
+        [sys.executable, "-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], "
          "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); "
-         "time.sleep(3)", proxy.app.db_path], stdout=subprocess.PIPE)
-    assert locker.stdout.readline() == b"locked\n"
+         "sys.stdin.readline(); c.execute('ROLLBACK')", proxy.app.db_path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert locker.stdout.readline() == b"locked\n"
         for i in range(3):
             assert ask(proxy, "while locked %d" % i)[1] == "Echo: while locked %d" % i
     finally:
-        locker.wait(10)
+        locker.communicate(b"\n", timeout=10)
+    assert locker.returncode == 0
     assert wait_for(lambda: ask(proxy, "after lock")[0] == "hit", timeout=15)
 
 

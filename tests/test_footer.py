@@ -9,7 +9,10 @@ import copy
 import json
 
 import anthropic
-import httpx2
+try:  # the SDKs' own HTTP library: httpx2 under openai>=3 / anthropic>=2 (Python >= 3.11)
+    import httpx2
+except ImportError:  # older Pythons get SDK versions built on httpx, the same API
+    import httpx as httpx2
 import openai
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -28,6 +31,14 @@ def test_format_line_exact():
         "[tokenpak] 1,200 → 1,200 tokens (0.0% saved) | cache hit | cost unknown")
     assert footer.format_line(0, 0, "bypass", 0) == (
         "[tokenpak] 0 → 0 tokens (0.0% saved) | cache bypass | $0.0000")
+
+
+def test_format_line_shows_dollars_saved_when_any():
+    assert footer.format_line(4000, 1000, "miss", 0.0123, 0.0009).endswith(
+        "| cache miss | $0.0123 (saved $0.0009)")
+    assert footer.format_line(100, 100, "miss", 0.0123, 0.0) == footer.format_line(
+        100, 100, "miss", 0.0123)
+    assert footer.format_line(100, 100, "hit", 0.0, 0.00001).endswith("$0.0000 (saved <$0.0001)")
 
 
 def test_format_line_money_and_cache_words():
@@ -60,6 +71,52 @@ def test_strip_text_leaves_other_text_alone():
     assert footer.strip_text(quoted) == quoted  # not the last line
     twice = ANSWER + "\n\n" + LINE + "\n\n" + LINE
     assert footer.strip_text(twice) == ANSWER + "\n\n" + LINE  # exactly one footer removed
+
+
+@pytest.mark.parametrize("returned", [
+    ANSWER + "\n\n" + LINE + "\n\n",                       # aider: whitespace after it
+    ANSWER + "\n\n" + LINE + " \n",
+    (ANSWER + "\n\n" + LINE).replace("\n", "\r\n"),           # CRLF
+    (ANSWER + "\n\n" + LINE + "\n").replace("\n", "\r\n"),
+    ANSWER + "\n\n" + LINE.replace("[tokenpak]", "\\[tokenpak\\]"),  # markdown-escaped
+    ANSWER + "\n\n*" + LINE + "*\n",                        # emphasised
+    ANSWER + "\n\n_" + LINE + "_",
+    ANSWER + "\n\n> " + LINE,                                # quoted
+    ANSWER + "\n \n" + LINE,                                 # a blank line with a space
+])
+def test_strip_text_survives_client_rendering(returned):
+    assert footer.strip_text(returned).replace("\r\n", "\n") == ANSWER
+
+
+def test_strip_text_keeps_answers_that_only_mention_it():
+    for text in ("[tokenpak] is a proxy", "Use it:\n[tokenpak] lines\nend",
+                 "a\n\n[tokenpak]", "the [tokenpak] footer", "a\n\nsee [tokenpak] x"):
+        assert footer.strip_text(text) is text
+
+
+def test_footer_alone_in_its_block_is_removed():
+    body = {"messages": [
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello."},
+                                          {"type": "text", "text": LINE + "\n"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\n\n" + LINE}]},
+        {"role": "user", "content": "next"}]}
+    out = footer.strip_history("anthropic", body)
+    assert out["messages"][0]["content"] == [{"type": "text", "text": "Hello."}]
+    # the only block: kept (an empty content list is not a valid turn), emptied
+    assert out["messages"][1]["content"] == [{"type": "text", "text": ""}]
+
+
+def test_strip_history_responses_input():
+    body = {"model": "gpt-5", "input": [
+        {"role": "user", "content": "hi"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": ANSWER + "\n\n" + LINE + "\n"}]},
+        {"type": "function_call_output", "call_id": "c", "output": "x"},
+        {"role": "assistant", "content": ANSWER + "\n\n" + LINE}]}
+    out = footer.strip_history("openai", body, json.dumps(body).encode())
+    assert out["input"][1]["content"] == [{"type": "output_text", "text": ANSWER}]
+    assert out["input"][3]["content"] == ANSWER
+    assert out["input"][2] is body["input"][2]
 
 
 def _openai_body():
@@ -117,6 +174,33 @@ def test_strip_history_returns_same_object_when_nothing_matched():
         assert footer.strip_history("anthropic", odd) is odd
 
 
+def test_strip_history_responses():
+    said = [{"type": "output_text", "text": ANSWER + "\n\n" + LINE, "annotations": []}]
+    body = {"model": "gpt-5-codex", "instructions": "You are Codex.\n\n" + LINE, "input": [
+        {"type": "message", "role": "user",
+         "content": [{"type": "input_text", "text": "quoting\n\n" + LINE}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},
+        {"type": "message", "role": "assistant", "id": "msg_1", "content": said},
+        {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok\n\n" + LINE},
+        {"role": "assistant", "content": "Plain\n\n" + LINE},
+        {"role": "user", "content": "next"}]}
+    snapshot = copy.deepcopy(body)
+    out = footer.strip_history("responses", body, raw=json.dumps(body).encode())
+    assert body == snapshot  # input untouched
+    assert out["input"][2] == dict(body["input"][2], content=[
+        {"type": "output_text", "text": ANSWER, "annotations": []}])
+    assert out["input"][5]["content"] == "Plain"
+    # only assistant messages: the user's text, tool output and instructions stay as sent
+    assert [a is b for a, b in zip(out["input"], body["input"])] == [
+        True, True, False, True, True, False, True]
+    assert out["instructions"] is body["instructions"]
+    for same in ({"input": "a string\n\n" + LINE}, {"input": [body["input"][0]]},
+                 {"input": [{"role": "assistant", "content": [{"type": "output_text",
+                                                               "text": ANSWER}]}]}):
+        assert footer.strip_history("responses", same) is same
+
+
 # -- wants_footer / append_to_response -------------------------------------------------------
 
 @pytest.mark.parametrize("api,body,expected", [
@@ -136,6 +220,16 @@ def test_strip_history_returns_same_object_when_nothing_matched():
     ("anthropic", {"output_config": {"format": {"type": "json_schema", "schema": {}}}}, False),
     ("anthropic", {"output_format": {"type": "json_schema", "schema": {}}}, False),
     ("anthropic", "not a dict", False),
+    ("responses", {"input": "hi"}, True),
+    ("responses", {"text": {"format": {"type": "text"}, "verbosity": "low"}}, True),
+    ("responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, False),
+    ("responses", {"text": {"format": {"type": "json_object"}}}, False),
+    ("responses", {"tool_choice": "auto", "tools": [{}]}, True),
+    ("responses", {"tool_choice": "required"}, False),
+    ("responses", {"tool_choice": {"type": "function", "name": "shell"}}, False),
+    ("responses", {"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, True),
+    ("responses", {"tool_choice": {"type": "allowed_tools", "mode": "required", "tools": []}},
+     False),
 ])
 def test_wants_footer(api, body, expected):
     assert footer.wants_footer(api, body) is expected
@@ -160,6 +254,21 @@ def _anthropic_response(content=None, stop="end_turn"):
                       "cache_creation_input_tokens": 0}}
 
 
+def _responses_response(*items):
+    message = {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "annotations": [], "text": "Hi there."}]}
+    return {"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o",
+            "output": list(items) if items else [message],
+            "usage": {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": 23}}
+
+
+_REASONING = {"id": "rs_1", "type": "reasoning", "summary": []}
+_CALL = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "c",
+         "name": "shell", "arguments": "{}"}
+
+
 def test_append_to_response():
     obj = _openai_response()
     assert footer.append_to_response("openai", obj, LINE)
@@ -168,6 +277,10 @@ def test_append_to_response():
                                {"type": "text", "text": "Hi there."}])
     assert footer.append_to_response("anthropic", obj, LINE)
     assert obj["content"][1]["text"] == "Hi there.\n\n" + LINE
+    obj = _responses_response()
+    obj["output"].insert(0, _REASONING)
+    assert footer.append_to_response("responses", obj, LINE)
+    assert obj["output"][1]["content"][0]["text"] == "Hi there.\n\n" + LINE
 
 
 @pytest.mark.parametrize("api,obj", [
@@ -181,6 +294,13 @@ def test_append_to_response():
     ("anthropic", _anthropic_response([{"type": "text", "text": "a"},
                                        {"type": "tool_use", "id": "t", "name": "f", "input": {}}])),
     ("anthropic", _anthropic_response([])),
+    ("responses", _responses_response(_REASONING, _CALL)),
+    ("responses", dict(_responses_response(), output=[
+        _responses_response()["output"][0], _CALL])),  # text, then a call: no footer
+    ("responses", dict(_responses_response(), output=[])),
+    ("responses", dict(_responses_response(), output=[dict(
+        _responses_response()["output"][0], content=[{"type": "refusal", "refusal": "no"}])])),
+    ("responses", {"error": {"message": "x"}}),
 ])
 def test_append_to_response_refuses(api, obj):
     snapshot = copy.deepcopy(obj)

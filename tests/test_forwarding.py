@@ -5,44 +5,10 @@ import hashlib
 import http.client
 import json
 import logging
-import socket
-import time
 
 import pytest
 
-from conftest import ALL_KEYS, OPENAI_KEY
-
-
-def raw_request(proxy, method, path, body=b"", headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-    conn.request(method, path, body=body, headers=headers or {})
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response, data
-
-
-def send_raw(proxy, data, read=True, timeout=5):
-    """Write raw bytes on a socket and return whatever the server answers."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
-        sock.sendall(data)
-        if not read:
-            return b""
-        chunks = []
-        try:
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except socket.timeout:
-            pass
-        return b"".join(chunks)
-
-
-def assert_healthy(proxy):
-    status, _, body = proxy.get("/health")
-    assert status == 200 and json.loads(body)["status"] == "ok"
+from helpers import ALL_KEYS, OPENAI_KEY, assert_healthy, raw_request, send_raw, wait_for
 
 
 def test_health(proxy):
@@ -141,18 +107,26 @@ def test_chunked_request_body_is_forwarded(proxy, fake):
     assert fake.last().body == body
 
 
-@pytest.mark.parametrize("garbage", [
-    b"\x00\xff\xfe garbage\r\n\r\n",
-    b"GET\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/9.9\r\n\r\n",
-    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
-    b"POST /v1/chat/completions HTTP/1.1\r\n" + b"X-H: v\r\n" * 200 + b"\r\n",
+@pytest.mark.parametrize("garbage, status", [
+    (b"\x00\xff\xfe garbage\r\n\r\n", 400),
+    (b"GET\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/9.9\r\n\r\n", 505),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: nope\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\n" + b"X-H: v\r\n" * 200 + b"\r\n", 431),
 ])
-def test_garbage_gets_a_4xx_and_server_stays_healthy(proxy, fake, garbage):
+def test_garbage_gets_its_error_status_and_server_stays_healthy(proxy, fake, garbage, status):
     answer = send_raw(proxy, garbage)
-    # 4xx, or 505 for an HTTP version from the future; never a crash or a forward
-    assert answer == b"" or answer[9:10] == b"4" or answer[9:12] == b"505", answer[:80]
+    # A whole answer in the provider's error shape, then the connection closes; never a
+    # crash, a silent close or a forward.
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 %d " % status), answer[:80]
+    headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body)
+    assert json.loads(body)["error"]["message"]
     assert fake.requests == []
     assert_healthy(proxy)
 
@@ -193,12 +167,10 @@ def test_access_log_has_one_line_per_request_and_no_credentials(proxy, fake, cap
         raw_request(proxy, "POST", "/v1/chat/completions?key=" + key,
                     b'{"model":"gpt-4o","messages":[]}', {"Authorization": "Bearer " + key})
     # The line is written once the response has gone out: wait for the server thread.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [r.getMessage() for r in caplog.records if r.name == "tokenpak.access"]
-        if len(lines) >= 3:
-            break
-        time.sleep(0.01)
+    def access_lines():
+        return [r.getMessage() for r in caplog.records if r.name == "tokenpak.access"]
+    wait_for(lambda: len(access_lines()) >= 3)
+    lines = access_lines()
     assert len(lines) == 3
     assert lines[0].startswith("POST /v1/chat/completions openai 200 ")
     assert lines[1].startswith("POST /v1/chat/completions anthropic 200 ")

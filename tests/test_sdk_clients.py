@@ -7,15 +7,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import ANTHROPIC_KEY, GOOGLE_KEY, OPENAI_KEY
-
-
-def openai_client(proxy, key=OPENAI_KEY, **kw):
-    return openai.OpenAI(api_key=key, base_url=proxy.url + "/v1", max_retries=0, **kw)
-
-
-def anthropic_client(proxy, key=ANTHROPIC_KEY, **kw):
-    return anthropic.Anthropic(api_key=key, base_url=proxy.url, max_retries=0, **kw)
+from helpers import ANTHROPIC_KEY, GOOGLE_KEY, OPENAI_KEY, anthropic_client, openai_client
 
 
 MESSAGES = [{"role": "user", "content": "what is in the box"}]
@@ -48,7 +40,8 @@ def test_anthropic_non_stream(proxy, fake):
     received = fake.last()
     assert received.path == "/v1/messages"
     # anthropic 2.x sends the key as a Bearer token; older SDKs as x-api-key
-    assert ANTHROPIC_KEY in (received.header("x-api-key"), received.header("Authorization")[7:])
+    assert ANTHROPIC_KEY in (received.header("x-api-key"),
+                             (received.header("Authorization") or "")[7:])
     assert received.header("anthropic-version")
 
 

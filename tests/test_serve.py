@@ -4,9 +4,7 @@ import signal
 import subprocess
 import sys
 
-import openai
-
-from conftest import OPENAI_KEY, REPO, free_port, tokenpak_env, wait_healthy
+from helpers import OPENAI_KEY, REPO, free_port, openai_client, tokenpak_env, wait_healthy
 
 
 def test_python_m_tokenpak_proxy_serves_and_exits_cleanly_on_ctrl_c(fake, isolated_env):
@@ -17,7 +15,7 @@ def test_python_m_tokenpak_proxy_serves_and_exits_cleanly_on_ctrl_c(fake, isolat
     try:
         url = "http://127.0.0.1:%d" % port
         assert wait_healthy(url, process=process)["status"] == "ok"
-        client = openai.OpenAI(api_key=OPENAI_KEY, base_url=url + "/v1", max_retries=0)
+        client = openai_client(url)
         answer = client.chat.completions.create(
             model="gpt-4o", messages=[{"role": "user", "content": "via subprocess"}])
         # Defaults, no config: the answer carries the stats footer after a blank line.
@@ -58,16 +56,19 @@ def test_port_in_use_is_one_clear_error(spawn_tokenpak, fake, isolated_env):
     assert "Traceback" not in err
 
 
-def test_mode_flag_sets_compression_level(spawn_tokenpak, capsys):
+def test_mode_flag_sets_compression_level():
     from tokenpak import cli
     args = cli.build_parser().parse_args(["serve", "--mode", "strict", "--port", "1"])
     assert cli.serve_overrides(args) == {"compression.level": "strict", "proxy.port": 1}
 
 
-def test_version(capsys):
-    from tokenpak import __version__, cli
-    try:
-        cli.main(["--version"])
-    except SystemExit as exit:
-        assert exit.code == 0
-    assert capsys.readouterr().out.strip() == "tokenpak " + __version__
+def test_version(fake, isolated_env):
+    """`tokenpak --version` as a user runs it: the version on stdout and exit status 0,
+    whether the CLI exits through argparse or returns from main()."""
+    from tokenpak import __version__
+    result = subprocess.run([sys.executable, "-m", "tokenpak", "--version"],
+                            env=tokenpak_env(fake.url, isolated_env), cwd=str(REPO),
+                            capture_output=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().strip() == "tokenpak " + __version__
+    assert result.stderr == b""

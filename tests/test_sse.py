@@ -8,7 +8,10 @@ served by an httpx2 MockTransport to real `openai` and `anthropic` clients.
 import json
 
 import anthropic
-import httpx2
+try:  # the SDKs' own HTTP library: httpx2 under openai>=3 / anthropic>=2 (Python >= 3.11)
+    import httpx2
+except ImportError:  # older Pythons get SDK versions built on httpx, the same API
+    import httpx as httpx2
 import openai
 import pytest
 
@@ -652,3 +655,220 @@ def test_cached_replay_through_both_sdks():
     replay = [rw.feed(raw) for raw in sse.split_events(recorded)] + [rw.close()]
     final = anthropic_sdk_final([c for c in replay if c])
     assert final.content[0].text == "Hello, world!\n\n" + LINE
+
+
+# -- OpenAI Responses ----------------------------------------------------------------------
+
+RESPONSES_USAGE = {"input_tokens": 5200, "input_tokens_details": {"cached_tokens": 4096},
+                   "output_tokens": 40, "output_tokens_details": {"reasoning_tokens": 33},
+                   "total_tokens": 5240}
+
+
+def responses_stream(pieces=("Hello", ", wor", "ld!"), call=False, reasoning=True,
+                     eol="\n", event_lines=True, end="response.completed"):
+    """A Responses stream as api.openai.com sends it: a reasoning item, a message, and
+    optionally a function call after the message (Codex's "I'll run it" + shell call)."""
+    seq = [0]
+    out = []
+
+    def ev(kind, **fields):
+        obj = dict({"type": kind, "sequence_number": seq[0]}, **fields)
+        seq[0] += 1
+        head = "event: %s%s" % (kind, eol) if event_lines else ""
+        out.append("%sdata: %s%s%s" % (head, _dumps(obj), eol, eol))
+
+    base = {"id": "resp_68a1", "object": "response", "created_at": 1753000000,
+            "status": "in_progress", "error": None, "incomplete_details": None,
+            "instructions": "You are Codex.", "model": "gpt-5-codex", "output": [],
+            "tools": [], "usage": None, "metadata": {}}
+    ev("response.created", response=base)
+    ev("response.in_progress", response=base)
+    items = []
+    if reasoning:
+        item = {"id": "rs_1", "type": "reasoning", "summary": [], "encrypted_content": "gAAA"}
+        ev("response.output_item.added", output_index=0, item=dict(item, encrypted_content=None))
+        ev("response.output_item.done", output_index=0, item=item)
+        items.append(item)
+    text = "".join(pieces)
+    index = len(items)
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+    msg = {"id": "msg_1", "type": "message", "status": "in_progress", "content": [],
+           "role": "assistant"}
+    ev("response.output_item.added", output_index=index, item=msg)
+    ev("response.content_part.added", item_id="msg_1", output_index=index, content_index=0,
+       part=part)
+    for p in pieces:
+        ev("response.output_text.delta", item_id="msg_1", output_index=index, content_index=0,
+           delta=p, logprobs=[], obfuscation="x1")
+    ev("response.output_text.done", item_id="msg_1", output_index=index, content_index=0,
+       text=text, logprobs=[])
+    ev("response.content_part.done", item_id="msg_1", output_index=index, content_index=0,
+       part=dict(part, text=text))
+    msg = dict(msg, status="completed", content=[dict(part, text=text)])
+    ev("response.output_item.done", output_index=index, item=msg)
+    items.append(msg)
+    if call:
+        fc = {"id": "fc_1", "type": "function_call", "status": "completed",
+              "arguments": '{"command":["ls"]}', "call_id": "call_1", "name": "shell"}
+        ev("response.output_item.added", output_index=index + 1,
+           item=dict(fc, status="in_progress", arguments=""))
+        ev("response.function_call_arguments.delta", item_id="fc_1", output_index=index + 1,
+           delta=fc["arguments"])
+        ev("response.function_call_arguments.done", item_id="fc_1", output_index=index + 1,
+           arguments=fc["arguments"])
+        ev("response.output_item.done", output_index=index + 1, item=fc)
+        items.append(fc)
+    if end:
+        status = end[len("response."):]
+        final = dict(base, status=status, output=items, usage=RESPONSES_USAGE)
+        if end == "response.failed":
+            final["error"] = {"code": "server_error", "message": "The model failed."}
+        ev(end, response=final)
+    return "".join(out).encode("utf-8")
+
+
+def responses_events(chunks):
+    """The JSON of each event the client received."""
+    return [json.loads(e.data) for e in sse.EventParser().feed(b"".join(chunks))
+            if e.data is not None]
+
+
+def test_watcher_responses_usage_model_and_end():
+    for event_lines in (True, False):  # OpenAI sends `event:` lines; compatible servers may not
+        w = sse.UsageWatcher("responses")
+        for e in sse.EventParser().feed(responses_stream(event_lines=event_lines)):
+            w.observe(e)
+        assert w.model == "gpt-5-codex" and w.complete and not w.errored
+        # cached tokens are part of input_tokens, reasoning tokens of output_tokens
+        assert w.usage == sse.Usage(5200 - 4096, 40, 4096, 0)
+        assert w.stop_reason == "completed"
+
+
+def test_watcher_responses_incomplete_failed_and_error():
+    w = sse.UsageWatcher("responses")
+    for e in sse.EventParser().feed(responses_stream(end="response.incomplete")):
+        w.observe(e)
+    assert w.complete and w.stop_reason == "incomplete" and w.usage.output == 40
+    w = sse.UsageWatcher("responses")
+    for e in sse.EventParser().feed(responses_stream(end="response.failed")):
+        w.observe(e)
+    assert not w.complete and w.errored and w.error_message == "The model failed."
+    w = sse.UsageWatcher("responses")
+    for e in sse.EventParser().feed(responses_stream(end=None)):
+        w.observe(e)
+    assert not w.complete and not w.errored and w.model == "gpt-5-codex"
+    # OpenAI's error event: documented flat, sent nested; both are read
+    for data in ({"type": "error", "sequence_number": 2, "code": "x", "message": "flat"},
+                 {"type": "error", "sequence_number": 2,
+                  "error": {"type": "too_many_requests", "message": "nested"}}):
+        w = sse.UsageWatcher("responses")
+        w.observe(sse.EventParser().feed(b"event: error\ndata: " + _dumps(data).encode()
+                                         + b"\n\n")[0])
+        assert w.errored and w.error_message in ("flat", "nested")
+
+
+def test_usage_from_response_responses():
+    obj = {"object": "response", "usage": RESPONSES_USAGE}
+    assert sse.usage_from_response("responses", obj) == sse.Usage(1104, 40, 4096, 0)
+    assert sse.usage_from_response("responses", {"usage": None}) == sse.Usage()
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 1 << 20])
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_responses_footer_in_every_event_that_repeats_the_text(size, eol):
+    stream = responses_stream(eol=eol)
+    seen = []
+    rw = sse.StreamRewriter("responses", footer=lambda u: seen.append(u) or LINE)
+    out = b"".join(rewrite(rw, stream, size=size))
+    events = responses_events([out])
+    assert out.count((eol + eol).encode()) == len(events)  # the stream's own line ends
+    final = "Hello, world!\n\n" + LINE
+    by_type = {}
+    for e in events:
+        by_type.setdefault(e["type"], []).append(e)
+    assert "".join(e["delta"] for e in by_type["response.output_text.delta"]) == final
+    assert by_type["response.output_text.delta"][-1] == {
+        "type": "response.output_text.delta", "sequence_number": 9, "item_id": "msg_1",
+        "output_index": 1, "content_index": 0, "delta": "\n\n" + LINE, "logprobs": []}
+    assert by_type["response.output_text.done"][0]["text"] == final
+    assert by_type["response.content_part.done"][0]["part"]["text"] == final
+    assert by_type["response.output_item.done"][1]["item"]["content"][0]["text"] == final
+    completed = by_type["response.completed"][0]["response"]
+    assert completed["output"][1]["content"][0]["text"] == final
+    assert completed["output"][0] == {"id": "rs_1", "type": "reasoning", "summary": [],
+                                      "encrypted_content": "gAAA"}
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert seen == [sse.Usage(1104, 40, 4096, 0)]  # the footer saw the final usage
+    # everything before the text's end is forwarded byte for byte
+    head = stream[:stream.index(b"event: response.output_text.done")]
+    assert b"".join(rewrite(sse.StreamRewriter("responses", footer=lambda u: LINE),
+                            stream, size))[:len(head)] == head
+
+
+def test_responses_only_the_closing_events_are_held():
+    rw = sse.StreamRewriter("responses", footer=lambda u: LINE)
+    events = sse.split_events(responses_stream())
+    for raw in events:
+        out = rw.feed(raw)
+        kind = json.loads(raw.split(b"data: ", 1)[1])["type"]
+        if kind in ("response.output_text.done", "response.content_part.done",
+                    "response.output_item.done") and b"msg_1" in raw:
+            assert out == b""
+        elif kind == "response.completed":
+            assert out.count(b"\n\n") == 5  # the footer delta, the three held events, the end
+        else:
+            assert out == raw  # deltas go out as they arrive, never delayed
+
+
+@pytest.mark.parametrize("kwargs", [dict(call=True), dict(end="response.failed"),
+                                    dict(end=None)])
+def test_responses_no_footer_leaves_stream_unchanged(kwargs):
+    """Text then a function call (the answer ends in the call), a failed response, a
+    stream cut short: byte for byte what the provider sent."""
+    stream = responses_stream(**kwargs)
+    rw = sse.StreamRewriter("responses", footer=lambda u: LINE)
+    assert b"".join(rewrite(rw, stream, size=13)) == stream
+
+
+def test_responses_error_event_mid_stream_releases_without_footer():
+    stream = responses_stream(end=None)
+    error = (b'event: error\ndata: {"type":"error","sequence_number":12,"error":'
+             b'{"type":"server_error","code":null,"message":"boom","param":null}}\n\n')
+    rw = sse.StreamRewriter("responses", footer=lambda u: LINE)
+    assert b"".join(rewrite(rw, stream + error)) == stream + error
+    assert rw.watcher.errored and rw.watcher.error_message == "boom"
+
+
+def test_responses_abort_is_a_numbered_error_event_the_sdk_raises():
+    stream = responses_stream(pieces=("partial ", "answer ", "cut"))
+    events = sse.split_events(stream)
+    cut = [i for i, raw in enumerate(events) if b"output_text.delta" in raw][2]
+    rw = sse.StreamRewriter("responses", footer=lambda u: LINE)
+    chunks = [rw.feed(b"".join(events[:cut]) + events[cut][:30]),
+              rw.abort("upstream connection lost mid-stream")]
+    [error] = responses_events(chunks[1:])
+    assert error["type"] == "error" and error["sequence_number"] == cut
+    assert error["message"] == error["error"]["message"] == "upstream connection lost mid-stream"
+    got = []
+    with pytest.raises(openai.APIError, match="upstream connection lost mid-stream"):
+        with openai_client(chunks).responses.stream(model="gpt-5-codex", input="hi") as s:
+            for e in s:
+                got.append(e)
+    assert "".join(e.delta for e in got if e.type == "response.output_text.delta") == \
+        "partial answer "
+
+
+def test_responses_sdk_accumulates_the_footer():
+    rw = sse.StreamRewriter("responses", footer=lambda u: LINE)
+    chunks = rewrite(rw, responses_stream(), size=50)
+    with openai_client(chunks).responses.stream(model="gpt-5-codex", input="hi") as s:
+        deltas = "".join(e.delta for e in s if e.type == "response.output_text.delta")
+        final = s.get_final_response()
+    assert deltas == final.output_text == "Hello, world!\n\n" + LINE
+    assert final.usage.input_tokens_details.cached_tokens == 4096
+    # a cached stream replayed event by event through a fresh rewriter parses the same way
+    rw = sse.StreamRewriter("responses", footer=lambda u: LINE)
+    replay = [rw.feed(raw) for raw in sse.split_events(responses_stream())] + [rw.close()]
+    with openai_client([c for c in replay if c]).responses.stream(
+            model="gpt-5-codex", input="hi") as s:
+        assert s.get_final_response().output_text == "Hello, world!\n\n" + LINE

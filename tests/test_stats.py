@@ -3,7 +3,6 @@
 import datetime
 import os
 import re
-import sqlite3
 import time
 
 import pytest
@@ -91,7 +90,10 @@ def test_summary_counts_what_happened(db):
     assert out["tokens_saved"] == 2 * (prompt + USAGE["output"]) + 1500
     one = (1000 * 2.5 + 100 * 10 + 500 * 1.25) / 1e6
     assert out["cost_usd"] == pytest.approx(3 * one)
-    assert out["saved_usd"] == pytest.approx(2 * one + 1500 * 2.5 / 1e6)
+    # the compressed request read 500 tokens from the provider's cache: the 1,500 tokens
+    # compression removed may have been among them, so they count at the cache-read price
+    assert out["saved_usd"] == pytest.approx(2 * one + 1500 * 1.25 / 1e6)
+    assert out["compression_saved_usd"] == pytest.approx(1500 * 1.25 / 1e6)
     assert out["unpriced_requests"] == 1
     assert out["by_model"]["mystery-model"]["cost_usd"] is None
     assert out["by_model"]["gpt-4o"]["requests"] == 5
@@ -242,8 +244,20 @@ def test_metrics_bound_model_cardinality():
     assert len(models) == stats.MAX_MODELS + 1 and "other" in models
 
 
-def test_metrics_observe_never_raises():
+def test_metrics_observe_never_raises_and_keeps_counting():
     m = stats.Metrics()
     m.observe({})
-    m.observe({"latency_ms": "slow", "usage": "weird"})
-    parse_metrics(m.render())
+    m.observe({"provider": "openai", "model": "gpt-4o", "latency_ms": "slow", "usage": "weird"})
+    m.observe(row(latency_ms=30.0))  # a good request after the malformed ones
+    samples, _ = parse_metrics(m.render())
+    base = (("provider", "openai"), ("model", "gpt-4o"))
+    # The good request is counted in full; the malformed rows added no tokens, cost or
+    # latency, and did not break the text a Prometheus server scrapes.
+    assert samples[("tokenpak_requests_total", base + (("status", "200"), ("cache", "miss")))] == 1
+    assert samples[("tokenpak_tokens_total", base + (("kind", "input"),))] == 1000
+    assert samples[("tokenpak_tokens_total", base + (("kind", "output"),))] == 100
+    one = (1000 * 2.5 + 100 * 10 + 500 * 1.25) / 1e6
+    assert samples[("tokenpak_cost_usd_total", base)] == pytest.approx(one)
+    counts = [v for k, v in samples.items() if k[0] == "tokenpak_request_duration_seconds_count"]
+    assert counts == [1]
+    assert samples[("tokenpak_up", ())] == 1

@@ -190,3 +190,26 @@ def test_lru_bounds_entries_and_weight():
     lru.get("big")
     lru.put("e", "E", weight=2)
     assert lru.get("big") is None  # over weight: least recently used goes first
+
+
+def test_responses_items_count_as_the_model_reads_them():
+    """OpenAI Responses (Codex): calls, outputs, messages and summaries; not encrypted content."""
+    items = [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "fix it"},
+                                                        {"type": "input_image", "image_url": "x"}]},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "thought"}],
+         "encrypted_content": "gAAAAsecret"},
+        {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": '{"cmd":"ls"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "a.py\nb.py"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "done"}]},
+    ]
+    texts = [t for item in items for t in tokens.message_texts(item)]
+    assert texts == ["fix it", "thought", "shell", '{"cmd":"ls"}', "a.py\nb.py", "done"]
+    body = {"model": "gpt-5", "instructions": "be brief", "input": items,
+            "tools": [{"type": "function", "name": "shell"}]}
+    expected = (tokens.REPLY_PRIMING + tokens.MESSAGE_OVERHEAD * len(items)
+                + sum(tokens.count(t) for t in ["be brief", tokens._dump(body["tools"])] + texts))
+    assert tokens.count_request("responses", body) == expected
+    assert tokens.count_request("responses", dict(body, input="just a string")) == (
+        tokens.REPLY_PRIMING + sum(tokens.count(t) for t in
+                                   ["be brief", tokens._dump(body["tools"]), "just a string"]))

@@ -126,17 +126,86 @@ def test_ditto_timestamps_round_trip():
         "2026-05-09 07:29:12 a\n2026-05-09 07:29:12 b"  # too few to pay for the legend
 
 
-def test_split_fences_and_code_detection():
+def test_fences_and_code_detection():
     text = "intro  \n```python\nx = 1   \n```\noutro  "
-    chunks = T.split_fences(text)
-    assert "".join(c for _, c in chunks) == text
-    assert [code for code, _ in chunks] == [False, True, False]
-    listing = "\n".join("%6d\t    return f(x)" % i for i in range(1, 20))
+    chunks = T.split_segments(text)
+    assert "\n".join(c for _, c in chunks) == text
+    assert [kind for kind, _ in chunks] == [T.TEXT, T.CODE, T.TEXT]
+    unclosed = "intro\n~~~\nx = 1   "
+    assert T.split_segments(unclosed) == [(T.TEXT, "intro"), (T.CODE, "~~~\nx = 1   ")]
+    listing = "\n".join("%6d\t    return f(x%d)" % (i, i) for i in range(1, 20))
     assert T.looks_like_code(listing)
     assert T.looks_like_code("def f(x):\n    if x:\n        return 1\n    return 2\n")
     prose = "The proxy forwards requests.\nIt keeps every fact.\nNothing is lost here.\n"
     assert not T.looks_like_code(prose)
     assert not T.looks_like_code("\x1b[31mdef f():\x1b[0m\n    return 1\n    x = {\n")
+
+
+def test_looks_like_code_is_not_fooled_by_logs_and_search_output():
+    attempts = "\n".join(["retrying connection to db.internal:5432 (attempt 3/5)"] * 50)
+    assert not T.looks_like_code(attempts)  # ends like a call, but one line repeated
+    log = "\n".join("2026-11-23 10:00:%02d WARN upstream slow (attempt %d/5)" % (i, i % 5)
+                    for i in range(20))
+    assert not T.looks_like_code(log)
+    grep = "\n".join("lib/http/cookies.py:%d:def f%d(self):" % (100 + i, i) for i in range(20))
+    assert not T.looks_like_code(grep)
+    assert not T.looks_like_code("Look at this:\nIt is slow.")  # one colon line is prose
+
+
+def test_split_segments_judges_each_part_and_joins_back():
+    dump = json.dumps({"service": "billing", "replicas": [1, 2, 3]}, indent=2)
+    log = "\n".join("2026-11-23 10:00:01 INFO heartbeat ok (queue=0)" for _ in range(5))
+    fenced = "```python\ndef f():   \n    return 1\n```"
+    code = "def g(x):\n    if x:\n        return {}\n    return []"
+    listing = "\n".join("%6d\t[worker-0] heartbeat ok" % i for i in range(1, 6))
+    text = "\n".join(["The dump:", dump, "", "The log:", log, fenced, "", code, "", listing, "end"])
+    segments = T.split_segments(text)
+    assert "\n".join(chunk for _, chunk in segments) == text
+    kinds = [kind for kind, _ in segments]
+    assert kinds == [T.TEXT, T.JSON, T.TEXT, T.CODE, T.TEXT, T.CODE, T.LISTING, T.TEXT]
+    assert segments[1][1] == dump and segments[3][1] == fenced
+    code_listing = "\n".join("%6d\t    value = compute(%d)" % (i, i) for i in range(1, 9))
+    assert T.split_segments(code_listing) == [(T.CODE, code_listing)]
+    assert T.split_segments("[worker-0] not json\n[1, 2] [3]") == \
+        [(T.TEXT, "[worker-0] not json\n[1, 2] [3]")]
+
+
+def test_collapse_listing_keeps_every_line_number():
+    lines = ["%6d\t%s" % (i, "[worker-0] heartbeat ok queue=0 lag=0ms") for i in range(12, 3012)]
+    text = "     1\tstart\n" + "\n".join(lines) + "\n  3012\tend"
+    out = T.collapse_listing(text)
+    assert out == ("     1\tstart\n    12-3011\t[worker-0] heartbeat ok queue=0 lag=0ms [×3000]"
+                   "\n  3012\tend")
+    assert T.collapse_listing(out) == out
+    gap = "5\tsame line here, long enough\n7\tsame line here, long enough"
+    assert T.collapse_listing(gap) == gap  # lines 5 and 7: not a run
+    short = "1\tok\n2\tok"
+    assert T.collapse_listing(short) == short  # the range would cost more than it saves
+    arrows = "\n".join("%6d\u2192%s" % (i, "GET /health 200 0.4ms") for i in range(1, 9))
+    assert T.split_segments(arrows) == [(T.LISTING, arrows)]  # Claude Code's Read layout
+    assert T.collapse_listing(arrows) == "     1-8\u2192GET /health 200 0.4ms [×8]"
+
+
+def test_listing_content_transforms_keep_the_numbers():
+    text = "\n".join("%d\t2026-05-09 07:29:12 \x1b[32mstep %d\x1b[0m   " % (i, i) for i in range(1, 8))
+    clean = T.map_listing(T.map_listing(text, T.strip_ansi), T.normalize_whitespace)
+    assert clean.split("\n")[0] == "1\t2026-05-09 07:29:12 step 1"
+    dittoed = T.ditto_listing(clean)
+    assert dittoed.split("\n")[:3] == [T.DITTO_LEGEND, "1\t2026-05-09 07:29:12 step 1",
+                                       "2\t\u3003 step 2"]
+    assert T.ditto_listing(dittoed) == dittoed
+    assert T.split_segments(dittoed) == [(T.LISTING, dittoed)]  # the legend stays with it
+
+
+def test_group_search_output_writes_each_path_once():
+    text = "\n".join(["lib/a.py:12:def f(x):", "lib/a.py:13-    return x", "lib/a.py:40:def g():",
+                      "lib/b.py:7:import re", "12:30:00 not a search line"])
+    out = T.group_search_output(text)
+    assert out == "\n".join(["lib/a.py", "12:def f(x):", "13-    return x", "40:def g():",
+                             "lib/b.py:7:import re", "12:30:00 not a search line"])
+    assert T.group_search_output(out) == out
+    two = "lib/a.py:1:x\nlib/a.py:2:y"
+    assert T.group_search_output(two) == two  # a header would save nothing
 
 
 # ------------------------------------------------------------------ properties

@@ -11,11 +11,24 @@ full, read-only, deleted or corrupt the rows are dropped and counted (`rows_drop
 problem is logged once, and writing resumes by itself when the DB is usable again.
 
 Row keys (all optional except what you know; missing ones are stored as NULL):
-  ts, provider, model, path, status, streamed, cache ("hit" | "miss" | "bypass" |
+  ts, provider, model, method, path, status, streamed, cache ("hit" | "miss" | "bypass" |
   "coalesced"), usage (normalised, see pricing.normalise_usage) or input_tokens,
   output_tokens, cache_read_tokens, cache_write_tokens; tokens_before, tokens_after,
-  cost_usd, saved_usd (computed when absent), latency_ms, ttfb_ms, key_id (12 chars of the
-  scope HMAC; longer values are cut), error, complete.
+  cost_usd, saved_usd, compression_saved_usd (computed when absent), latency_ms, ttfb_ms,
+  key_id (12 chars of the scope HMAC; longer values are cut), error, complete.
+
+How a row is priced (`price_row`):
+- cost: the provider's usage at the model's prices. Zero, not unknown, for what no provider
+  bills: a request that is not a POST (model listings, retrievals), the free POST endpoints
+  (`FREE_PATHS`: token counting, moderation), an answer served locally, and an error answer
+  without usage (tokenpak's own 4xx/5xx, a provider's refusal). Unknown (NULL) when a
+  billed request's model has no price or its usage is unknown.
+- savings, never overstated: a cache hit saved what the request would have cost. A token
+  compression removed is worth the cheapest price it could have been billed at: when the
+  provider reported prompt-cache activity (cache_read or cache_write > 0) the removed
+  tokens may have sat in the prefix it reads from its cache, so they count at the
+  cache-read price; only when it cached nothing do they count at the input price.
+  `compression_saved_usd` is that part of `saved_usd`.
 """
 
 from __future__ import annotations
@@ -31,8 +44,13 @@ from tokenpak.db import DbFile, Health, classify, close_quietly
 
 log = logging.getLogger("tokenpak.accounting")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SERVED_LOCALLY = ("hit", "coalesced")  # answered without a provider call of their own
+# POST endpoints the providers do not bill: token counting and moderation.
+FREE_PATHS = ("/messages/count_tokens", "/responses/input_tokens", ":countTokens",
+              "/moderations")
+# Columns added since version 1, with their types: what the migration adds.
+_ADDED = (("method", "TEXT"), ("compression_saved_usd", "REAL"))
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '%d');
@@ -43,13 +61,13 @@ CREATE TABLE IF NOT EXISTS requests (
     input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER,
     cache_write_tokens INTEGER, tokens_before INTEGER, tokens_after INTEGER,
     cost_usd REAL, saved_usd REAL, latency_ms REAL, ttfb_ms REAL,
-    key_id TEXT, error TEXT, complete INTEGER);
+    key_id TEXT, error TEXT, complete INTEGER, method TEXT, compression_saved_usd REAL);
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 """ % SCHEMA_VERSION
 COLUMNS = ("ts", "provider", "model", "path", "status", "streamed", "cache", "input_tokens",
            "output_tokens", "cache_read_tokens", "cache_write_tokens", "tokens_before",
            "tokens_after", "cost_usd", "saved_usd", "latency_ms", "ttfb_ms", "key_id", "error",
-           "complete")
+           "complete", "method", "compression_saved_usd")
 _INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
 _USAGE_COLUMNS = (("input", "input_tokens"), ("output", "output_tokens"),
                   ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"))
@@ -66,27 +84,50 @@ def row_usage(row: dict):
     return {short: row.get(col) or 0 for short, col in _USAGE_COLUMNS}
 
 
-def price_row(row: dict, table=None):
-    """(cost_usd, saved_usd) of a row; cost None when the model or the usage is unknown.
+def is_free(row: dict) -> bool:
+    """Whether no provider bills this request: not a POST, or a free POST endpoint."""
+    method = row.get("method")
+    if method and str(method).upper() != "POST":
+        return True
+    path = str(row.get("path") or "").split("?", 1)[0]
+    return path.endswith(FREE_PATHS)
 
-    A row served locally ("hit", "coalesced") cost nothing; it saved what it would have
-    cost. Compression saved the input price times the tokens it removed.
-    """
+
+def compression_saving(model, usage, before, after, table=None) -> float:
+    """USD compression saved on one request: the tokens it removed at the cheapest price
+    they could have been billed at (see the module doc). 0 when nothing was removed or
+    the model has no price."""
+    if before is None or after is None or before <= after:
+        return 0.0
+    prices = pricing.price_for(model or "", table)
+    if prices is None:
+        return 0.0
+    price = prices["input"]
+    if usage is None or usage.get("cache_read") or usage.get("cache_write"):
+        price = min(price, prices["cache_read"])  # unknown usage: assume cached, too
+    return (before - after) * price / 1_000_000
+
+
+def price_row(row: dict, table=None):
+    """(cost_usd, saved_usd) of a row; see the module doc for the rules."""
+    return _price(row, table)[:2]
+
+
+def _price(row, table):
+    """(cost_usd, saved_usd, compression_saved_usd)."""
     usage = row_usage(row)
     model = row.get("model") or ""
+    local = row.get("cache") in SERVED_LOCALLY
+    status = _as_int(row.get("status"))
+    if not local and (is_free(row) or (usage is None and status is not None and status >= 400)):
+        return (0.0, 0.0, 0.0)
     # what the request cost (or, served locally, would have cost) at the provider
     full = pricing.cost(model, usage, table) if usage is not None else None
-    saved = 0.0
-    before, after = row.get("tokens_before"), row.get("tokens_after")
-    if before is not None and after is not None and before > after:
-        prices = pricing.price_for(model, table)
-        if prices is not None:
-            saved += (before - after) * prices["input"] / 1_000_000
-    if row.get("cache") in SERVED_LOCALLY:
-        if full is not None:
-            saved += full
-        return (0.0, saved)
-    return (full, saved)
+    compressed = compression_saving(model, usage, row.get("tokens_before"),
+                                    row.get("tokens_after"), table)
+    if local:
+        return (0.0, compressed + (full or 0.0), compressed)
+    return (full, compressed, compressed)
 
 
 def _as_int(value):
@@ -105,10 +146,13 @@ def to_record(row: dict, table=None) -> tuple:
     if isinstance(row.get("usage"), dict):
         for short, col in _USAGE_COLUMNS:
             rec[col] = usage.get(short, 0)
-    if "cost_usd" not in rec or "saved_usd" not in rec:
-        cost, saved = price_row(row, table)
+    if "cost_usd" not in rec or "saved_usd" not in rec or "compression_saved_usd" not in rec:
+        cost, saved, compressed = _price(row, table)
         rec.setdefault("cost_usd", cost)
         rec.setdefault("saved_usd", saved)
+        rec.setdefault("compression_saved_usd", compressed)
+    if rec.get("method") is not None:
+        rec["method"] = str(rec["method"])[:16]
     rec["ts"] = rec.get("ts") or time.time()
     # 12 hex characters tell keys apart in a report; the full HMAC is the cache scope
     key_id = rec.get("key_id")
@@ -122,6 +166,68 @@ def to_record(row: dict, table=None) -> tuple:
                 "cache_write_tokens", "tokens_before", "tokens_after"):
         rec[col] = _as_int(rec.get(col))
     return tuple(rec.get(col) for col in COLUMNS)
+
+
+def migrate(conn, table=None) -> None:
+    """Bring a DB written by an older tokenpak to SCHEMA_VERSION, in one transaction.
+
+    Version 1 -> 2: adds `method` and `compression_saved_usd`, and re-prices the savings of
+    compressed rows by today's rule (version 1 counted every removed token at the input
+    price, overstating savings where the provider read the prompt from its cache). Cost
+    is left as recorded. Safe when several processes open the DB at once: the version is
+    read again under the write lock.
+    """
+    if _version(conn) >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = _version(conn)
+        if version < 2:
+            have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+            for name, kind in _ADDED:
+                if name not in have:
+                    conn.execute("ALTER TABLE requests ADD COLUMN %s %s" % (name, kind))
+            _reprice_savings(conn, table)
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                     (str(SCHEMA_VERSION),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.info("accounting database upgraded from schema %d to %d", version, SCHEMA_VERSION)
+
+
+def _version(conn) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    try:
+        return int(row[0]) if row else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def _reprice_savings(conn, table):
+    found = conn.execute(
+        "SELECT id, model, cache, input_tokens, output_tokens, cache_read_tokens,"
+        " cache_write_tokens, tokens_before, tokens_after, saved_usd FROM requests"
+        " WHERE tokens_before > tokens_after").fetchall()
+    updates = []
+    for (rid, model, cache, inp, out, read, write, before, after, saved) in found:
+        usage = None if inp is None and out is None else {
+            "input": inp or 0, "output": out or 0, "cache_read": read or 0,
+            "cache_write": write or 0}
+        old = 0.0
+        prices = pricing.price_for(model or "", table)
+        if prices is not None:
+            old = (before - after) * prices["input"] / 1_000_000
+        new = compression_saving(model, usage, before, after, table)
+        updates.append((max((saved or 0.0) - old, 0.0) + new, new, rid))
+    conn.executemany("UPDATE requests SET saved_usd = ?, compression_saved_usd = ? WHERE id = ?",
+                     updates)
+    # Version 1 left the cost of unbilled requests unknown; they cost nothing.
+    conn.execute("UPDATE requests SET cost_usd = 0, saved_usd = COALESCE(saved_usd, 0)"
+                 " WHERE cost_usd IS NULL AND (cache IS NULL OR cache NOT IN ('hit', 'coalesced'))"
+                 " AND ((status >= 400 AND input_tokens IS NULL AND output_tokens IS NULL)"
+                 " OR %s)" % " OR ".join("path LIKE '%%%s'" % p for p in FREE_PATHS))
 
 
 class Recorder:
@@ -287,6 +393,7 @@ class Recorder:
             for attempt in (1, 2):
                 try:
                     self._conn = self.db.connect_writer(timeout=self.busy_timeout)
+                    migrate(self._conn, self.prices)
                     break
                 except (sqlite3.Error, OSError) as exc:
                     corrupt = isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt"

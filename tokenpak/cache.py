@@ -1,9 +1,27 @@
 """The response cache: keys, per-credential scopes and a fail-open sqlite3 store.
 
 Why it is built this way:
-- The key is a SHA-256 over a canonical JSON form of the provider, the path and every body
-  field that can change the answer (temperature, top_p, max_tokens, ... all count); only
-  `IGNORED_FIELDS` are left out, so a changed parameter is a miss, never a wrong answer.
+- The key is a SHA-256 over a canonical JSON form of the provider, the path, every body
+  field that can change the answer (temperature, top_p, max_tokens, ... all count) and the
+  request headers that can change it (`KEY_HEADERS`). Body fields are in unless listed in
+  `IGNORED_FIELDS`, so a changed parameter is a miss, never a wrong answer; headers are out
+  unless listed, because clients send fresh ids on every call and would never hit.
+- Headers in the key, from the providers' documentation: `anthropic-beta` turns features
+  on (1M context, new tools, output formats), `anthropic-version` selects the API version,
+  `openai-beta` selects beta API behaviour. Not in the key: per-call ids (`x-request-id`,
+  `idempotency-key`, `x-client-request-id`, `traceparent`, Claude Code's
+  `x-claude-code-session-id`, Codex's `session_id`/`conversation_id`), client descriptions
+  (`user-agent`, `x-stainless-*`, `x-app`, `originator`), and billing or routing headers
+  that leave the answer as it is (`openai-organization`, `openai-project`,
+  `x-goog-user-project`, `anthropic-dangerous-direct-browser-access`); the credential is
+  the scope, not part of the key.
+- Body fields left out (`IGNORED_FIELDS`): `stream` (the key gets a :sse/:json suffix
+  instead), `stream_options`, and fields that only label a call for the provider's logs or
+  routing: `metadata` (Claude Code's per-session `user_id`), `user`, `safety_identifier`,
+  `prompt_cache_key` (Codex sends its conversation id there: a hint for the provider's
+  prompt cache routing, not an input), `prompt_cache_retention` (how long the provider
+  keeps that cache) and `client_metadata`. `store` stays in: it decides
+  whether the answer's id can be continued with `previous_response_id`.
 - Entries are stored under a *scope*: an HMAC-SHA-256 of the credential with a per-install
   secret. One API key never sees another's answers, and the DB holds no key, only HMACs.
 - A proxied request must not wait on disk. `get()` is one prepared SELECT on a pooled
@@ -33,7 +51,10 @@ from tokenpak.db import DbFile, Health, classify, close_quietly
 
 log = logging.getLogger("tokenpak.cache")
 
-IGNORED_FIELDS = frozenset({"stream", "stream_options", "metadata", "user"})
+IGNORED_FIELDS = frozenset({"stream", "stream_options", "metadata", "user", "safety_identifier",
+                            "prompt_cache_key", "prompt_cache_retention", "client_metadata"})
+KEY_HEADERS = ("anthropic-beta", "anthropic-version", "openai-beta")  # lower-case names
+LIST_HEADERS = frozenset({"anthropic-beta", "openai-beta"})  # comma-separated, order-free
 ANONYMOUS = b"\x00tokenpak-anonymous"  # no real credential can equal this
 MAX_IDLE_READERS = 8
 MAX_PENDING_ENTRIES = 512
@@ -46,14 +67,36 @@ WRITER_BUSY_TIMEOUT = 2.0  # the writer thread may wait this long for another wr
 
 # ---------------------------------------------------------------- keys and scopes
 
-def cache_key(provider: str, path: str, body: dict) -> str:
-    """SHA-256 hex of provider, path and every answer-changing field of `body`."""
+def cache_key(provider: str, path: str, body: dict, headers=None) -> str:
+    """SHA-256 hex of provider, path, every answer-changing field of `body` and the
+    answer-changing request `headers` ({lower-case name: value}; see KEY_HEADERS)."""
     fields = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
+    parts = [provider, path, fields]
+    key_headers = key_header_values(headers)
+    if key_headers:  # absent: the same key as before headers counted, so old entries stay
+        parts.append(key_headers)
     # ensure_ascii=True is as canonical as False and ~40% faster on a 120 KB agent prompt
     # (escaping keeps the str narrow); it also copes with lone surrogates from "\ud800".
-    text = json.dumps([provider, path, fields], sort_keys=True, separators=(",", ":"),
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"),
                       ensure_ascii=True, check_circular=False)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def key_header_values(headers) -> dict:
+    """The KEY_HEADERS present in `headers` ({lower-case name: value}), normalised:
+    list headers ("a, b,a") become the sorted set of their items ("a,b"), since the
+    order in which features are switched on does not change the answer."""
+    out = {}
+    for name in KEY_HEADERS:
+        value = (headers or {}).get(name)
+        if value is None:
+            continue
+        value = str(value).strip()
+        if name in LIST_HEADERS:
+            value = ",".join(sorted({v.strip() for v in value.split(",") if v.strip()}))
+        if value:
+            out[name] = value
+    return out
 
 
 def load_secret(path: str) -> bytes:

@@ -16,21 +16,49 @@ from . import config as configmod
 from .errors import ExitStatus, TokenpakError
 
 MODES = ("strict", "hybrid", "balanced", "aggressive")
+APIS = ("openai", "anthropic", "responses")  # the request shapes `compress` knows
+# What the Debian package's system service uses (packaging/systemd/tokenpak.service sets
+# the same variables): `tokenpak --system ...` acts on that installation.
+SYSTEM_ENV = {"TOKENPAK_CONFIG": "/etc/tokenpak/config.json",
+              "TOKENPAK_DB": "/var/lib/tokenpak/tokenpak.db"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in tokenpak's one-line shape (exit status 2)."""
+
+    def error(self, message):
+        raise TokenpakError(message, hint="see `%s --help`" % self.prog,
+                            status=ExitStatus.USAGE)
+
+
+def config_value(name):
+    """An argparse type that checks a flag's value as the config key `name` would be."""
+    def convert(text):
+        try:
+            return configmod.parse_value(name, text)
+        except TokenpakError as exc:
+            raise argparse.ArgumentTypeError(exc.message.split(": ", 1)[-1])
+    convert.__name__ = name  # argparse names the type in its message
+    return convert
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tokenpak",
         description="Local proxy for LLM APIs: compresses prompts, caches answers, "
                     "accounts tokens and cost. Point your client's base URL at "
                     "http://localhost:8766.")
     parser.add_argument("--version", action="version", version="tokenpak " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--system", action="store_true",
+                        help="act on the system service's files (/etc/tokenpak/config.json, "
+                             "/var/lib/tokenpak/tokenpak.db) instead of ~/.tokenpak")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
     serve = commands.add_parser("serve", help="run the proxy (foreground unless --daemon)")
     serve.add_argument("--host", help="address to listen on (proxy.host, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (proxy.port, default 8766)")
+    serve.add_argument("--port", type=config_value("proxy.port"),
+                       help="port to listen on (proxy.port, default 8766)")
     serve.add_argument("--mode", choices=MODES,
                        help="compression level (compression.level, default hybrid)")
     serve.add_argument("--daemon", action="store_true",
@@ -43,7 +71,7 @@ def build_parser():
     status.set_defaults(func=cmd_status)
 
     service = commands.add_parser("service", help="install or remove the systemd user service")
-    service_commands = service.add_subparsers(dest="action", metavar="ACTION")
+    service_commands = service.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     service_commands.required = True
     service_commands.add_parser(
         "install", help="write ~/.config/systemd/user/tokenpak.service").set_defaults(
@@ -60,7 +88,7 @@ def build_parser():
     stats.set_defaults(func=cmd_stats)
 
     cache = commands.add_parser("cache", help="inspect or empty the answer cache")
-    cache_commands = cache.add_subparsers(dest="action", metavar="ACTION")
+    cache_commands = cache.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     cache_commands.required = True
     cache_commands.add_parser("stats", help="entries, size and age of the cache").set_defaults(
         func=cmd_cache_stats)
@@ -71,13 +99,13 @@ def build_parser():
         "compress", help="dry run: what compression does to a request body")
     compress.add_argument("file", metavar="FILE", help="a JSON request body, or - for stdin")
     compress.add_argument("--mode", choices=MODES, help="compression level (default: config)")
-    compress.add_argument("--api", choices=("openai", "anthropic"),
+    compress.add_argument("--api", choices=APIS,
                           help="body shape (default: guessed from the body)")
     compress.add_argument("--output", metavar="FILE", help="write the compressed body here")
     compress.set_defaults(func=cmd_compress)
 
     cfg = commands.add_parser("config", help="read and change ~/.tokenpak/config.json")
-    cfg_commands = cfg.add_subparsers(dest="action", metavar="ACTION")
+    cfg_commands = cfg.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     cfg_commands.required = True
     cfg_set = cfg_commands.add_parser("set", help="set KEY to VALUE in the config file")
     cfg_set.add_argument("key")
@@ -92,7 +120,39 @@ def build_parser():
     cfg_list = cfg_commands.add_parser("list", help="every key, its value and its source")
     cfg_list.add_argument("--json", action="store_true", help="machine-readable output")
     cfg_list.set_defaults(func=cmd_config_list)
+
+    prices = commands.add_parser(
+        "prices", help="the effective price table: shipped figures and config overrides")
+    prices.add_argument("model", metavar="MODEL", nargs="?",
+                        help="only this model (as a client names it, e.g. gpt-4o-2024-08-06)")
+    prices.add_argument("--json", action="store_true", help="machine-readable output")
+    prices.set_defaults(func=cmd_prices)
+
+    doctor = commands.add_parser(
+        "doctor", help="check config, database, port, upstreams, tokenizer and service")
+    doctor.set_defaults(func=cmd_doctor)
     return parser
+
+
+def load_config(overrides=None):
+    """The effective config, read for a command that needs all of it."""
+    return configmod.load(overrides)
+
+
+def lenient_config(quiet=False):
+    """The config for `stop`, `status` and `doctor`, which must work even when the file or
+    the environment holds a mistake (that is when a user most needs them): the broken
+    source is named on stderr and left out."""
+    try:
+        return configmod.load()
+    except TokenpakError as exc:
+        if not quiet:
+            sys.stderr.write("tokenpak: warning: %s; using the defaults instead\n"
+                             % _one_line(exc.message))
+    try:
+        return configmod.load(path=os.devnull)
+    except TokenpakError:
+        return configmod.load(environ={}, path=os.devnull)
 
 
 def serve_overrides(args):
@@ -107,38 +167,65 @@ def serve_overrides(args):
     return overrides
 
 
+def check_db_path(path):
+    """Refuse to start when db.path cannot hold a database: the cache and the accounting
+    would otherwise be lost silently, request after request."""
+    from . import doctor
+    problem = doctor.db_path_problem(path)
+    if problem:
+        raise TokenpakError("db.path %s is unusable: %s" % (path, problem),
+                            hint="set db.path (or TOKENPAK_DB) to a file in a writable "
+                                 "directory, e.g. `tokenpak config set db.path "
+                                 "~/.tokenpak/tokenpak.db`")
+
+
 def cmd_serve(args):
     """Foreground by default (what systemd and terminals want); --daemon detaches."""
     from . import daemon, proxy, systemd
     overrides = serve_overrides(args)
-    config = configmod.load(overrides)
+    config = load_config(overrides)
     reload = lambda: configmod.load(overrides)  # noqa: E731  (SIGHUP keeps the CLI flags)
     level = config.get("log.level")
+    check_db_path(config.get("db.path"))
     if args.daemon:
         log_file = config.get("proxy.log_file")
+        pid_file = os.path.abspath(config.get("proxy.pid_file"))
 
         def run(ready):
             daemon.setup_logging(log_file, level, journal=False)
-            return proxy.serve(config, on_ready=lambda server: ready(), reload=reload)
 
-        return daemon.start(config.get("proxy.pid_file"), log_file, run)
+            def on_ready(server):
+                # status and stop find the daemon where it listens, whatever the config says
+                daemon.record_address(pid_file, base_url(*server.server_address[:2]))
+                ready()
+            return proxy.serve(config, on_ready=on_ready, reload=reload)
+
+        return daemon.start(pid_file, log_file, run)
     daemon.setup_logging(None, level, journal=systemd.under_journal())
     sockets = systemd.listen_sockets()
     return proxy.serve(config, listen_socket=sockets[0] if sockets else None, reload=reload)
 
 
-def health_url(config):
-    host = config.get("proxy.host")
+def base_url(host, port):
+    """http://host:port, with a wildcard address replaced by loopback (where to connect)."""
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
         host = "[%s]" % host
-    return "http://%s:%d/health" % (host, config.get("proxy.port"))
+    return "http://%s:%d" % (host, port)
+
+
+def health_url(config):
+    """/health of the daemon started with this config: the address it recorded in its pid
+    file when it bound, else the configured one (systemd, a foreground serve)."""
+    from . import daemon
+    recorded = daemon.read_address(config.get("proxy.pid_file"))
+    return (recorded or base_url(config.get("proxy.host"), config.get("proxy.port"))) + "/health"
 
 
 def cmd_stop(args):
     from . import daemon
-    config = configmod.load()
+    config = lenient_config()
     grace = config.get("proxy.shutdown_grace_seconds")
     return daemon.stop(config.get("proxy.pid_file"), timeout=grace + 10,
                        health_url=health_url(config))
@@ -146,7 +233,7 @@ def cmd_stop(args):
 
 def cmd_status(args):
     from . import daemon
-    config = configmod.load()
+    config = lenient_config()
     code, text = daemon.status(config.get("proxy.pid_file"), health_url(config))
     print(text)
     return code
@@ -166,43 +253,55 @@ def cmd_service_uninstall(args):
 
 def cmd_stats(args):
     from . import stats
-    config = configmod.load()
     since = stats.parse_since(args.since) if args.since else None
+    config = load_config()
     db = config.get("db.path")
+    if not os.path.exists(db) and not args.json:
+        print("no accounting database at %s yet: tokenpak has recorded no request" % db)
+        hint = _other_db_hint(db)
+        if hint:
+            print(hint)
+        return ExitStatus.OK
     rows = stats.report(db, since, args.by)
     if args.json:
         print(json.dumps({"summary": stats.summary(db, since), "rows": rows}, indent=2))
         return ExitStatus.OK
     if not rows:
-        print("no requests recorded%s in %s" % (" in the last " + args.since if since else "",
-                                                 db))
+        print("no requests recorded %s in %s" % (stats.describe_since(args.since, since), db)
+              if since else "no requests recorded in %s" % db)
         return ExitStatus.OK
     print(stats.format_table(rows))
     return ExitStatus.OK
 
 
-def open_cache(config):
-    from .cache import CacheStore
-    return CacheStore(config.get("db.path"), config.get("cache.ttl_seconds"),
-                      config.get("cache.max_mb"))
+def _other_db_hint(db):
+    """Point at the system service's database when the user looks at their own."""
+    system_db = SYSTEM_ENV["TOKENPAK_DB"]
+    if db != system_db and os.path.exists(system_db):
+        return "the system service records in %s: `tokenpak --system stats`" % system_db
+    return None
 
 
 def cmd_cache_stats(args):
+    """Read-only: never creates the database nor moves a corrupt one aside (only the
+    server, which writes, does that)."""
     import time
-    store = open_cache(configmod.load())
-    try:
-        info = store.stats()
-    finally:
-        store.close()
+    from . import stats
+    config = load_config()
+    db = config.get("db.path")
+    info = stats.cache_info(db)
+    if info is None:
+        print("cache:    %s (no database yet: nothing cached)" % db)
+        return ExitStatus.OK
     age = lambda t: "%s (%s ago)" % (time.strftime("%Y-%m-%d %H:%M", time.localtime(t)),  # noqa
                                      _ago(time.time() - t)) if t else "-"
-    print("cache:    %s" % info["path"])
+    print("cache:    %s" % db)
     print("entries:  {:,}".format(info["entries"]))
     print("size:     {:,.1f} MB of {:,.0f} MB".format(info["bytes"] / 1048576.0,
-                                                      info["max_bytes"] / 1048576.0))
+                                                      float(config.get("cache.max_mb"))))
     print("oldest:   %s" % age(info["oldest"]))
     print("newest:   %s" % age(info["newest"]))
-    print("keys:     %d (entries are scoped per API key)" % len(info["scopes"]))
+    print("keys:     %d (entries are scoped per API key)" % info["scopes"])
     return ExitStatus.OK
 
 
@@ -210,11 +309,18 @@ def _ago(seconds):
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return "%d%s" % (seconds // size, unit)
-    return "%ds" % seconds
+    return "%ds" % max(seconds, 0)
 
 
 def cmd_cache_clear(args):
-    store = open_cache(configmod.load())
+    from .cache import CacheStore
+    config = load_config()
+    db = config.get("db.path")
+    if not os.path.exists(db):
+        print("removed 0 cache entries (no database at %s)" % db)
+        return ExitStatus.OK
+    check_db_path(db)
+    store = CacheStore(db, config.get("cache.ttl_seconds"), config.get("cache.max_mb"))
     try:
         removed = store.clear()
     finally:
@@ -224,7 +330,10 @@ def cmd_cache_clear(args):
 
 
 def guess_api(body):
-    """Anthropic messages have a top-level system or typed content blocks of their own."""
+    """Responses bodies carry `input` instead of `messages`; Anthropic messages have a
+    top-level system or typed content blocks of their own."""
+    if "messages" not in body and isinstance(body.get("input"), (str, list)):
+        return "responses"
     if "system" in body or body.get("anthropic_version"):
         return "anthropic"
     for message in body.get("messages") or ():
@@ -237,23 +346,41 @@ def guess_api(body):
     return "openai"
 
 
+def read_body(name):
+    """The JSON body in file `name` (or stdin for "-"), or a TokenpakError saying why not."""
+    try:
+        if name == "-":
+            text = sys.stdin.read()
+        else:
+            with open(name, encoding="utf-8") as handle:
+                text = handle.read()
+        return json.loads(text)
+    except OSError as exc:
+        raise TokenpakError("cannot read %s: %s" % (name, exc.strerror or exc),
+                            hint="give a JSON request body, or - for standard input")
+    except UnicodeDecodeError:
+        raise TokenpakError("%s is not UTF-8 text" % name, hint="give a JSON request body")
+    except RecursionError:
+        raise TokenpakError("%s nests too deeply to be a request body" % name,
+                            hint="give a JSON request body")
+    except ValueError as exc:
+        raise TokenpakError("%s is not JSON: %s" % (name, exc), hint="give a JSON request body")
+
+
 def cmd_compress(args):
     from . import compression
-    config = configmod.load({"compression.level": args.mode} if args.mode else None)
-    try:
-        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
-        body = json.loads(text)
-    except OSError as exc:
-        raise TokenpakError("cannot read %s: %s" % (args.file, exc.strerror))
-    except ValueError as exc:
-        raise TokenpakError("%s is not JSON: %s" % (args.file, exc))
+    config = load_config({"compression.level": args.mode} if args.mode else None)
+    body = read_body(args.file)
     api = args.api
     if isinstance(body, dict) and isinstance(body.get("body"), dict):
         api = api or body.get("api")  # a corpus case: {"api": ..., "body": {...}}
         body = body["body"]
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        raise TokenpakError("%s is not a chat request body (no \"messages\" list)" % args.file)
-    api = api or guess_api(body)
+    if not isinstance(body, dict) or not (isinstance(body.get("messages"), list)
+                                          or isinstance(body.get("input"), (str, list))):
+        raise TokenpakError("%s is not a request body (no \"messages\" or \"input\")"
+                            % args.file, hint="give an OpenAI chat completions, OpenAI "
+                            "Responses or Anthropic messages body")
+    api = api if api in APIS else guess_api(body)
     settings = compression.Settings(
         enabled=True, level=config.get("compression.level"),
         threshold_tokens=config.get("compression.threshold_tokens"),
@@ -263,17 +390,37 @@ def cmd_compress(args):
     print(compression.format_report(report))
     if args.output:
         result = compression.compress_request(api, body, settings)
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(result.body, handle, ensure_ascii=False)
-            handle.write("\n")
+        try:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                json.dump(result.body, handle, ensure_ascii=False)
+                handle.write("\n")
+        except OSError as exc:
+            raise TokenpakError("cannot write %s: %s" % (args.output, exc.strerror or exc),
+                                hint="give --output a file in an existing, writable directory")
         print("wrote %s" % args.output)
     return ExitStatus.OK
 
 
 def cmd_config_set(args):
+    """Edits the file's raw entries, so it also repairs a file that holds an unknown key or
+    a bad value; a file that is not JSON at all is kept aside and a new one started."""
     path = configmod.config_path()
     value = configmod.parse_value(args.key, args.value)
-    values = configmod.read_file(path)
+    try:
+        values = configmod.read_raw(path)
+    except configmod.BrokenConfig as exc:
+        backup = configmod.broken_copy(path)
+        try:
+            os.replace(path, backup)
+        except OSError as err:
+            raise TokenpakError("%s; cannot move it aside: %s" % (exc.message, err.strerror),
+                                hint="fix or remove it by hand")
+        sys.stderr.write("tokenpak: warning: %s; kept it as %s and started a new file\n"
+                         % (exc.message, backup))
+        values = {}
+    for name in list(values):  # a value where a section should be, or the reverse
+        if args.key.startswith(name + ".") or name.startswith(args.key + "."):
+            del values[name]
     values[args.key] = value
     configmod.write_file(path, values)
     print("%s = %s  (%s)" % (args.key, _show(value), path))
@@ -281,19 +428,35 @@ def cmd_config_set(args):
 
 
 def cmd_config_get(args):
-    configmod.require_key(args.key)
-    config = configmod.load()
+    key = configmod.require_key(args.key)
+    if key.name == "pricing.<model>.<field>":
+        return _print_price_key(args.key)
+    config = load_config()
     if args.key not in config.names():
-        raise TokenpakError("%s is not set" % args.key, status=ExitStatus.ERROR)
+        raise TokenpakError("%s is not set" % args.key, status=ExitStatus.ERROR,
+                            hint="`tokenpak config set %s VALUE` sets it" % args.key)
     print(_show(config.get(args.key)))
     return ExitStatus.OK
 
 
+def _print_price_key(name):
+    """pricing.<model>.<field>: the price in effect and where it comes from."""
+    model, field = name[len("pricing."):].rsplit(".", 1)
+    found = _price_rows(load_config(), model)
+    if not found:
+        raise TokenpakError("no price for model %r" % model,
+                            hint="`tokenpak prices` lists the known models; "
+                                 "`tokenpak config set %s PRICE` adds one" % name)
+    row = found[0]
+    print("%s  (%s)" % (_show_price(row[field]), row["sources"][field]))
+    return ExitStatus.OK
+
+
 def cmd_config_unset(args):
-    configmod.require_key(args.key)
     path = configmod.config_path()
-    values = configmod.read_file(path)
-    if args.key not in values:
+    values = configmod.read_raw(path)
+    if args.key not in values:  # an unknown key that is in the file can still be removed
+        configmod.require_key(args.key)
         print("%s was not set in %s" % (args.key, path))
         return ExitStatus.OK
     del values[args.key]
@@ -302,12 +465,15 @@ def cmd_config_unset(args):
     return ExitStatus.OK
 
 
+SECRET_KEYS = ("proxy.auth_token",)
+
+
 def cmd_config_list(args):
-    config = configmod.load()
-    rows = [(name, _show(config.get(name)), config.source(name)) for name in config.names()]
+    config = load_config()
+    shown = lambda n: "***" if n in SECRET_KEYS and config.get(n) else config.get(n)  # noqa
+    rows = [(name, _show(shown(name)), config.source(name)) for name in config.names()]
     if args.json:
-        print(json.dumps({n: {"value": config.get(n), "source": s} for n, _, s in rows},
-                         indent=2))
+        print(json.dumps({n: {"value": shown(n), "source": s} for n, _, s in rows}, indent=2))
         return ExitStatus.OK
     width = max(len(name) for name, _, _ in rows)
     vwidth = min(48, max(len(value) for _, value, _ in rows))
@@ -315,6 +481,76 @@ def cmd_config_list(args):
         print("%-*s  %-*s  %s" % (width, name, vwidth, value, source))
     print("\nconfig file: %s" % config.path)
     return ExitStatus.OK
+
+
+def _price_rows(config, model=None):
+    """[{model, provider, <field>: USD, sources: {field: "shipped ..." | "config ..."}}]:
+    the table the proxy prices requests with, each figure labelled with its origin."""
+    from . import pricing
+    overrides = config.pricing_overrides()
+    table = pricing.load_prices(overrides)
+    changed = {}
+    for raw_name, fields in overrides.items():
+        for field in fields:
+            changed[(pricing.normalise_model(raw_name), field)] = "pricing.%s.%s" % (
+                raw_name, field)
+    if model is not None:
+        match = pricing.price_for(model, table)
+        names = [n for n in table if table[n] is match][:1]
+    else:
+        names = sorted(table)
+    shipped = "shipped %s" % pricing.PRICES_DATE
+    rows = []
+    for name in names:
+        entry = table[name]
+        row = {"model": name, "provider": entry.get("provider", ""), "sources": {}}
+        for field in pricing.FIELDS:
+            row[field] = entry[field]
+            origin = changed.get((name, field))
+            row["sources"][field] = ("config %s (%s)" % (origin, config.source(origin))
+                                     if origin else shipped if name in pricing.default_table()
+                                     else "defaults to the input price")
+        rows.append(row)
+    return rows
+
+
+def _show_price(value):
+    return "$%g" % value
+
+
+def cmd_prices(args):
+    """The effective price table, USD per million tokens, each figure with its source."""
+    from . import pricing
+    rows = _price_rows(load_config(), args.model)
+    if args.model is not None and not rows:
+        raise TokenpakError("no price for model %r" % args.model,
+                            hint="`tokenpak prices` lists the known models; set "
+                                 "pricing.%s.input and .output to add it" % args.model)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return ExitStatus.OK
+    width = max(len(r["model"]) for r in rows)
+    print("USD per 1M tokens; shipped table of %s; "
+          "`tokenpak config set pricing.MODEL.FIELD PRICE` overrides a figure" % pricing.PRICES_DATE)
+    print("%-*s  %9s %9s %11s %12s  %s" % (width, "model", "input", "output", "cache_read",
+                                            "cache_write", "source"))
+    for r in rows:
+        sources = sorted(set(s for s in r["sources"].values() if not s.startswith("shipped")))
+        print("%-*s  %9s %9s %11s %12s  %s" % (
+            width, r["model"], _show_price(r["input"]), _show_price(r["output"]),
+            _show_price(r["cache_read"]), _show_price(r["cache_write"]),
+            "; ".join(sources) or "shipped"))
+    return ExitStatus.OK
+
+
+def cmd_doctor(args):
+    """doctor reports a broken config as its first finding instead of failing on it."""
+    from . import doctor
+    try:
+        config, error = configmod.load(), None
+    except TokenpakError as exc:
+        config, error = lenient_config(quiet=True), exc
+    return doctor.run(config, error)
 
 
 def _show(value):
@@ -326,18 +562,33 @@ def _show(value):
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns its exit status and never lets a traceback out."""
     try:
+        args = build_parser().parse_args(argv)
+        if args.system:
+            os.environ.update(SYSTEM_ENV)
         return int(args.func(args) or 0)
     except TokenpakError as exc:
-        print("tokenpak: error: %s" % exc.message, file=sys.stderr)
+        print("tokenpak: error: %s" % _one_line(exc.message), file=sys.stderr)
         if exc.hint:
-            print("tokenpak: hint: %s" % exc.hint, file=sys.stderr)
+            print("tokenpak: hint: %s" % _one_line(exc.hint), file=sys.stderr)
         return int(exc.status)
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else ExitStatus.USAGE
     except KeyboardInterrupt:
         return ExitStatus.ERROR
     except BrokenPipeError:
         # `tokenpak config list | head`: the reader left; that is not an error.
         sys.stdout = open(os.devnull, "w")
         return ExitStatus.OK
+    except Exception as exc:  # a bug: still one line, and what to do about it
+        print("tokenpak: error: internal error: %s: %s" % (type(exc).__name__,
+                                                           _one_line(str(exc))), file=sys.stderr)
+        print("tokenpak: hint: this is a bug in tokenpak; please report it with the command "
+              "you ran", file=sys.stderr)
+        return ExitStatus.ERROR
+
+
+def _one_line(text):
+    """Messages quote user input (file names, values): keep each message on one line."""
+    return " ".join(str(text).split())

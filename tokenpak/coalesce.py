@@ -18,6 +18,11 @@ Contract for followers:
 Every wait is a `threading.Condition` wait with a timeout: no busy loop, and no thread waits
 forever on a leader that died. A flight keeps its own chunks only; it is dropped when the
 leader calls `done()` and the last follower lets go of it.
+
+The upstream call lives as long as someone reads it. When the leader's own client hangs up,
+`leader_left(stop)` says whether a follower still reads; if one does, the leader keeps
+relaying for it and `stop` runs when the last follower `leave()`s. A flight nobody reads
+any more is *abandoned*: later arrivals start their own call instead of joining it.
 """
 
 from __future__ import annotations
@@ -43,7 +48,10 @@ class Flight:
         self._chunks = []
         self.done = False
         self.ok = False
-        self.followers = 0
+        self.followers = 0  # followers still reading (joined, not yet left)
+        self.leader_gone = False  # the leader's own client hung up
+        self.abandoned = False  # nobody reads the upstream call any more
+        self._stop = None  # what leader_left() was given, run when the last follower leaves
         self.started = time.monotonic()
 
     # -- leader --------------------------------------------------------------
@@ -73,7 +81,43 @@ class Flight:
         with self._cond:
             return b"".join(self._chunks)
 
+    def leader_left(self, stop) -> bool:
+        """The leader's client hung up. True when no follower reads either: the caller
+        stops the upstream call now. Otherwise `stop()` runs when the last one leaves."""
+        with self._cond:
+            self.leader_gone = True
+            if self.followers > 0:
+                self._stop = stop
+                return False
+            self.abandoned = True
+            return True
+
     # -- followers -----------------------------------------------------------
+
+    def add_follower(self) -> bool:
+        """Join as a follower; False if the flight is abandoned (start a new call)."""
+        with self._cond:
+            if self.abandoned:
+                return False
+            self.followers += 1
+            return True
+
+    def leave(self) -> None:
+        """A follower stops reading (finished, failed, or its client hung up). The last
+        one out after the leader's client stops the upstream call."""
+        stop = None
+        with self._cond:
+            self.followers -= 1
+            if self.followers == 0 and self.leader_gone and not self.done:
+                self.abandoned = True
+                stop, self._stop = self._stop, None
+        if stop is not None:
+            stop()
+
+    def wake(self) -> None:
+        """Wake followers waiting in chunks() so they re-check their `gone` event."""
+        with self._cond:
+            self._cond.notify_all()
 
     def wait_head(self, timeout: float):
         """(status, headers) once known; None if the leader failed first or on timeout."""
@@ -81,17 +125,21 @@ class Flight:
             self._cond.wait_for(lambda: self.head is not None or self.done, timeout)
             return self.head
 
-    def chunks(self, timeout: float):
+    def chunks(self, timeout: float, gone=None):
         """Iterate the body from its first chunk; see the module doc for how it ends.
 
         `timeout` bounds the wait for each next chunk (an idle timeout, like a read
-        timeout), not the whole body.
+        timeout), not the whole body. The iteration also ends, quietly, once the
+        threading.Event `gone` is set (the follower's client hung up; call wake()).
         """
         index = 0
         while True:
             with self._cond:
-                if not self._cond.wait_for(lambda: index < len(self._chunks) or self.done, timeout):
+                if not self._cond.wait_for(lambda: index < len(self._chunks) or self.done
+                                           or (gone is not None and gone.is_set()), timeout):
                     raise FlightTimeout("no data from the leading request for %.1f s" % timeout)
+                if gone is not None and gone.is_set():
+                    return
                 fresh = self._chunks[index:]
                 finished, ok = self.done, self.ok
             index += len(fresh)
@@ -120,14 +168,11 @@ class Coalescer:
         """(flight, is_leader): the first caller for `key` leads, later ones follow."""
         with self._lock:
             flight = self._flights.get(key)
-            if flight is not None and not self._joinable(flight):
-                flight = None
-            if flight is None:
-                flight = Flight()
-                self._flights[key] = flight
-                return flight, True
-            flight.followers += 1
-            return flight, False
+            if flight is not None and self._joinable(flight) and flight.add_follower():
+                return flight, False
+            flight = Flight()
+            self._flights[key] = flight
+            return flight, True
 
     def _joinable(self, flight):
         # A leader that finished but has not called done() yet still holds a whole answer.

@@ -1,25 +1,39 @@
-"""Prompt compression: which blocks of a request may change, and how, without losing a fact.
+"""Prompt compression: which texts of a request may change, and how, without losing a fact.
 
 Why it looks like this. A rewrite that saves 30% of a prompt but changes a prefix the
 provider has cached costs more than it saves (a peer raised Claude Code bills 2-7x that
-way). So every transform is a pure function of one text block (transforms.py holds them,
-with what each one saves), each message's output depends only on itself, the messages
-before it and the settings, and results are memoised per block by content hash: turn N's
-history is forwarded byte-identical in turn N+1, and a resent 100k-token history costs a
-hash per block, not a re-compression.
+way). The invariant that protects the provider's prompt cache: a block's compressed form
+is a pure, deterministic function of the block, the blocks before it and the settings.
+So every byte a client sent in turn N reaches the provider identically in turn N+1, and
+results are memoised per block by content hash: a resent 100k-token history costs one
+hash per block, not a re-compression. `cache_control` markers play no part in it: Claude
+Code moves its marker to the newest block every turn, and a marked block is compressed
+exactly as it would be unmarked (the marker itself is kept where it is). A rule "leave
+marked blocks raw" would mean never compressing Claude Code, and each block would change
+once its marker moved on.
 
-What is never altered: roles, order, ids, tool_use inputs and tool_calls, tool
-definitions, the system prompt and system/developer messages, images, documents, thinking
-blocks (and the assistant turn holding them), blocks with extra fields (citations...),
-unknown shapes, and every block at or before the last `cache_control` marker in the
-messages. That last rule is stronger than "never alter the marked block": clients such as
-Claude Code move the marker forward every turn, so a block left raw while marked and
-compressed once unmarked would change the cached prefix on every turn.
+Where compression starts. Strict and hybrid leave prompts below threshold_tokens alone,
+so the turn that first crosses it rewrites the history once (the provider then re-reads
+that prefix once); a session started before tokenpak is rewritten on its first turn
+through it. After that, prefixes are stable.
 
-This module walks the request, chains the transforms per block (transform_block), adds
-back-references across messages (a repeated block, or a repeated JSON array element, names
-its first copy, which stays), and reports exact savings per transform (dry_run).
-Fenced code blocks and code-like blocks keep their exact text when preserve_code.
+What is never altered: roles, order, ids, the `cache_control` field, tool_use inputs and
+tool_calls, tool definitions, the system prompt and system/developer messages, images,
+documents, thinking/redacted_thinking blocks (and the assistant turn holding them),
+blocks with extra fields (citations...), unknown shapes. OpenAI Responses bodies
+(api "responses", what Codex sends): only `input` items are walked, and of those only
+function/custom tool call outputs and user message text; never `instructions`, `tools`,
+reasoning items, items carrying `encrypted_content`, assistant output items, or a
+string `input`.
+
+Inside a block, text is judged per segment (transforms.split_segments): fenced or
+unfenced code keeps its exact text under preserve_code; JSON is minified and tabulated;
+logs, numbered listings of logs (Claude Code's Read output), search and test output
+lose escapes, redraws, repeats (a numbered listing keeps every line range) and repeated
+timestamps. This module walks the request, chains the transforms per segment
+(transform_block), adds back-references across messages (a repeated block, or a repeated
+JSON array element, names its first copy, which stays), and reports exact savings per
+transform (dry_run).
 """
 
 from __future__ import annotations
@@ -30,10 +44,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import tokens
-from .transforms import (collapse_redraws, collapse_repeats, ditto_timestamps, dumps_compact,
-                         elide_middle, json_elements, json_minified, json_with_refs,
-                         looks_like_code, normalize_whitespace, parse_json_text, path_text,
-                         split_fences, strip_ansi, tabulate_value)
+from .transforms import (CODE, JSON, LISTING, TEXT, collapse_listing,
+                         collapse_redraws, collapse_repeats, ditto_listing, ditto_timestamps,
+                         dumps_compact, elide_middle, final_state, group_search_output,
+                         json_elements, json_minified,
+                         json_with_refs, map_listing, minify_json, normalize_whitespace,
+                         parse_json_text, path_text, split_segments, strip_ansi, tabulate_json,
+                         tabulate_value)
 
 LEVELS = ("strict", "hybrid", "aggressive")
 LEVEL_ALIASES = {"balanced": "hybrid"}
@@ -62,22 +79,47 @@ class Settings:
 
 # ------------------------------------------------------------------ per-block pipeline
 
-_PROSE_STEPS = (
-    ("ansi", strip_ansi),
-    ("whitespace", normalize_whitespace),
-    ("redraws", collapse_redraws),
-    ("repeats", collapse_repeats),
+def _rstrip(line):
+    """normalize_whitespace for one line: trailing spaces and tabs."""
+    return line.rstrip(" \t") if line.endswith((" ", "\t")) else line
+
+
+def _on_listing(function):
+    return lambda text: map_listing(text, function)
+
+
+# (name, {segment kind: str -> str}) in pipeline order; a kind not named is left as it is.
+_CLEAN_STEPS = (
+    # No escape sequence holds a newline, so a listing loses its escapes in one pass.
+    ("ansi", {TEXT: strip_ansi, LISTING: strip_ansi}),
+    ("whitespace", {TEXT: normalize_whitespace, LISTING: _on_listing(_rstrip)}),
+    ("redraws", {TEXT: collapse_redraws, LISTING: _on_listing(final_state)}),
 )
+_REPEAT_STEPS = (("repeats", {TEXT: collapse_repeats, LISTING: collapse_listing}),
+                 ("paths", {TEXT: group_search_output}))
+_JSON_STEPS = (("json", {JSON: minify_json}),)
+_TABLE_STEPS = (("table", {JSON: tabulate_json}),)
+_TIMESTAMP_STEPS = (("timestamps", {TEXT: ditto_timestamps, LISTING: ditto_listing}),)
 
 
 def _settings_key(settings):
     return (settings.level, settings.preserve_code, settings.preserve_json)
 
 
+def _segments(text, settings):
+    """split_segments; without preserve_code there is no code, with preserve_json JSON is
+    left as it is (like code)."""
+    return [(CODE if kind == JSON and settings.preserve_json else kind, chunk)
+            for kind, chunk in split_segments(text, settings.preserve_code)]
+
+
 def transform_block(text: str, settings: Settings, is_tool: bool = False,
                     observe: Optional[Callable[[str, str, str], None]] = None) -> str:
     """Compress one text block: a pure function of (text, settings, is_tool).
 
+    The text is judged per segment (transforms.split_segments): code keeps its exact
+    text under preserve_code, JSON is minified (and tabulated), logs, listings of logs,
+    search and test output lose escapes, redraws, repeats and repeated timestamps.
     `observe(name, before, after)` is called for every step that changed the text.
     """
     def step(name, before, after):
@@ -85,26 +127,30 @@ def transform_block(text: str, settings: Settings, is_tool: bool = False,
             observe(name, before, after)
         return after
 
+    def run(steps, segments, out):
+        for name, functions in steps:
+            segments = [(kind, functions[kind](chunk) if kind in functions else chunk)
+                        for kind, chunk in segments]
+            out = step(name, out, "\n".join(chunk for _, chunk in segments))
+        return segments, out
+
     hybrid = settings.level != "strict"
     # JSON first: line-based steps could break it (a run of identical "1," lines).
     if parse_json_text(text) is not None:
         return text if settings.preserve_json else _json_steps(text, hybrid, step)
-    chunks = split_fences(text) if settings.preserve_code else [(False, text)]
-    if settings.preserve_code and looks_like_code("".join(c for code, c in chunks if not code)):
-        return text  # unfenced code: indentation and every character are meaning
-    out = text
-    for name, function in _PROSE_STEPS:  # fenced code chunks pass through untouched
-        chunks = [(code, chunk if code else function(chunk)) for code, chunk in chunks]
-        out = step(name, out, "".join(chunk for _, chunk in chunks))
+    segments, out = run(_CLEAN_STEPS, _segments(text, settings), text)
     if parse_json_text(out) is not None:  # JSON once its colour codes are gone
         return out if settings.preserve_json else _json_steps(out, hybrid, step)
-    if is_tool and settings.level == "aggressive" and len(chunks) == 1:
+    if out != text:  # judged again on what the model will read (escapes hid JSON, say)
+        segments = _segments(out, settings)
+    steps = _REPEAT_STEPS + _JSON_STEPS + (_TABLE_STEPS if hybrid else ())
+    segments, out = run(steps, segments, out)
+    if is_tool and settings.level == "aggressive" and all(k != CODE for k, _ in segments):
         out = step("elide", out, elide_middle(out))
+        segments = _segments(out, settings)
     # Last, so no later step can drop the line a ditto mark refers to.
     if hybrid:
-        chunks = split_fences(out) if settings.preserve_code else [(False, out)]
-        out = step("timestamps", out, "".join(
-            chunk if code else ditto_timestamps(chunk) for code, chunk in chunks))
+        segments, out = run(_TIMESTAMP_STEPS, segments, out)
     return out
 
 
@@ -134,25 +180,38 @@ _memo = tokens.LRU(MEMO_ENTRIES, max_weight=MEMO_CHARS)
 
 @dataclass(frozen=True)
 class _Unit:
-    """One replaceable text in a request: messages[msg].content[part].content[inner]."""
+    """One replaceable text in a request, at messages[msg][path[0]][path[1]]...
+
+    `path` is a tuple of keys and indexes inside the message (or Responses input item),
+    ending at the string itself.
+    """
 
     msg: int
-    part: Optional[int]
-    inner: Optional[int]
+    path: tuple
     text: str
     is_tool: bool
     label: str      # how a back-reference names this block to the model
     short: str      # the same without the tool input, for element references
-    frozen: bool    # at or before the last cache_control marker: never altered
 
 
-# Blocks with any other field (citations, ...) are left alone. A cache_control block is
-# always frozen (it is at or before the last marker) but can be the first copy of a repeat.
+# Blocks with any other field (citations, ...) are left alone. `cache_control` is not
+# content: a marked block is compressed exactly as it would be unmarked, and keeps its mark.
 _TEXT_KEYS = frozenset({"type", "text", "cache_control"})
 _TOOL_RESULT_KEYS = frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"})
 _THINKING = frozenset({"thinking", "redacted_thinking"})
 _ANTHROPIC_ROLES = ("user", "assistant")
 _OPENAI_ROLES = ("user", "assistant", "tool", "function")  # never system or developer
+# Responses API input items tokenpak may rewrite, and the fields each may carry.
+_RESPONSES_MESSAGE_KEYS = frozenset({"type", "role", "content", "id", "status"})
+_RESPONSES_OUTPUT_KEYS = frozenset({"type", "call_id", "output", "id", "status"})
+_RESPONSES_OUTPUTS = ("function_call_output", "custom_tool_call_output")
+_INPUT_TEXT_KEYS = frozenset({"type", "text"})
+APIS = ("openai", "anthropic", "responses")
+
+
+def messages_key(api: str) -> str:
+    """The body field holding the conversation: "input" for Responses, else "messages"."""
+    return "input" if api == "responses" else "messages"
 
 
 def _plain_text(block):
@@ -160,26 +219,14 @@ def _plain_text(block):
             and isinstance(block.get("text"), str) and _TEXT_KEYS.issuperset(block))
 
 
-def _last_marker(messages):
-    """(message, block) position of the last cache_control marker, or (-1, -1)."""
-    last = (-1, -1)
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            continue
-        if "cache_control" in message:  # not in either API today, but it would mean the same
-            last = (i, 1 << 30)
-        content = message.get("content")
-        for j, block in enumerate(content if isinstance(content, list) else ()):
-            inner = block.get("content") if isinstance(block, dict) else None
-            if isinstance(block, dict) and ("cache_control" in block or any(
-                    isinstance(b, dict) and "cache_control" in b
-                    for b in (inner if isinstance(inner, list) else ()))):
-                last = max(last, (i, j))
-    return last
+def _one_line(text):
+    """`text` as one clean line, so a reference quoting it is left alone by every transform
+    when it is compressed again (idempotence): no escapes, newlines or trailing blanks."""
+    return " ".join(strip_ansi(str(text)).split())
 
 
 def _text_label(role, text):
-    start = " ".join(text[:200].split())
+    start = _one_line(text[:200])
     snippet = start[:60] + ("..." if len(start) > 60 else "")
     return 'the %s message that begins "%s"' % (role, snippet.replace('"', "'"))
 
@@ -187,16 +234,25 @@ def _text_label(role, text):
 def _tool_labels(call, call_id, id_field):
     """(label with the tool input, short label) naming one tool result."""
     name, args = call if call else ("tool", None)
-    short = "the %s result for %s %s" % (name or "tool", id_field, call_id)
+    short = _one_line("the %s result for %s %s" % (name or "tool", id_field, call_id))
     if args is None:
         return short, short
     args = args if isinstance(args, str) else dumps_compact(args)
-    return short + " (input %s)" % (args[:100] + ("..." if len(args) > 100 else "")), short
+    snippet = _one_line(args[:100]) + ("..." if len(args) > 100 else "")
+    return short + " (input %s)" % snippet, short
 
 
 def _tool_calls(api, message):
-    """(call id, (tool name, input)) for the tool calls an assistant message makes."""
-    if not isinstance(message, dict) or message.get("role") != "assistant":
+    """(call id, (tool name, input)) for the tool calls a message (or input item) makes."""
+    if not isinstance(message, dict):
+        return
+    if api == "responses":
+        if message.get("type") == "function_call":
+            yield message.get("call_id"), (message.get("name"), message.get("arguments"))
+        elif message.get("type") == "custom_tool_call":
+            yield message.get("call_id"), (message.get("name"), message.get("input"))
+        return
+    if message.get("role") != "assistant":
         return
     if api == "anthropic":
         content = message.get("content")
@@ -212,8 +268,10 @@ def _tool_calls(api, message):
 
 def _units(api, messages):
     """Every text tokenpak may rewrite, in conversation order."""
+    if api == "responses":
+        yield from _responses_units(messages)
+        return
     calls = {}  # tool call id -> (name, input), from this and earlier messages only
-    marker = _last_marker(messages)
     roles = _ANTHROPIC_ROLES if api == "anthropic" else _OPENAI_ROLES
     for i, message in enumerate(messages):
         # Labels may only use this and earlier messages, or a later turn could change them.
@@ -225,28 +283,65 @@ def _units(api, messages):
         labels = (_tool_labels(calls.get(message.get("tool_call_id")), message.get("tool_call_id"),
                                "tool_call_id") if tool_msg else None)
         if isinstance(content, str):
-            yield _Unit(i, None, None, content, tool_msg,
-                        *(labels or (_text_label(role, content),) * 2), (i, 0) <= marker)
+            yield _Unit(i, ("content",), content, tool_msg,
+                        *(labels or (_text_label(role, content),) * 2))
             continue
         if not isinstance(content, list):
             continue
         if any(isinstance(b, dict) and b.get("type") in _THINKING for b in content):
             continue  # thinking signatures cover the turn: leave it whole
         for j, block in enumerate(content):
-            frozen = (i, j) <= marker
             if _plain_text(block):
-                yield _Unit(i, j, None, block["text"], tool_msg,
-                            *(labels or (_text_label(role, block["text"]),) * 2), frozen)
+                yield _Unit(i, ("content", j, "text"), block["text"], tool_msg,
+                            *(labels or (_text_label(role, block["text"]),) * 2))
             elif (api == "anthropic" and isinstance(block, dict)
                   and block.get("type") == "tool_result" and _TOOL_RESULT_KEYS.issuperset(block)):
                 tool_id = block.get("tool_use_id")
                 tool_labels = _tool_labels(calls.get(tool_id), tool_id, "tool_use_id")
                 inner = block.get("content")
                 if isinstance(inner, str):
-                    yield _Unit(i, j, None, inner, True, *tool_labels, frozen)
+                    yield _Unit(i, ("content", j, "content"), inner, True, *tool_labels)
                 for k, item in enumerate(inner if isinstance(inner, list) else ()):
                     if _plain_text(item):
-                        yield _Unit(i, j, k, item["text"], True, *tool_labels, frozen)
+                        yield _Unit(i, ("content", j, "content", k, "text"), item["text"], True,
+                                    *tool_labels)
+
+
+def _responses_units(items):
+    """The rewritable texts of a Responses `input` list: tool outputs and user text.
+
+    Never: instructions and tools (not in `input`), reasoning items, anything carrying
+    `encrypted_content` or fields tokenpak does not know, assistant output items.
+    """
+    calls = {}
+    for i, item in enumerate(items):
+        calls.update(_tool_calls("responses", item))
+        if not isinstance(item, dict) or "encrypted_content" in item:
+            continue
+        kind = item.get("type")
+        if kind in _RESPONSES_OUTPUTS and _RESPONSES_OUTPUT_KEYS.issuperset(item):
+            call_id = item.get("call_id")
+            labels = _tool_labels(calls.get(call_id), call_id, "call_id")
+            output = item.get("output")
+            if isinstance(output, str):
+                yield _Unit(i, ("output",), output, True, *labels)
+            for k, part in enumerate(output if isinstance(output, list) else ()):
+                if _input_text(part):
+                    yield _Unit(i, ("output", k, "text"), part["text"], True, *labels)
+        elif (kind in ("message", None) and item.get("role") == "user"
+              and _RESPONSES_MESSAGE_KEYS.issuperset(item)):
+            content = item.get("content")
+            if isinstance(content, str):
+                yield _Unit(i, ("content",), content, False, *(_text_label("user", content),) * 2)
+            for k, part in enumerate(content if isinstance(content, list) else ()):
+                if _input_text(part):
+                    yield _Unit(i, ("content", k, "text"), part["text"], False,
+                                *(_text_label("user", part["text"]),) * 2)
+
+
+def _input_text(part):
+    return (isinstance(part, dict) and part.get("type") == "input_text"
+            and isinstance(part.get("text"), str) and _INPUT_TEXT_KEYS.issuperset(part))
 
 
 def reference_text(label: str) -> str:
@@ -255,32 +350,23 @@ def reference_text(label: str) -> str:
 
 
 def _rewrite(messages, changes):
-    """A new messages list sharing every untouched message, block and string."""
+    """A new messages list sharing every untouched message, block and string.
+
+    Copy-on-write along each changed unit's path: every dict or list on the way is
+    copied once per request, everything beside it is shared with the input.
+    """
     out = list(messages)
-    copied = {}  # message index -> content indexes already copied for this request
+    copied = set()  # (message index,) + path prefixes already copied for this request
     for unit, text, _ in changes:
-        message = out[unit.msg]
-        if unit.msg not in copied:
-            message = out[unit.msg] = dict(message)
-            if isinstance(message.get("content"), list):
-                message["content"] = list(message["content"])
-            copied[unit.msg] = set()
-        if unit.part is None:
-            message["content"] = text
-            continue
-        content = message["content"]
-        if unit.part not in copied[unit.msg]:
-            content[unit.part] = dict(content[unit.part])
-            if isinstance(content[unit.part].get("content"), list):
-                content[unit.part]["content"] = list(content[unit.part]["content"])
-            copied[unit.msg].add(unit.part)
-        block = content[unit.part]
-        if unit.inner is not None:
-            block["content"][unit.inner] = dict(block["content"][unit.inner], text=text)
-        elif block.get("type") == "tool_result":
-            block["content"] = text
-        else:
-            block["text"] = text
+        parent, key = out, unit.msg
+        for depth, step in enumerate(unit.path):
+            prefix = (unit.msg,) + unit.path[:depth]
+            if prefix not in copied:
+                parent[key] = dict(parent[key]) if isinstance(parent[key], dict) \
+                    else list(parent[key])
+                copied.add(prefix)
+            parent, key = parent[key], step
+        parent[key] = text
     return out
 
 
@@ -302,7 +388,7 @@ def _element_refs(unit, key, seen):
             seen[element_key] = (path, unit.short)  # formatted only if ever referenced
             continue
         ref = "[tokenpak: same as %s of %s]" % (path_text(first[0]), first[1])
-        if not unit.frozen and len(ref) + 4 < size:
+        if len(ref) + 4 < size:
             refs[path], skip = ref, path
     return refs
 
@@ -331,15 +417,12 @@ def _compress_messages(api, messages, settings):
     for unit in _units(api, messages):
         # One hash per block is all a memoised history costs.
         key = tokens.digest(unit.text)
-        if unit.frozen:
-            out, out_key = unit.text, key
-        else:
-            out, out_key = _transform_memo(unit.text, settings, unit.is_tool, key)
+        out, out_key = _transform_memo(unit.text, settings, unit.is_tool, key)
         how = "transforms"
         if hybrid and len(out) >= MIN_REF_CHARS:
-            # Same output, or same raw text as a frozen (uncompressed) first copy.
+            # Same output, or the same raw text (so a compressed copy matches its original).
             first = seen.get(out_key) or seen.get(key)
-            if first is not None and not unit.frozen:
+            if first is not None:
                 out, how = reference_text(first), "backref"
             else:
                 seen.setdefault(out_key, unit.label)
@@ -438,15 +521,18 @@ def _unchanged(api, body, settings, reason):
 
 
 def compress_request(api: str, body: dict, settings: Settings) -> Result:
-    """Compress the prompt of an OpenAI chat or Anthropic messages body, copy-on-write.
+    """Compress the prompt of a request body, copy-on-write.
 
-    Below `threshold_tokens` (estimated, strict/hybrid), when disabled, for unknown
-    shapes, or when nothing changes, returns the input body object itself.
+    `api` is "openai" (chat completions), "anthropic" (messages) or "responses" (OpenAI
+    Responses: its `input` list; a string `input` is left alone). Below `threshold_tokens`
+    (estimated, strict/hybrid), when disabled, for unknown shapes, or when nothing
+    changes, returns the input body object itself.
     """
-    messages = body.get("messages") if isinstance(body, dict) else None
+    field_name = messages_key(api)
+    messages = body.get(field_name) if isinstance(body, dict) else None
     if not settings.enabled:
         return _unchanged(api, body, settings, "disabled")
-    if api not in ("openai", "anthropic") or not isinstance(messages, list) or not messages:
+    if api not in APIS or not isinstance(messages, list) or not messages:
         return _unchanged(api, body, settings, "unknown shape")
     if settings.level != "aggressive":
         # Estimated, and only up to the threshold: never a full tokenisation on the hot path.
@@ -457,7 +543,7 @@ def compress_request(api: str, body: dict, settings: Settings) -> Result:
     if not changes:
         return _unchanged(api, body, settings, "nothing to save")
     new_body = dict(body)
-    new_body["messages"] = _rewrite(messages, changes)
+    new_body[field_name] = _rewrite(messages, changes)
     return Result(body=new_body, changed=True, api=api, original=body, settings=settings,
                   changes=changes)
 
@@ -498,15 +584,16 @@ def _message_tokens(message):
 def dry_run(api: str, body: dict, settings: Settings) -> Report:
     """What compression would do to `body`, with exact token counts (for `tokenpak compress`)."""
     result = compress_request(api, body, settings)
-    before_msgs = body.get("messages") if isinstance(body, dict) else None
-    after_msgs = result.body.get("messages") if isinstance(result.body, dict) else None
+    before_msgs = body.get(messages_key(api)) if isinstance(body, dict) else None
+    after_msgs = result.body.get(messages_key(api)) if isinstance(result.body, dict) else None
     touched = {}
     for unit, text, how in result.changes:
         names = tuple(_block_savings(unit, text, how, settings))
         touched[unit.msg] = tuple(dict.fromkeys(touched.get(unit.msg, ()) + names))
     rows = []
     for i, message in enumerate(before_msgs if isinstance(before_msgs, list) else ()):
-        role = message.get("role", "?") if isinstance(message, dict) else "?"
+        role = (message.get("role") or message.get("type", "?")) if isinstance(message, dict) \
+            else "?"
         rows.append(MessageReport(i, str(role), _message_tokens(message),
                                   _message_tokens(after_msgs[i]), touched.get(i, ())))
     note = "compressed" if result.changed else result.reason + ": forwarded unchanged"

@@ -26,15 +26,21 @@ LEVELS = ("strict", "hybrid", "balanced", "aggressive")
 class Key:
     """One setting: its dotted name, type, default, environment variable and help."""
 
-    __slots__ = ("name", "type", "default", "help", "env", "choices")
+    __slots__ = ("name", "type", "default", "help", "env", "choices", "unit", "low", "high")
 
-    def __init__(self, name, type, default, help, env=None, choices=None):
+    def __init__(self, name, type, default, help, env=None, choices=None, unit=None,
+                 low=0, high=None):
         self.name = name
         self.type = type  # "str" | "int" | "float" | "bool" | "path" | "choice" | "list"
         self.default = default
         self.help = help
         self.env = env
         self.choices = choices
+        # Numbers: "bytes" or "MiB" (a size: 20MB, 512KB), "seconds" (a duration: 30s, 1d)
+        # or None (a plain count); every number has a range, checked wherever it is set.
+        self.unit = unit
+        self.low = low
+        self.high = high
 
     def __repr__(self):
         return "Key(%r)" % self.name
@@ -43,7 +49,9 @@ class Key:
 _KEYS = [
     Key("proxy.host", "str", "127.0.0.1", "address to listen on; non-loopback exposes the proxy",
         env="TOKENPAK_HOST"),
-    Key("proxy.port", "int", 8766, "TCP port to listen on", env="TOKENPAK_PORT"),
+    Key("proxy.port", "int", 8766,
+        "TCP port to listen on (0: any free port; `status` finds it in the pid file)",
+        env="TOKENPAK_PORT", high=65535),
     Key("proxy.providers.openai.url", "str", "https://api.openai.com",
         "upstream URL for OpenAI", env="TOKENPAK_OPENAI_URL"),
     Key("proxy.providers.anthropic.url", "str", "https://api.anthropic.com",
@@ -59,19 +67,25 @@ _KEYS = [
         "upstream for requests no rule recognises (empty: answer 400)",
         env="TOKENPAK_PASSTHROUGH_URL"),
     Key("proxy.max_request_bytes", "int", 10 * 1024 * 1024,
-        "largest request body accepted; larger ones get 413 unread"),
-    Key("proxy.connect_timeout", "float", 10.0, "seconds to wait for an upstream connection"),
+        "largest request body accepted (a size: 10MB); larger ones get 413 unread",
+        unit="bytes", low=1, high=1 << 34),
+    Key("proxy.connect_timeout", "float", 10.0,
+        "seconds to wait for an upstream connection (a duration: 10s)",
+        unit="seconds", low=0.001, high=3600),
     Key("proxy.read_timeout", "float", 600.0,
-        "seconds to wait for upstream data before answering 504"),
+        "seconds to wait for upstream data before answering 504 (a duration: 10m)",
+        unit="seconds", low=0.001, high=86400),
     Key("proxy.client_timeout", "float", 120.0,
-        "seconds a client connection may sit idle or trickle a request before it is closed"),
+        "seconds a client connection may sit idle or trickle a request before it is closed "
+        "(0: never)", unit="seconds", high=86400),
     Key("proxy.auth_token", "str", "",
         "token clients must send in X-TokenPak-Auth (recommended when not on loopback)",
         env="TOKENPAK_AUTH_TOKEN"),
     Key("proxy.allowed_hosts", "list", [],
-        "extra Host names (comma-separated) /health, /stats and /metrics answer on loopback"),
+        "extra Host names (comma-separated) /stats and /metrics answer on loopback"),
     Key("proxy.shutdown_grace_seconds", "float", 30.0,
-        "on SIGTERM, how long in-flight requests and streams may finish"),
+        "on SIGTERM, how long in-flight requests and streams may finish (a duration: 30s)",
+        unit="seconds", high=86400),
     Key("proxy.pid_file", "path", "~/.tokenpak/tokenpak.pid", "pid file of `serve --daemon`"),
     Key("proxy.log_file", "path", "~/.tokenpak/tokenpak.log",
         "log file of `serve --daemon` (rotated)"),
@@ -82,13 +96,17 @@ _KEYS = [
         env="TOKENPAK_MODE", choices=LEVELS),
     Key("compression.threshold_tokens", "int", 4500,
         "strict and hybrid leave prompts below this many tokens untouched",
-        env="TOKENPAK_COMPACT_THRESHOLD_TOKENS"),
+        env="TOKENPAK_COMPACT_THRESHOLD_TOKENS", high=10 ** 9),
     Key("compression.preserve_code", "bool", True, "keep fenced code and code-like output exact"),
     Key("compression.preserve_json", "bool", False, "do not minify JSON text"),
     Key("cache.enabled", "bool", True, "serve identical requests from the local cache",
         env="TOKENPAK_CACHE"),
-    Key("cache.ttl_seconds", "int", 86400, "how long a cached answer stays valid"),
-    Key("cache.max_mb", "int", 256, "cache size cap; least recently used entries go first"),
+    Key("cache.ttl_seconds", "int", 86400,
+        "how long a cached answer stays valid (a duration: 1d, 12h)",
+        unit="seconds", high=10 * 366 * 86400),
+    Key("cache.max_mb", "int", 256,
+        "cache size cap in MiB (a size: 256MB, 2GB); least recently used entries go first",
+        unit="MiB", high=1 << 20),
     Key("cache.scope", "choice", "key",
         "key: entries belong to the API key that made them; shared: one cache for all keys",
         choices=("key", "shared")),
@@ -100,7 +118,7 @@ _KEYS = [
         env="TOKENPAK_DB"),
     Key("pricing.<model>.<field>", "float", None,
         "price override in USD per million tokens; field is input, output, cache_read or "
-        "cache_write"),
+        "cache_write", high=10 ** 6),
     Key("log.level", "choice", "info", "log verbosity",
         choices=("debug", "info", "warning", "error")),
 ]
@@ -155,6 +173,65 @@ def parse_value(name, value):
                             hint=key.help, status=ExitStatus.USAGE)
 
 
+_SIZES = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20,
+          "mb": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+_DURATIONS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400,
+              "w": 604800}  # the units `stats --since` takes
+_AMOUNT = re.compile(r"^([0-9][0-9_]*(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)\s*([a-z]*)$")
+_EXAMPLES = {"bytes": "10MB, 512KB or a number of bytes",
+             "MiB": "256MB, 2GB or a number of MiB",
+             "seconds": "30s, 10m, 1d or a number of seconds"}
+
+
+def _number(key, value):
+    """A number from a JSON number or text, in the key's unit; ValueError in plain words."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError("expected a number, got %r" % (value,))
+    if isinstance(value, (int, float)):
+        number, with_unit = value, False
+    else:
+        match = _AMOUNT.match(value.strip().lower())
+        units = {"bytes": _SIZES, "MiB": _SIZES, "seconds": _DURATIONS}.get(key.unit, {"": 1})
+        if not match or match.group(2) not in units:
+            wanted = _EXAMPLES.get(key.unit) or (
+                "a whole number" if key.type == "int" else "a number")
+            raise ValueError("expected %s, got %r" % (wanted, value))
+        text, factor = match.group(1).replace("_", ""), units[match.group(2)]
+        if len(text) > 30:  # beyond any range here (and int() refuses 4300+ digits)
+            raise ValueError("expected %s, got a %d-digit number" % (_range(key), len(text)))
+        if key.unit == "MiB":  # a bare number is MiB already
+            factor = factor / float(1 << 20) if match.group(2) else 1
+        plain = factor == 1 and "." not in text and "e" not in text
+        number = int(text) if plain else float(text) * factor
+        with_unit = bool(match.group(2))
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError("expected a number, got %r" % (value,))
+    if key.type == "int":
+        if isinstance(number, float):
+            if not number.is_integer() and not with_unit:
+                raise ValueError("expected a whole number, got %r" % (value,))
+            number = int(-(-number // 1))  # a unit that leaves a fraction rounds up
+    else:
+        number = float(number)
+    if not key.low <= number <= key.high:
+        raise ValueError("expected %s, got %s" % (_range(key), _plain(number)))
+    return number
+
+
+def _range(key):
+    return "%s from %s to %s" % ("a whole number" if key.type == "int" else "a number",
+                                 _plain(key.low), _plain(key.high))
+
+
+def _plain(number):
+    """A number as a person writes it: 65535, 0.001, 1e+26."""
+    if isinstance(number, int):
+        return "%d" % number if abs(number) < 10 ** 30 else "a %d-digit number" % len(
+            str(abs(number)))
+    return "%d" % number if number.is_integer() and abs(number) < 1e18 else "%g" % number
+
+
 def _convert(key, value):
     kind = key.type
     if kind == "bool":
@@ -166,20 +243,8 @@ def _convert(key, value):
         if text in _FALSE:
             return False
         raise ValueError("expected true/false (or 1/0), got %r" % (value,))
-    if kind == "int":
-        if isinstance(value, bool) or isinstance(value, float):
-            raise ValueError("expected a whole number, got %r" % (value,))
-        number = int(str(value).strip().replace("_", ""))
-        if number < 0:
-            raise ValueError("expected a number >= 0, got %d" % number)
-        return number
-    if kind == "float":
-        if isinstance(value, bool):
-            raise ValueError("expected a number, got %r" % (value,))
-        number = float(value)
-        if number < 0 or number != number:
-            raise ValueError("expected a number >= 0, got %r" % (value,))
-        return number
+    if kind in ("int", "float"):
+        return _number(key, value)
     if kind == "choice":
         text = str(value).strip().lower()
         if text not in key.choices:
@@ -232,34 +297,72 @@ def _nest(flat):
     return tree
 
 
+class BrokenConfig(TokenpakError):
+    """The config file is not a JSON object at all (as opposed to holding one bad key)."""
+
+
+def read_raw(path):
+    """The file's entries as {dotted name: JSON value}, unchecked; {} when there is no file.
+
+    `config set` and `config unset` edit this, so they can repair a file that holds an
+    unknown key or a bad value (which read_file refuses)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except IsADirectoryError:
+        raise TokenpakError("config file %s is a directory" % path,
+                            hint="remove it, or set TOKENPAK_CONFIG to a file")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenpakError("cannot read config file %s: %s" % (
+            path, getattr(exc, "strerror", None) or exc),
+            hint="check its permissions, or set TOKENPAK_CONFIG to another file")
+    if not text.strip():
+        return {}
+    repair = ("fix it in an editor; or `tokenpak config set KEY VALUE` starts a new file "
+              "and keeps this one as %s" % broken_copy(path))
+    try:
+        tree = json.loads(text)
+        flat = _flatten(tree) if isinstance(tree, dict) else None
+    except RecursionError:
+        raise BrokenConfig("config file %s nests too deeply to be a tokenpak config" % path,
+                           hint=repair)
+    except ValueError as exc:
+        raise BrokenConfig("config file %s is not valid JSON: %s" % (path, exc),
+                           hint=repair)
+    if not isinstance(tree, dict):
+        raise BrokenConfig("config file %s must hold a JSON object" % path,
+                           hint=repair)
+    return flat
+
+
+def broken_copy(path):
+    """Where `config set` keeps a config file it could not parse."""
+    return path + ".broken"
+
+
 def read_file(path):
     """The file's settings as {dotted name: typed value}; {} when the file does not exist.
 
     A file that is not valid JSON, or holds an unknown key or a badly typed value, is an
-    error naming the file: silently ignoring a typo would run with settings the user did not
-    choose."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise TokenpakError("cannot read config file %s: %s" % (path, exc.strerror))
-    if not text.strip():
-        return {}
-    try:
-        tree = json.loads(text)
-    except ValueError as exc:
-        raise TokenpakError("config file %s is not valid JSON: %s" % (path, exc),
-                            hint="fix or remove the file; `tokenpak config set` rewrites it")
-    if not isinstance(tree, dict):
-        raise TokenpakError("config file %s must hold a JSON object" % path)
+    error naming the file and the command that repairs it: silently ignoring a typo would
+    run with settings the user did not choose."""
     values = {}
-    for name, value in _flatten(tree).items():
+    for name, value in read_raw(path).items():
+        if schema_key(name) is None:
+            close = difflib.get_close_matches(name, [k for k in SCHEMA if "<" not in k], n=1,
+                                              cutoff=0.5)
+            raise TokenpakError(
+                "config file %s: unknown config key %r" % (path, name),
+                hint="`tokenpak config unset %s` removes it%s" % (
+                    name, "; did you mean %r?" % close[0] if close else ""))
         try:
             values[name] = parse_value(name, value)
         except TokenpakError as exc:
-            raise TokenpakError("config file %s: %s" % (path, exc.message), hint=exc.hint)
+            raise TokenpakError("config file %s: %s" % (path, exc.message),
+                                hint="`tokenpak config set %s VALUE` replaces it: %s" % (
+                                    name, exc.hint))
     return values
 
 
@@ -268,7 +371,18 @@ def write_file(path, values):
 
     A new file is private (0600). An existing one keeps its mode and group, so that
     `sudo tokenpak config set` on /etc/tokenpak/config.json (0640 root:tokenpak) leaves it
-    readable by the service."""
+    readable by the service. An unwritable place is a TokenpakError, not a traceback."""
+    try:
+        _write_file(path, values)
+    except OSError as exc:
+        where = os.path.dirname(path) or "."
+        hint = ("run it with sudo" if path.startswith("/etc/") else
+                "check the permissions of %s, or set TOKENPAK_CONFIG to a writable file" % where)
+        raise TokenpakError("cannot write config file %s: %s" % (
+            path, exc.strerror or exc), hint=hint) from None
+
+
+def _write_file(path, values):
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
     try:

@@ -77,13 +77,36 @@ def _is_tokenpak(pid: int) -> bool:
 
 
 def _read_raw(pid_file: str):
+    """The pid on the pid file's first line, or None (missing, garbled, unreadable)."""
     try:
         with open(pid_file, encoding="ascii", errors="replace") as f:
-            return int(f.read().strip() or "0") or None
-    except FileNotFoundError:
+            return int(f.readline().strip() or "0") or None
+    except (OSError, ValueError):
         return None
-    except ValueError:
+
+
+def record_address(pid_file: str, url: str) -> None:
+    """Add the address the daemon actually bound as the pid file's second line.
+
+    `status` and `stop` must reach the daemon where it listens, which the config file no
+    longer tells once --port, $TOKENPAK_PORT or a later `config set proxy.port` differ from
+    what it was started with. Replaced atomically: a reader sees the old or the new file."""
+    temp = pid_file + ".tmp"
+    with open(temp, "w", encoding="ascii") as f:
+        f.write("%d\n%s\n" % (os.getpid(), url))
+    os.chmod(temp, 0o644)
+    os.replace(temp, pid_file)
+
+
+def read_address(pid_file: str):
+    """The base URL a running daemon recorded in its pid file, or None."""
+    try:
+        with open(pid_file, encoding="ascii", errors="replace") as f:
+            lines = f.read().split("\n")
+    except OSError:
         return None
+    url = lines[1].strip() if len(lines) > 1 else ""
+    return url if url.startswith("http://") else None
 
 
 def _remove(pid_file: str, pid=None) -> None:
@@ -322,6 +345,9 @@ def stop(pid_file: str, timeout: float = 30, health_url=None) -> int:
         sys.stderr.write(_format_error("not permitted to stop pid %d" % pid,
                                        "it runs as another user") + "\n")
         return ExitStatus.ERROR
+    sys.stdout.write("stopping tokenpak (pid %d): waiting up to %g s for in-flight requests "
+                     "and streams to finish...\n" % (pid, timeout))
+    sys.stdout.flush()
     deadline = time.monotonic() + timeout
     while _alive(pid):
         if time.monotonic() >= deadline:
@@ -378,6 +404,8 @@ def status(pid_file: str, health_url: str):
     lines.append("  pid:      %s"
                  % (shown_pid or "unknown (no pid file: not started with --daemon)"))
     lines.append("  address:  %s" % _address(health_url))
+    if health.get("accounting"):  # status "degraded": say what is lost
+        lines.append("  problem:  %s" % health["accounting"])
     if "version" in health:
         lines.append("  version:  %s" % health["version"])
     if isinstance(health.get("uptime_s"), (int, float)):

@@ -4,10 +4,11 @@ This is design.md's "one request" walk. `proxy.Handler` owns the sockets and cal
 once a request is read and routed; everything here talks to the client through the
 handler's small writing API (write_head, write_chunk, end_chunks).
 
-1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, Anthropic messages),
-   strip old footers from the history and compress (footer.py, compression.py). An OpenAI
-   stream that did not ask for usage is asked for it, and the extra chunk is dropped again
-   on the way back (sse.StreamRewriter), so accounting never records a stream as free.
+1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, OpenAI Responses,
+   Anthropic messages), strip old footers from the history and compress (footer.py,
+   compression.py). An OpenAI chat stream that did not ask for usage is asked for it, and
+   the extra chunk is dropped again on the way back (sse.StreamRewriter), so accounting
+   never records a stream as free; a Responses stream always ends with its usage.
 2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
    requests in flight share one upstream call (coalesce.py).
 3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
@@ -21,9 +22,11 @@ answer never depends on the cache, the compressor or the accounting database.
 
 import json
 import logging
+import threading
 import time
 
 from . import footer, sse
+from .accounting import price_row
 from .cache import Entry, cache_key
 from .coalesce import FlightFailed
 from .hangup import shutdown_upstream
@@ -50,7 +53,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "client_gone", "_json")
+                 "no_store", "no_cache", "client_gone", "local", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -76,6 +79,7 @@ class Exchange:
         self.drop_usage = False
         self.no_store = self.no_cache = False
         self.client_gone = False
+        self.local = False              # a local endpoint's answer: logged, not recorded
         self._json = False              # not parsed yet
 
     def json_body(self):
@@ -102,7 +106,7 @@ def prepare(app, ex):
     if api is None or ex.method != "POST":
         return
     request = ex.json_body()  # invalid JSON: the provider will say what is wrong with it
-    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+    if not known_shape(api, request):
         return
     ex.request = request
     ex.model = request.get("model") if isinstance(request.get("model"), str) else None
@@ -134,7 +138,7 @@ def prepare(app, ex):
                                      separators=(",", ":")).encode("utf-8")
     if app.cache is not None and not ex.no_store:
         try:
-            ex.key = cache_key(ex.route.provider, ex.path, body) + (
+            ex.key = cache_key(ex.route.provider, ex.path, body, ex.lower) + (
                 ":sse" if ex.streamed else ":json")
             ex.scope = app.scope_for(credential(ex.lower, ex.path))
             if ex.scope is None:
@@ -144,6 +148,16 @@ def prepare(app, ex):
         except Exception:
             log.exception("cache key failed; not caching this request")
             ex.key = None
+
+
+def known_shape(api, request):
+    """Whether a parsed body has the shape of its API: `messages` a list (chat, Anthropic),
+    or `input` a string or a list of items (Responses)."""
+    if not isinstance(request, dict):
+        return False
+    if api == "responses":
+        return isinstance(request.get("input"), (str, list))
+    return isinstance(request.get("messages"), list)
 
 
 # -- 2. cache and coalescing --------------------------------------------------------------
@@ -168,7 +182,11 @@ def run(handler, app, ex):
                 replay(handler, app, ex, entry)
                 return
         if not leader:
-            if follow(handler, app, ex, flight):
+            try:
+                followed = follow(handler, app, ex, flight)
+            finally:
+                flight.leave()  # the last reader out stops the shared upstream call
+            if followed:
                 return
             flight = None  # the leader failed before answering: make our own call
         try:
@@ -219,8 +237,23 @@ def follow(handler, app, ex, flight):
             return True
         rewriter = make_rewriter(app, ex) if ex.status < 300 else None
         handler.start_stream(ex.status, headers + footer_headers(app, ex))
-        for chunk in flight.chunks(app.read_timeout):
-            handler.write_chunk(rewriter.feed(chunk) if rewriter else chunk)
+        gone = threading.Event()  # our client hung up: stop reading the shared stream
+
+        def hung_up():
+            gone.set()
+            flight.wake()
+
+        watch = app.hangup.watch(handler.connection, hung_up)
+        try:
+            for chunk in flight.chunks(app.read_timeout, gone):
+                if not handler.write_chunk(rewriter.feed(chunk) if rewriter else chunk):
+                    gone.set()
+                    break
+        finally:
+            app.hangup.unwatch(watch)
+        if gone.is_set():
+            ex.error, ex.complete = "client disconnected mid-stream", False
+            return True
         if rewriter:
             handler.write_chunk(rewriter.close())
             ex.usage = rewriter.watcher.usage
@@ -294,17 +327,21 @@ def relay_whole(handler, app, ex, response, headers, flight):
 def relay_stream(handler, app, ex, response, headers, flight):
     """Relay chunk by chunk: to the client (through the rewriter), the recorder for the
     cache, and followers. A client that leaves stops the upstream read at once, unless
-    followers still need it."""
+    followers still need it; then the last of them to leave stops it."""
     rewriter = make_rewriter(app, ex) if ex.request is not None and ex.status < 300 else None
     if flight is not None:
         flight.set_head(ex.status, headers)
     recorded, size = [], 0
     record = ex.key is not None and 200 <= ex.status < 300 and not ex.no_store
 
+    def stop():
+        ex.client_gone = True
+        shutdown_upstream(response)
+
     def abort():
-        if flight is None or not flight.followers:
-            ex.client_gone = True
-            shutdown_upstream(response)
+        # Our client hung up: stop now, or once the last follower reading it has gone too.
+        if flight is None or flight.leader_left(stop):
+            stop()
 
     handler.start_stream(ex.status, headers + footer_headers(app, ex))
     watch = app.hangup.watch(handler.connection, abort)
@@ -326,6 +363,8 @@ def relay_stream(handler, app, ex, response, headers, flight):
                         break
     except Exception as exc:  # the upstream broke mid-stream (reset, timeout, bad framing)
         ex.complete = False
+        if ex.client_gone and answered(ex, rewriter, flight):
+            return
         if not ex.client_gone:
             ex.error = "upstream stream failed: %s" % exc.__class__.__name__
             if rewriter:
@@ -338,6 +377,8 @@ def relay_stream(handler, app, ex, response, headers, flight):
     finally:
         app.hangup.unwatch(watch)
     if ex.client_gone:
+        if answered(ex, rewriter, flight):
+            return
         ex.complete, ex.error = False, ex.error or "client disconnected mid-stream"
         if flight is not None:
             flight.finish(False)
@@ -359,6 +400,19 @@ def relay_stream(handler, app, ex, response, headers, flight):
         flight.finish(ex.complete)
     if record and ex.complete and rewriter is not None:
         store(app, ex, headers, b"".join(recorded), streamed=True)
+
+
+def answered(ex, rewriter, flight):
+    """A client that hung up once the final event reached it got the whole answer: Codex
+    closes its connection at response.completed, before the chunked body's end. Then the
+    call is complete and accounted with the usage that went through, not a lost stream."""
+    if rewriter is None or not rewriter.watcher.complete:
+        return False
+    ex.usage, ex.complete = rewriter.watcher.usage, True
+    ex.model = rewriter.watcher.model or ex.model
+    if flight is not None:
+        flight.finish(False)  # the upstream read was cut: nothing complete to share or store
+    return True
 
 
 def store(app, ex, headers, body, streamed):
@@ -410,14 +464,14 @@ def token_counts(ex, usage):
 
 
 def footer_line(app, ex, usage):
+    """The footer for this answer: the same cost and savings its accounting row gets."""
     before, after = token_counts(ex, usage)
-    cost = None
-    if usage is not None and ex.cache not in ("hit", "coalesced"):
-        cost = app.cost(ex.model, _usage_dict(usage))
-    elif ex.cache in ("hit", "coalesced"):
-        cost = 0.0
+    cost, saved = price_row({
+        "model": ex.model, "cache": ex.cache, "method": ex.method, "path": ex.path,
+        "status": ex.status, "usage": _usage_dict(usage) if usage is not None else None,
+        "tokens_before": before, "tokens_after": after}, app.prices)
     return footer.format_line(before, after, "hit" if ex.cache in ("hit", "coalesced")
-                              else ex.cache, cost)
+                              else ex.cache, cost, saved)
 
 
 def footer_headers(app, ex):
@@ -440,7 +494,8 @@ def row(ex):
         before, after = token_counts(ex, usage)
     return {
         "ts": time.time(), "provider": ex.route.provider if ex.route else None,
-        "model": ex.model, "path": ex.path.split("?", 1)[0], "status": ex.status,
+        "model": ex.model, "method": ex.method, "path": ex.path.split("?", 1)[0],
+        "status": ex.status,
         "streamed": ex.streamed, "cache": ex.cache,
         "usage": _usage_dict(usage) if usage is not None else None,
         "tokens_before": before, "tokens_after": after,

@@ -23,7 +23,7 @@ A head larger than MAX_HEAD_BYTES, or with more than MAX_FIELDS fields, is 431.
 import re
 
 MAX_HEAD_BYTES = 64 * 1024       # all header lines of one request together
-MAX_FIELDS = 256
+MAX_FIELDS = 100                 # as http.client: real clients send 10-30
 MAX_CHUNK_LINE = 4096            # a chunk-size line with its extensions
 TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # RFC 9110 token
 # name ":" OWS value OWS, the value without controls other than HT (RFC 9110 5.5)
@@ -114,7 +114,7 @@ def read_fields(rfile, limit=MAX_HEAD_BYTES):
         raw = readline(limit - used + 1)
         used += len(raw)
         if used > limit:
-            raise FramingError(431, "request header fields too large")
+            raise FramingError(431, "header section too long (over %d bytes)" % limit)
         if not raw.endswith(b"\n"):
             raise FramingError(None)  # end of stream mid-head
         line = _strip_eol(raw)

@@ -13,9 +13,10 @@ say where it goes. The rules, first match wins:
    `chatgpt-*`, `text-embedding-*` ... -> openai;
 5. `proxy.passthrough_url`, for everything else.
 
-Which *shape* a body has (OpenAI chat or Anthropic messages) depends on the path, not the
-provider: an OpenAI-format request with an Anthropic key goes to Anthropic's own
-OpenAI-compatible endpoint and is still an OpenAI-shaped body.
+Which *shape* a body has (OpenAI chat, OpenAI Responses or Anthropic messages) depends on the
+path, not the provider: an OpenAI-format request with an Anthropic key goes to Anthropic's own
+OpenAI-compatible endpoint and is still an OpenAI-shaped body. `/v1/responses` (all that Codex
+speaks) routes like chat completions: an OpenAI key or a `gpt-*` model goes to OpenAI.
 
 The upstream URL is the configured provider URL plus the client's path, and nothing else: the
 request target must be origin-form (`/...`, `check_target`), so a target such as
@@ -39,7 +40,8 @@ _MODEL_RULES = (
 
 class Route:
     """Where one request goes. `api` names the body shape tokenpak understands ("openai"
-    chat completions or "anthropic" messages) or is None: forward the body untouched."""
+    chat completions, "responses" or "anthropic" messages) or is None: forward the body
+    untouched."""
 
     __slots__ = ("provider", "url", "host", "api")
 
@@ -133,10 +135,14 @@ def check_target(target):
 
 
 def api_of(path):
-    """The body shape for a path: "openai", "anthropic" or None (unknown: pass it through)."""
+    """The body shape for a path: "openai", "responses", "anthropic" or None (unknown: pass
+    it through). Only the create endpoints count: `/v1/responses/{id}` and its sub-paths
+    (retrieve, cancel, input_items) are plain pass-through."""
     bare = path.split("?", 1)[0].rstrip("/")
     if bare.endswith("/chat/completions"):
         return "openai"
+    if bare.endswith("/responses"):
+        return "responses"
     if bare.endswith("/v1/messages") or bare == "/messages":
         return "anthropic"
     return None

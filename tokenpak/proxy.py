@@ -37,6 +37,7 @@ from .accounting import Recorder
 from .cache import CacheStore, load_secret, scope_id
 from .coalesce import Coalescer
 from .compression import Settings, compress_request
+from .doctor import db_path_problem
 from .errors import TokenpakError
 from .hangup import HangupWatcher
 from .providers import NoRoute, Router, check_target, redact
@@ -51,6 +52,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 METHOD_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
+LOCAL_METHODS = ("GET", "HEAD")
 # Settings that only a restart applies (SIGHUP says so when they change).
 RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.log_file",
                 "proxy.connect_timeout", "proxy.read_timeout")
@@ -192,16 +194,12 @@ class App:
             return
         self.cache.put("shared" if self.shared_cache else scope, key, entry)
 
-    def cost(self, model, usage):
-        return pricing.cost(model or "", usage, self.prices)
-
     def record(self, ex):
         """Queue the accounting row and count the metrics; never raises."""
         try:
-            if ex.route is None:
-                return
-            if self.shared_cache and ex.scope and 200 <= ex.status < 300 \
-                    and ex.cache in ("miss", "bypass") and not ex.error:
+            if self.shared_cache and ex.scope and ex.route is not None \
+                    and 200 <= ex.status < 300 and ex.cache in ("miss", "bypass") \
+                    and not ex.error:
                 # Only the provider's own answer verifies a key, and only for that provider.
                 self.verified_scopes.add((ex.scope, ex.route.provider))
             ex.error = redact(ex.error)
@@ -213,8 +211,14 @@ class App:
 
     # -- local endpoints -----------------------------------------------------------------
     def health(self):
-        return {"status": "ok", "version": __version__,
+        """"ok", or "degraded" when the database cannot be written: requests are still
+        served, but their accounting (and the cache) would be lost silently."""
+        body = {"status": "ok", "version": __version__,
                 "uptime_s": round(time.time() - self.started, 3), "requests": self.requests}
+        problem = db_path_problem(self.db_path)
+        if problem:
+            body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
+        return body
 
     def stats(self):
         self.recorder.flush(2.0)
@@ -272,7 +276,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- request reading ---------------------------------------------------------------
     def handle_one_request(self):
-        """Read one request and dispatch it, whatever its method."""
+        """Read one request and dispatch it, whatever its method; then log and record it."""
+        self.exchange = None  # never the previous keep-alive request's
+        self.head_sent = False
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
@@ -284,24 +290,40 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             if not self.parse_request():
                 return
-            self.head_sent = False
-            self.exchange = None  # never the previous keep-alive request's
             self.dispatch()
         except (socket.timeout, TimeoutError):
             self.close_connection = True
         except (ConnectionError, BrokenPipeError):
             self.close_connection = True
         except Exception:
-            # A bug in tokenpak: log it, and answer in the provider's shape if we still can,
-            # rather than dropping the connection on the client's SDK.
-            log.exception("unexpected error while handling %s %s", self.command,
-                          printable(self.path.split("?", 1)[0]))
-            self.close_connection = True
-            if not self.head_sent:
-                try:
-                    self.fail(500, "tokenpak internal error; see the tokenpak log")
-                except OSError:
-                    pass
+            self.internal_error()
+        finally:
+            self.finish_exchange()
+
+    def internal_error(self):
+        """A bug in tokenpak: log it, and answer in the provider's shape if we still can,
+        rather than dropping the connection on the client's SDK."""
+        log.exception("unexpected error while handling %s %s", self.command,
+                      printable((self.path or "").split("?", 1)[0]))
+        self.close_connection = True
+        if not self.head_sent:
+            try:
+                self.fail(500, "tokenpak internal error; see the tokenpak log")
+            except OSError:
+                pass
+
+    def finish_exchange(self):
+        """Log and record the request this connection just answered, whoever answered it:
+        the provider, the cache, or tokenpak itself (a 4xx before forwarding, a local
+        endpoint, a malformed request line). Never raises."""
+        ex, self.exchange = self.exchange, None
+        if ex is None:
+            return
+        if not ex.status and not ex.error:
+            ex.error = "no answer: the client's connection closed or timed out"
+        self.log_exchange(ex)
+        if not ex.local:
+            self.server.app.record(ex)
 
     def parse_request(self):
         """The request line and headers, read strictly (framing.py says why); False after
@@ -321,7 +343,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.framing = framing.body_framing(self.headers, version)
         except framing.FramingError as exc:
             if exc.status is not None:
-                self.send_error(exc.status, exc.message)
+                message = exc.message
+                if self.command is None:  # the request line itself (query cut by send_error)
+                    message = "%s: %r" % (message, self.requestline[:200])
+                self.send_error(exc.status, message)
             return False
         tokens = {t.strip().lower() for t in (self.headers.get("Connection") or "").split(",")}
         self.close_connection = "close" in tokens or (
@@ -330,10 +355,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         app = self.server.app
-        local = LOCAL_ENDPOINTS.get(self.path.split("?", 1)[0]) if self.command == "GET" else None
+        self.exchange = exchange.Exchange(self.command, self.path, self.headers.items(), b"")
+        local = LOCAL_ENDPOINTS.get(self.path.split("?", 1)[0])
+        if local is not None and self.command not in LOCAL_METHODS:
+            self.fail(405, "%s answers GET and HEAD only" % self.path.split("?", 1)[0],
+                      extra=[("Allow", ", ".join(LOCAL_METHODS))])
+            return
         if local is not None and (local is Handler.send_health or not app.auth_token
                                   or self.authorised(app.auth_token)):
-            if not self.host_allowed(app):
+            if local is not Handler.send_health and not self.host_allowed(app):
                 self.fail(403, "Host %r is not a name of this tokenpak: local pages answer "
                                "only loopback names and proxy.allowed_hosts"
                                % printable(self.headers.get("Host") or "")[:100], close=True)
@@ -342,18 +372,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # the stream, it would be parsed as the next request.
             if self.framing[0] != "none" and self.read_body(app) is None:
                 return
-            local(self, app)  # /health is open to monitors; usage figures need the token
+            # /health is open to monitors; usage figures need the token. Successful local
+            # answers are logged but not recorded: a monitor polling /health every few
+            # seconds would otherwise fill the accounting table with non-requests.
+            self.exchange.local = True
+            local(self, app)
             return
         app.begin()
         try:
             self.proxy(app)
+        except (OSError, TimeoutError):
+            raise  # the client's connection: handle_one_request closes it
+        except Exception:
+            self.internal_error()
         finally:
+            self.finish_exchange()  # before end(): a drained tokenpak has recorded everything
             app.end()
 
     def host_allowed(self, app):
         """DNS-rebinding defence: a web page whose name resolves to 127.0.0.1 must not
         read /stats or /metrics from a browser. When tokenpak listens on loopback only, its
-        local pages answer a Host naming loopback or one of proxy.allowed_hosts."""
+        local pages answer a Host naming loopback or one of proxy.allowed_hosts (/health,
+        open to monitors and telling nothing about usage, answers any)."""
         if not self.server.loopback:
             return True
         name = host_name(self.headers.get("Host") or "")
@@ -361,6 +401,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_health(self, app):
         self.send_json(200, app.health())
+
+    def send_root(self, app):
+        """GET or HEAD / that no rule routes: tokenpak says what it is (Claude Code sends
+        `HEAD /` on start to check that its base URL answers)."""
+        self.send_json(200, {"service": "tokenpak", "version": __version__,
+                             "health": "/health"})
 
     def send_stats(self, app):
         self.send_json(200, app.stats())
@@ -405,6 +451,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- proxying ----------------------------------------------------------------------
     def proxy(self, app):
+        ex = self.exchange
         if not METHOD_TOKEN.match(self.command):
             self.fail(400, "invalid HTTP method %r" % self.command[:40], close=True)
             return
@@ -420,18 +467,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self.read_body(app)
         if body is None:
             return
-        ex = exchange.Exchange(self.command, self.path, self.headers.items(), body)
-        self.exchange = ex
+        ex.body = ex.forward_body = body
         try:
             ex.route = app.router.route(ex.path, ex.lower, ex.model_name)
         except NoRoute as exc:
+            if self.command in LOCAL_METHODS and ex.path.split("?", 1)[0] == "/":
+                self.send_root(app)  # a transparent proxy forwards `/` when it can route it
+                return
             self.fail(400, str(exc))
             return
-        try:
-            exchange.run(self, app, ex)
-        finally:
-            self.log_exchange(ex)
-            app.record(ex)
+        exchange.run(self, app, ex)
 
     def authorised(self, token):
         given = self.headers.get(AUTH_HEADER) or ""
@@ -480,7 +525,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- writing -----------------------------------------------------------------------
     def write_head(self, status, reason, headers, length, body=b"", chunked=False):
-        """Status line and headers, plus a small body, in a single send."""
+        """Status line and headers, plus a small body, in a single send.
+
+        The answer to HEAD is the head alone (RFC 9110 9.3.2): Content-Length still says
+        what GET would have sent, but no body follows, or the client would read it as the
+        start of the next answer on the connection."""
         lines = ["HTTP/1.1 %d %s" % (status, reason or _reason(status))]
         lines.extend("%s: %s" % pair for pair in headers)
         if length is not None:
@@ -491,34 +540,46 @@ class Handler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
         self.head_sent = True
-        self.wfile.write(head + body if body else head)
+        if body and self.command != "HEAD":
+            head += body
+        self.wfile.write(head)
 
-    def send_json(self, status, obj):
+    def send_json(self, status, obj, extra=()):
         body = json.dumps(obj).encode("utf-8")
-        self.write_head(status, None, [("Content-Type", "application/json")], str(len(body)),
-                        body)
+        ex = getattr(self, "exchange", None)
+        if ex is not None:
+            ex.status, ex.sent = status, 0 if self.command == "HEAD" else len(body)
+        self.write_head(status, None, [("Content-Type", "application/json")] + list(extra),
+                        str(len(body)), body)
 
-    def fail(self, status, message, close=False):
+    def fail(self, status, message, close=False, extra=()):
         """Answer with tokenpak's own error, shaped like the provider's."""
         ex = getattr(self, "exchange", None)
         api = ex.route.api if ex is not None and ex.route is not None else None
         if api is None:
-            api = "anthropic" if self.path.startswith("/v1/messages") else "openai"
+            api = "anthropic" if (self.path or "").startswith("/v1/messages") else "openai"
         if close:
             self.close_connection = True
-        body = json.dumps(error_body(api, status, redact(message))).encode("utf-8")
+        message = redact(message)
         if ex is not None:
-            ex.status, ex.sent = status, len(body)
-        self.write_head(status, None, [("Content-Type", "application/json"),
-                                       (exchange.CACHE_HEADER, "bypass")], str(len(body)), body)
+            ex.error = ex.error or message
+        self.send_json(status, error_body(api, status, message),
+                       [(exchange.CACHE_HEADER, "bypass")] + list(extra))
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's errors for malformed HTTP (bad request line, header overflow), as
-        JSON instead of an HTML page."""
+        JSON instead of an HTML page; recorded like tokenpak's other answers."""
         self.close_connection = True
         text = message or _reason(code)
         if explain:
             text = "%s: %s" % (text, explain)
+        # The request line may not have been parsed: no method, and a path only if it was.
+        method = self.command or "-"
+        path = self.path if self.command and isinstance(getattr(self, "path", None), str) else "-"
+        self.exchange = exchange.Exchange(method, path, [], b"")
+        # The stdlib quotes the raw request line in some messages: never keep its query
+        # string (Gemini's `?key=`) in the log or the DB.
+        self.exchange.error = text = _no_query(text)
         try:
             self.send_json(int(code), error_body("openai", int(code), text))
         except OSError:
@@ -528,19 +589,40 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_exchange(self, ex):
         """One access-log line. The path is logged without its query string, which may
         carry a key (Gemini's `?key=`); headers are never logged; control characters a
-        client sent are escaped so they cannot forge lines or colours on a terminal."""
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s %s %s %d %.1fms %dB%s", ex.method,
-                            printable(ex.path.split("?", 1)[0]),
-                            ex.route.provider if ex.route else "-", ex.status,
-                            (time.monotonic() - ex.started) * 1000, ex.sent,
-                            " error=%s" % printable(redact(ex.error)) if ex.error else "")
+        client sent (path, model) are escaped so they cannot forge lines or colours on a
+        terminal. Successful answers of the local endpoints go to the debug level."""
+        level = logging.DEBUG if ex.local and ex.status < 400 else logging.INFO
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "%s %s %s %d %.1fms %dB model=%s cache=%s%s", ex.method,
+                           printable(ex.path.split("?", 1)[0]),
+                           ex.route.provider if ex.route else "-",
+                           ex.status, (time.monotonic() - ex.started) * 1000, ex.sent,
+                           printable(ex.model or "-")[:200], ex.cache,
+                           " error=%s" % printable(redact(ex.error)) if ex.error else "")
+        if access_log.isEnabledFor(logging.DEBUG) and not ex.local:  # why it went that way
+            usage = ex.usage
+            access_log.debug(
+                "  client=%s upstream=%s stream=%s compression=%s ttfb=%s usage=%s",
+                self.address_string(), ex.route.url.split("?", 1)[0] if ex.route else "-",
+                "yes" if ex.streamed else "no",
+                ex.compressed.reason if ex.compressed is not None else "-",
+                "%.1fms" % (ex.ttfb * 1000) if ex.ttfb is not None else "-",
+                "in=%d out=%d cache_read=%d" % (usage.input, usage.output, usage.cache_read)
+                if usage is not None else "-")
 
     def log_request(self, code="-", size="-"):
         pass  # replaced by log_exchange
 
     def log_message(self, format, *args):
-        log.debug("%s: %s", self.address_string(), format % args)
+        log.debug("%s: %s", self.address_string(), _no_query(format % args))
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+def _no_query(text):
+    """`text` with every query string cut out ("/v1/x?key=..." -> "/v1/x?...")."""
+    return _QUERY.sub("?...", text) if "?" in text else text
 
 
 def _is_loopback(host):
@@ -640,9 +722,17 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
 
 
 def install_signal_handlers(server, reload):
+    stopping = []
+
     def stop(signum, frame):
-        log.info("%s: finishing in-flight requests, then stopping",
-                 signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping:  # a second Ctrl-C: the user will not wait for the streams to drain
+            log.warning("%s again: exiting now, without waiting for in-flight requests", name)
+            logging.shutdown()
+            os._exit(1)
+        stopping.append(signum)
+        log.info("%s: finishing in-flight requests, then stopping (press Ctrl-C again to "
+                 "exit at once)", name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     def hangup(signum, frame):

@@ -1,7 +1,8 @@
 """Server-sent events: framing, usage accounting and the rewrites tokenpak makes to a stream.
 
-Every streamed answer (OpenAI chat completions, Anthropic messages) flows through here on its
-way to the client, so this module does three jobs in one pass over each chunk:
+Every streamed answer (OpenAI chat completions, OpenAI Responses, Anthropic messages) flows
+through here on its way to the client, so this module does three jobs in one pass over each
+chunk:
 
 * frame the byte stream into events, exactly as the SDKs' decoders do (LF, CRLF or CR line
   ends, comments, multi-line data), keeping each event's raw bytes so the stream can be
@@ -11,11 +12,29 @@ way to the client, so this module does three jobs in one pass over each chunk:
 * optionally rewrite: drop the usage chunk the proxy asked OpenAI for on its own account, and
   insert the stats footer as one more text delta before the stream's closing events.
 
+The Responses API (what Codex speaks) repeats the final text after the deltas: in
+`response.output_text.done` (text), `response.content_part.done` (part),
+`response.output_item.done` (item) and `response.completed` (response.output), and Codex
+keeps the item from output_item.done as its history. The footer must be in all of them, or
+the client's accumulated deltas and its final object disagree. The usage the footer reports
+only arrives in response.completed, so from a text's output_text.done on, its closing events
+are held (they carry nothing new; no delta is ever delayed). If another output starts
+instead (a function call, another part), they go out unchanged and no footer is added to
+that text. At response.completed (or .incomplete) the footer becomes one more
+output_text.delta inserted before output_text.done, and is appended to the text in each
+held event and in the completed response. Every event carries a `sequence_number`: the
+inserted delta takes output_text.done's number and the held events and the ending, none of
+which the client has seen, move up by one; nothing follows the ending, so the numbering
+stays gapless. Appending the footer to the last real delta instead would need every delta
+held until the next one arrives: a stream one token late throughout.
+
 It is pure: bytes in, bytes out, no I/O. The proxy owns the sockets.
 
 `Usage` keeps the providers' token counts in disjoint buckets, Anthropic style: `input` is
 the prompt tokens billed at the full input rate, so OpenAI's `prompt_tokens` (which includes
-cached tokens) becomes `input + cache_read`. Cost is then sum(bucket * price) for both.
+cached tokens) becomes `input + cache_read`; the Responses API's `input_tokens` likewise.
+Reasoning tokens are part of the output count in both OpenAI APIs and billed as output.
+Cost is then sum(bucket * price) for all.
 """
 
 from __future__ import annotations
@@ -29,11 +48,22 @@ log = logging.getLogger(__name__)
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
+RESPONSES = "responses"
+APIS = (OPENAI, RESPONSES, ANTHROPIC)
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 # An OpenAI chunk needs decoding only if one of these keys has a non-null value.
 _OPENAI_INTEREST = re.compile(rb'"(?:finish_reason|usage|error)"\s*:\s*[^n\s]')
 _ANTHROPIC_INTEREST = frozenset(("message_start", "message_delta", "error"))
+# Responses events that carry the model, usage or the end; the rest are content.
+_RESPONSES_ENDS = frozenset(("response.completed", "response.incomplete", "response.failed"))
+_RESPONSES_INTEREST = _RESPONSES_ENDS | {"response.created", "error"}
+# The event's own "type" comes first in OpenAI's serialisation: enough when `event:` is absent.
+_RESPONSES_TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
+_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+# What may follow a text's output_text.done before the answer ends, all held for the footer.
+_RESPONSES_TEXT_CLOSE = frozenset(("response.content_part.done", "response.output_item.done",
+                                   "response.output_text.annotation.added"))
 # The `"usage":null` member OpenAI adds to every chunk under include_usage.
 _USAGE_NULL_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
 _USAGE_NULL_FIRST = re.compile(rb'\{\s*"usage"\s*:\s*null\s*,\s*')
@@ -220,6 +250,15 @@ def _anthropic_update(usage: Usage, u: dict) -> None:
             setattr(usage, attr, value)
 
 
+def _responses_usage(u: dict) -> Usage:
+    """The Responses API's usage, split like chat's: `input_tokens` includes the cached ones
+    (input_tokens_details.cached_tokens), `output_tokens` the reasoning ones, as billed."""
+    details = u.get("input_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    prompt = _int(u.get("input_tokens"))
+    return Usage(max(prompt - cached, 0), _int(u.get("output_tokens")), cached, 0)
+
+
 def usage_from_response(api: str, obj: dict) -> Usage:
     """Usage of a non-streamed JSON response body (Usage() when it has none)."""
     u = obj.get("usage") if isinstance(obj, dict) else None
@@ -227,6 +266,8 @@ def usage_from_response(api: str, obj: dict) -> Usage:
         return Usage()
     if api == OPENAI:
         return _openai_usage(u)
+    if api == RESPONSES:
+        return _responses_usage(u)
     usage = Usage()
     _anthropic_update(usage, u)
     return usage
@@ -235,14 +276,15 @@ def usage_from_response(api: str, obj: dict) -> Usage:
 class UsageWatcher:
     """Follows a stream's events for what accounting and caching need.
 
-    `complete` is True once the stream ended normally ([DONE] / message_stop); only such a
-    stream may be cached. `errored` is True after an error event. `stop_reason` is the
-    answer's finish_reason (OpenAI, choice 0) or stop_reason (Anthropic).
+    `complete` is True once the stream ended normally ([DONE] / message_stop /
+    response.completed or response.incomplete); only such a stream may be cached. `errored`
+    is True after an error event (or response.failed). `stop_reason` is the answer's
+    finish_reason (OpenAI, choice 0), stop_reason (Anthropic) or final status (Responses).
     """
 
     def __init__(self, api: str):
-        if api not in (OPENAI, ANTHROPIC):
-            raise ValueError("api must be 'openai' or 'anthropic', not %r" % (api,))
+        if api not in APIS:
+            raise ValueError("api must be one of %s, not %r" % (", ".join(APIS), api))
         self.api = api
         self.usage = Usage()
         self.model = None
@@ -269,6 +311,8 @@ class UsageWatcher:
             if obj is not None:
                 self._openai(obj)
             return obj
+        if self.api == RESPONSES:
+            return self._responses(event)
         if event.event == "message_stop":
             self.complete = True
         if event.event not in _ANTHROPIC_INTEREST:
@@ -284,7 +328,33 @@ class UsageWatcher:
         self.errored = True
         err = obj.get("error") if isinstance(obj, dict) else None
         msg = err.get("message") if isinstance(err, dict) else None
+        if msg is None and isinstance(obj, dict):
+            msg = obj.get("message")  # the Responses error event as documented (flat)
         self.error_message = msg if isinstance(msg, str) else "error event in stream"
+
+    def _responses(self, event):
+        """A Responses event: decode only the start, the three endings and errors."""
+        name = event_type(event)
+        if name not in _RESPONSES_INTEREST:
+            return None
+        obj = _loads(event.data)
+        if name == "error":
+            self._error(obj)
+            return obj
+        response = obj.get("response") if obj is not None else None
+        if not isinstance(response, dict):
+            return obj
+        if isinstance(response.get("model"), str):
+            self.model = response["model"]
+        if isinstance(response.get("usage"), dict):
+            self.usage = _responses_usage(response["usage"])
+        if name in _RESPONSES_ENDS:
+            self.stop_reason = response.get("status") or name[len("response."):]
+            if name == "response.failed":
+                self._error(response)  # response.error.message
+            else:
+                self.complete = True
+        return obj
 
     def _openai(self, obj: dict) -> None:
         if self.model is None and isinstance(obj.get("model"), str):
@@ -315,6 +385,16 @@ class UsageWatcher:
             _anthropic_update(self.usage, obj["usage"])  # cumulative counts
 
 
+def event_type(event):
+    """A Responses event's type: its `event:` name, else the "type" its data starts with."""
+    if event.event is not None:
+        return event.event
+    if event.data is None:
+        return None
+    m = _RESPONSES_TYPE.search(event.raw, 0, 200)
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
 def _loads(text: str):
     """json.loads that answers None, not an exception, for what is not a JSON object."""
     try:
@@ -328,13 +408,23 @@ def _dumps(obj) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def error_event(api: str, message: str, kind: str = "api_error") -> bytes:
+def error_event(api: str, message: str, kind: str = "api_error", sequence: int = 0) -> bytes:
     """One SSE event in the provider's own error shape, e.g. after an upstream reset.
 
     The OpenAI SDK raises APIError(message) on it, the Anthropic SDK an APIStatusError
     whose body is the error object. `kind` is Anthropic's error type (api_error,
     overloaded_error, ...); OpenAI's stream errors carry type server_error.
+
+    Responses: an `error` event numbered `sequence`. OpenAI documents its fields flat
+    (code, message, param) but sends them nested under "error"; both are given, so clients
+    written against either find the message, and the OpenAI SDK raises APIError on it.
     """
+    if api == RESPONSES:
+        err = {"type": "server_error", "code": "server_error", "message": message,
+               "param": None}
+        obj = {"type": "error", "sequence_number": sequence, "code": "server_error",
+               "message": message, "param": None, "error": err}
+        return b"event: error\ndata: " + _dumps(obj) + b"\n\n"
     if api == OPENAI:
         err = {"message": message, "type": "server_error", "param": None, "code": None}
         return b"data: " + _dumps({"error": err}) + b"\n\n"
@@ -366,6 +456,8 @@ class StreamRewriter:
         self._template = None  # OpenAI: the finish chunk, whose id/model the footer copies
         self._text_blocks = set()  # Anthropic: indexes of text content blocks
         self._held_index = None  # Anthropic: index of the text block whose stop is held
+        self._held_events = []  # Responses: the held events, parsed
+        self._last_raw = b""  # Responses: the last whole event, for the error's number
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to send to the client now (may be b"")."""
@@ -376,6 +468,8 @@ class StreamRewriter:
         events = parser.feed(data)
         if len(parser._buf) > MAX_EVENT_BYTES:
             return self._go_blind(events)
+        if events and self.api == RESPONSES:
+            self._last_raw = events[-1].raw
         if not (self._drop_usage or self._footer_ok or self._held):
             observe = self.watcher._observe
             for e in events:
@@ -383,7 +477,8 @@ class StreamRewriter:
             if not had_tail and not parser._buf:
                 return data
             return b"".join([e.raw for e in events])
-        handle = self._openai_event if self.api == OPENAI else self._anthropic_event
+        handle = (self._openai_event if self.api == OPENAI else
+                  self._responses_event if self.api == RESPONSES else self._anthropic_event)
         out = []
         for e in events:
             out.extend(handle(e))
@@ -417,6 +512,9 @@ class StreamRewriter:
         self._parser = EventParser()
         self.watcher.errored = True
         self.watcher.error_message = message
+        if self.api == RESPONSES:  # numbered after the last event the client received
+            seen = _SEQUENCE.findall(self._last_raw)
+            return out + error_event(self.api, message, sequence=int(seen[-1]) + 1 if seen else 0)
         return out + error_event(self.api, message)
 
     def _go_blind(self, events) -> bytes:
@@ -569,3 +667,106 @@ class StreamRewriter:
                 "delta": {"type": "text_delta", "text": "\n\n" + text}}
         event = b"event: content_block_delta" + eol + b"data: " + _dumps(body) + eol + eol
         return [event] + self._release([delta_raw])
+
+    # -- OpenAI Responses ---------------------------------------------------------------
+
+    def _responses_event(self, e) -> list:
+        """Hold a text's closing events from its output_text.done on; a footer goes in at
+        response.completed if no other output came after that text (see the module doc)."""
+        obj = self.watcher._observe(e)
+        if not self._footer_ok:
+            return [e.raw]
+        name = event_type(e)
+        out = []
+        if self._held:
+            if e.data is None or name in _RESPONSES_TEXT_CLOSE:
+                self._held.append(e.raw)
+                self._held_events.append(e)
+                return []
+            if name in ("response.completed", "response.incomplete"):
+                return self._responses_footer(e, obj)
+            out, self._held, self._held_events = self._held, [], []  # more output follows
+        if name in ("error", "response.failed") or self.watcher.errored:
+            return out + self._release([e.raw])
+        if name == "response.output_text.done":
+            self._held, self._held_events = [e.raw], [e]
+            return out
+        return out + [e.raw]
+
+    def _responses_footer(self, end, end_obj) -> list:
+        """The held text is the answer's last output: one footer delta before its
+        output_text.done, and the same words appended wherever the final text is repeated.
+        The held events and the ending are renumbered (+1) after the inserted delta; none
+        of them has reached the client yet, and nothing follows the ending."""
+        events, self._held_events = self._held_events, []
+        line = self._footer_text()
+        done = _loads(events[0].data)
+        if line is None or done is None or end_obj is None:
+            return self._release([end.raw])
+        add = "\n\n" + line
+        item_id, index = done.get("item_id"), done.get("content_index")
+        seq = done.get("sequence_number")
+        response = end_obj.get("response")
+        output = response.get("output") if isinstance(response, dict) else None
+        last = output[-1] if isinstance(output, list) and output else None
+        targets = [(done, None)]  # (object, the part in it that holds the final text)
+        for e in events[1:]:
+            obj = _loads(e.data) if e.data is not None else None
+            if e.data is not None and obj is None:
+                return self._release([end.raw])
+            targets.append((obj, _final_part(event_type(e), obj, item_id, index)))
+        targets.append((end_obj, _item_part(last, item_id, index)))
+        if not (isinstance(seq, int) and isinstance(done.get("text"), str)
+                and targets[-1][1] is not None):
+            return self._release([end.raw])  # the answer does not end in this text
+        delta = {"type": "response.output_text.delta", "sequence_number": seq,
+                 "item_id": item_id, "output_index": done.get("output_index"),
+                 "content_index": index, "delta": add, "logprobs": []}
+        out = [_event_bytes(events[0], delta, "response.output_text.delta")]
+        done["text"] += add
+        for e, (obj, part) in zip(events + [end], targets):
+            if obj is None:
+                out.append(e.raw)  # a comment
+                continue
+            if part is not None:
+                part["text"] += add
+            if isinstance(obj.get("sequence_number"), int):
+                obj["sequence_number"] += 1
+            out.append(_event_bytes(e, obj))
+        self._held = []
+        self._footer_ok = False
+        return out
+
+
+def _item_part(item, item_id, index):
+    """The output_text part `index` of the message output item `item_id`, or None."""
+    if not (isinstance(item, dict) and item.get("type") == "message"
+            and item.get("id") == item_id and isinstance(index, int)):
+        return None
+    content = item.get("content")
+    part = content[index] if isinstance(content, list) and 0 <= index < len(content) else None
+    if isinstance(part, dict) and part.get("type") == "output_text" and \
+            isinstance(part.get("text"), str):
+        return part
+    return None
+
+
+def _final_part(name, obj, item_id, index):
+    """The part of a held closing event that repeats the final text, or None."""
+    if name == "response.content_part.done" and obj.get("item_id") == item_id \
+            and obj.get("content_index") == index:
+        part = obj.get("part")
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            return part
+    elif name == "response.output_item.done":
+        return _item_part(obj.get("item"), item_id, index)
+    return None
+
+
+def _event_bytes(like, obj, name=None) -> bytes:
+    """`obj` as an event framed like the event `like` (its `event:` line and line ends)."""
+    eol = b"\r\n" if like.raw.endswith(b"\r\n") else b"\n"
+    head = b""
+    if like.event is not None:
+        head = b"event: " + (name or like.event).encode("utf-8") + eol
+    return head + b"data: " + _dumps(obj) + eol + eol

@@ -12,6 +12,12 @@ Token vocabulary (the same everywhere here):
 - "cached": tokens of requests tokenpak answered itself (cache hits and coalesced
   followers), i.e. tokens no provider was paid for;
 - "tokens_saved": "cached" plus the prompt tokens compression removed.
+
+Dollars: "cost_usd" is what the providers billed (at the shipped or configured prices);
+"saved_usd" what tokenpak saved, priced so it is never overstated (accounting.py's module
+doc): a cache hit saved the request's cost, a token compression removed is worth the
+cache-read price whenever the provider read or wrote its prompt cache for that request, and
+the input price only when it cached nothing. "compression_saved_usd" is compression's part.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ _LOCAL = "cache IN ('hit', 'coalesced')"
 _PROMPT = "COALESCE(input_tokens, 0) + COALESCE(cache_read_tokens, 0) + COALESCE(cache_write_tokens, 0)"
 # One pass over the rows of a group. Requests answered locally ("hit", "coalesced") paid no
 # provider, so their tokens count as "cached" and not as input/output; a NULL cost with
-# known tokens is a request whose model has no price ("unpriced").
+# tokens answered locally or free is 0, so a NULL cost is a request whose price is unknown
+# (its model has none, or its usage is unknown): "unpriced".
 _AGGREGATES = """
     COUNT(*),
     COALESCE(SUM(cache = 'hit'), 0),
@@ -50,12 +57,13 @@ _AGGREGATES = """
                  ELSE 0 END), 0),
     SUM(cost_usd),
     COALESCE(SUM(saved_usd), 0),
-    COALESCE(SUM(cost_usd IS NULL AND (input_tokens IS NOT NULL OR output_tokens IS NOT NULL)), 0),
-    MIN(ts)
+    COALESCE(SUM(cost_usd IS NULL), 0),
+    MIN(ts),
+    COALESCE(SUM({{compression_saved}}), 0)
 """.format(local=_LOCAL, prompt=_PROMPT)
 _NAMES = ("requests", "cached", "coalesced", "compressed_requests", "input", "output",
           "cache_read", "cached_tokens", "compression_saved", "cost_usd", "saved_usd",
-          "unpriced", "first_ts")
+          "unpriced", "first_ts", "compression_saved_usd")
 _GROUPS = {
     "model": "COALESCE(NULLIF(model, ''), '(unknown)')",
     "provider": "COALESCE(NULLIF(provider, ''), '(unknown)')",
@@ -78,6 +86,41 @@ def parse_since(text: str) -> float:
                         status=ExitStatus.USAGE)
 
 
+def describe_since(text: str, cutoff: float) -> str:
+    """How a --since value reads in a sentence: "in the last 7d", "since 2026-11-01"."""
+    value = str(text).strip()
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        later = " (a date in the future)" if cutoff > time.time() else ""
+        return "since %s%s" % (value, later)
+    return "in the last %s" % value
+
+
+def cache_info(db_path: str):
+    """Entries, bytes, oldest/newest and key count of the answer cache, read-only: None
+    when there is no database. Unlike the server, it never creates a file or moves a
+    corrupt one aside; it reports it."""
+    empty = (0, 0, None, None, 0)  # a DB that accounting made before anything was cached
+    try:
+        conn = _connect(db_path)
+        if conn is None:
+            return None
+        try:
+            n, size, oldest, newest, scopes = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), MAX(created),"
+                " COUNT(DISTINCT scope) FROM cache_entries").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            n, size, oldest, newest, scopes = empty
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise TokenpakError("cannot read the database %s: %s" % (db_path, exc),
+                            hint="`tokenpak serve` moves a corrupt database aside when it "
+                                 "starts; or move it away yourself") from None
+    return {"entries": n, "bytes": size, "oldest": oldest, "newest": newest, "scopes": scopes}
+
+
 def _connect(db_path):
     """A read-only connection, or None when there is no DB yet."""
     path = os.path.abspath(os.path.expanduser(db_path))
@@ -92,7 +135,11 @@ def _query(db_path, group_sql, since):
     if conn is None:
         return []
     try:
-        sql = "SELECT %s, %s FROM requests WHERE ts >= ? GROUP BY 1" % (group_sql, _AGGREGATES)
+        # A DB the running daemon has not migrated yet has no compression_saved_usd column.
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        aggregates = _AGGREGATES.format(compression_saved="compression_saved_usd"
+                                        if "compression_saved_usd" in columns else "NULL")
+        sql = "SELECT %s, %s FROM requests WHERE ts >= ? GROUP BY 1" % (group_sql, aggregates)
         return conn.execute(sql, (since or 0.0,)).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
@@ -106,7 +153,8 @@ def _empty():
     return {"cached": 0, "compressed_requests": 0,
             "token_usage": {"input": 0, "output": 0, "cached": 0},
             "requests": 0, "coalesced": 0, "tokens_saved": 0, "cost_usd": 0.0,
-            "saved_usd": 0.0, "unpriced_requests": 0, "since": None, "by_model": {}}
+            "saved_usd": 0.0, "compression_saved_usd": 0.0, "unpriced_requests": 0,
+            "since": None, "by_model": {}}
 
 
 def summary(db_path: str, since: float | None = None) -> dict:
@@ -129,7 +177,8 @@ def summary(db_path: str, since: float | None = None) -> dict:
             "compressed_requests": d["compressed_requests"], "input": d["input"],
             "output": d["output"], "cache_read": d["cache_read"],
             "cached_tokens": d["cached_tokens"], "tokens_saved": saved_tokens,
-            "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"], "unpriced": d["unpriced"]}
+            "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"],
+            "compression_saved_usd": d["compression_saved_usd"], "unpriced": d["unpriced"]}
         for name in ("requests", "cached", "coalesced", "compressed_requests"):
             out[name] += d[name]
         out["token_usage"]["input"] += d["input"]
@@ -138,6 +187,7 @@ def summary(db_path: str, since: float | None = None) -> dict:
         out["tokens_saved"] += saved_tokens
         out["cost_usd"] += d["cost_usd"] or 0.0
         out["saved_usd"] += d["saved_usd"]
+        out["compression_saved_usd"] += d["compression_saved_usd"]
         out["unpriced_requests"] += d["unpriced"]
         if d["first_ts"] is not None and (first is None or d["first_ts"] < first):
             first = d["first_ts"]

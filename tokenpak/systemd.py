@@ -288,11 +288,16 @@ def install_user_unit(home: str | None = None, exe: str | None = None, run=subpr
     argv, environment = _tokenpak_argv(exe)
     unit_dir = _user_unit_dir(home)
     path = os.path.join(unit_dir, UNIT_NAME)
-    os.makedirs(unit_dir, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(user_unit_text(argv, environment))
-    os.replace(tmp, path)  # never leave a half-written unit behind
+    try:
+        os.makedirs(unit_dir, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(user_unit_text(argv, environment))
+        os.replace(tmp, path)  # never leave a half-written unit behind
+    except OSError as exc:
+        raise TokenpakError("cannot write %s: %s" % (path, exc.strerror or exc),
+                            hint="check the permissions of %s (or $XDG_CONFIG_HOME)"
+                                 % unit_dir) from None
     reloaded, error = _systemctl_user(run, "daemon-reload")
     lines = ["Wrote %s" % path]
     if reloaded:

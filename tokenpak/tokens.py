@@ -69,7 +69,18 @@ REPLY_PRIMING = 3
 MEMO_MIN_CHARS = 256
 MEMO_ENTRIES = 65536
 
-_MEDIA_TYPES = frozenset({"image", "image_url", "input_image", "document", "input_audio", "file"})
+_MEDIA_TYPES = frozenset({"image", "image_url", "input_image", "document", "input_audio", "file",
+                          "input_file"})
+# Text parts: Anthropic/OpenAI chat "text", Responses input/output text, reasoning summaries.
+_TEXT_TYPES = frozenset({"text", "input_text", "output_text", "summary_text", "refusal"})
+# Responses API input items that are not messages: what of each the model reads.
+_RESPONSES_ITEM_FIELDS = {
+    "function_call": ("name", "arguments"),
+    "custom_tool_call": ("name", "input"),
+    "function_call_output": ("output",),
+    "custom_tool_call_output": ("output",),
+    "reasoning": ("summary",),
+}
 
 _lock = threading.Lock()
 _state = {"backend": None, "encode": None}
@@ -320,8 +331,8 @@ def _block_texts(block):
     if kind in _MEDIA_TYPES:
         return
     # Counted as the model reads them: text, tool inputs as JSON, nested tool results.
-    if kind == "text":
-        yield block.get("text") or ""
+    if kind in _TEXT_TYPES:
+        yield block.get("text") or block.get("refusal") or ""
     elif kind in ("thinking", "redacted_thinking"):
         yield block.get("thinking") or block.get("data") or ""
     elif kind == "tool_use":
@@ -339,8 +350,21 @@ def _block_texts(block):
 
 
 def message_texts(message):
-    """Yield the prompt text of one message (content blocks, tool calls)."""
+    """Yield the prompt text of one message (content blocks, tool calls).
+
+    Also one OpenAI Responses `input` item: a message, a function/custom tool call (name
+    and arguments), its output, a reasoning item's summary (its encrypted_content is
+    opaque, not prompt text).
+    """
     if not isinstance(message, dict):
+        return
+    fields = _RESPONSES_ITEM_FIELDS.get(message.get("type"))
+    if fields is not None:
+        for name in fields:
+            value = message.get(name)
+            for part in value if isinstance(value, list) else [value]:
+                if part is not None:
+                    yield from _block_texts(part)
         return
     content = message.get("content")
     for block in content if isinstance(content, list) else [content]:
@@ -357,6 +381,9 @@ def request_texts(api: str, body: dict):
     """Yield every piece of prompt text in a request body (system, tools, messages)."""
     if not isinstance(body, dict):
         return
+    if api == "responses":
+        yield from _responses_texts(body)
+        return
     system = body.get("system")
     if system is not None:
         for block in system if isinstance(system, list) else [system]:
@@ -368,8 +395,24 @@ def request_texts(api: str, body: dict):
         yield from message_texts(message)
 
 
+def _responses_texts(body):
+    """OpenAI Responses: instructions, tool definitions, then `input` (a string or items)."""
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        yield instructions
+    if body.get("tools"):
+        yield _dump(body["tools"])
+    items = body.get("input")
+    if isinstance(items, str):
+        yield items
+    for item in items if isinstance(items, list) else ():
+        yield from message_texts(item)
+
+
 def _overhead(body):
     messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(body, dict) and "messages" not in body and isinstance(body.get("input"), list):
+        messages = body["input"]  # a Responses body: one frame per input item
     return REPLY_PRIMING + MESSAGE_OVERHEAD * (len(messages) if isinstance(messages, list) else 0)
 
 

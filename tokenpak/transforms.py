@@ -7,6 +7,13 @@ compression.py, which decides which blocks may be touched and chains these in a 
 order. Keeping them pure is what makes a block's output depend on its text alone, so a
 resent history compresses byte-identically and the provider's prompt cache survives.
 
+split_segments cuts a block into whole-line segments judged on their own: code (fenced,
+unfenced paragraphs, numbered listings of code), JSON, numbered listings of anything else
+(a log read with Claude Code's Read: "     1\t<line>" or "     1→<line>") and other
+text. One message pasting a JSON dump, a log and a code block is three kinds of content,
+not one judged by its first lines. Listings are rewritten line by line with their numbers
+kept (map_listing, collapse_listing: "12-3011\t<line> [×3000]", ditto_listing).
+
 Transforms, in pipeline order, with what each saved on ../shared/corpus (exact o200k_base
 counts, share of all 290,209 prompt tokens of the 18 cases, hybrid unless noted):
     ansi        strip ANSI escape sequences                        7.5%  strict+
@@ -14,7 +21,10 @@ counts, share of all 290,209 prompt tokens of the 18 cases, hybrid unless noted)
     redraws     "\\r" progress redraws -> their final state        0.0%  strict+ (no "\\r" in the
                                                                          corpus; a pip/curl log is
                                                                          mostly redraws)
-    repeats     runs of identical lines -> line + " [×N]"          9.9%  strict+
+    repeats     runs of identical lines -> line + " [×N]"          9.9%  strict+ (in a numbered
+                                                                         listing, with the range)
+    paths       `path:line:text` runs naming one file -> the       0.4%  strict+ (ripgrep's
+                path once, then `line:text`                              --heading layout)
     json        minify JSON text, byte-exact tokens                5.0%  strict+ (19.5% median per
                                                                          JSON block; preserve_json)
     table       uniform object arrays -> {"columns","rows"}        2.3%  hybrid+ (reversible)
@@ -24,8 +34,10 @@ counts, share of all 290,209 prompt tokens of the 18 cases, hybrid unless noted)
                 -> "〃", with a one-line legend
     elide       middle of tool outputs > 12,000 chars -> a        18.5%  aggressive only
                 marker with the lines/characters cut
-Over the agent-session, json-tools and code-review cases hybrid saves 40.3%: 31.1% with
-the issue's list alone, 33.8% with element references, 37.6% with timestamps.
+Over the agent-session, json-tools and code-review cases hybrid saves 40.7% (40.3% before
+"paths"): 31.1% with the issue's list alone, 33.8% with element references, 37.6% with
+timestamps. On the Claude Code requests of tests/corpus/agents (whose system prompt and
+tools, 24% of their tokens, are never altered) hybrid saves 32.2%.
 "backref" (whole repeated blocks) spans messages, so it lives in compression.py; element
 references use json_elements / json_with_refs from here.
 Measured and dropped (on hybrid output): collapsing blank-line runs 0.00% (a run of
@@ -132,6 +144,43 @@ def collapse_repeats(text: str) -> str:
     return text if result == text else result
 
 
+# ------------------------------------------------------------------ search output
+
+# grep -n / ripgrep output: "path:line:text" (or "path:line-text" for context lines). A
+# path has a "/" or "." so "12:30:00 ..." and "174:def f():" are not taken for one.
+_SEARCH_LINE = re.compile(r"([^\s:]*[./][^\s:]*):(\d+)([:-])(.*)\Z", re.S)
+MIN_SEARCH_GROUP = 3
+
+
+def group_search_output(text: str) -> str:
+    """Runs of `path:line:text` lines naming one file -> the path once, then `line:text`.
+
+    ripgrep's --heading layout: every line number and text is kept, the path is written
+    once per run of >= 3 lines instead of on every line. Idempotent (grouped lines no
+    longer start with a path).
+    """
+    if "\n" not in text or ":" not in text:
+        return text
+    lines = text.split("\n")
+    out, i, n = [], 0, len(lines)
+    while i < n:
+        match = _SEARCH_LINE.match(lines[i])
+        j = i + 1
+        while match and j < n:
+            other = _SEARCH_LINE.match(lines[j])
+            if other is None or other.group(1) != match.group(1):
+                break
+            j += 1
+        if match is None or j - i < MIN_SEARCH_GROUP:
+            out.extend(lines[i:j])
+        else:
+            out.append(match.group(1))
+            out.extend(lines[k][len(match.group(1)) + 1:] for k in range(i, j))
+        i = j
+    result = "\n".join(out)
+    return text if result == text else result
+
+
 # ------------------------------------------------------------------ timestamps
 
 DITTO = "\u3003"  # 〃, the ditto mark
@@ -152,7 +201,7 @@ def ditto_timestamps(text: str) -> str:
     if "\n" not in text or DITTO in text or not _TIMESTAMP_ANY.search(text):
         return text
     lines = text.split("\n")
-    current, hits = None, 0  # current: the timestamp the reader last saw written out
+    current, hits, first = None, 0, None  # current: the timestamp the reader last saw
     for i, line in enumerate(lines):
         match = _TIMESTAMP_RE.match(line)
         if match is None:
@@ -162,9 +211,11 @@ def ditto_timestamps(text: str) -> str:
             hits += 1
         else:
             current = match.group(1)
+            first = i if first is None else first
     if hits < 4:  # the legend costs ~22 tokens
         return text
-    return DITTO_LEGEND + "\n" + "\n".join(lines)
+    lines.insert(first, DITTO_LEGEND)  # right above the log it explains
+    return "\n".join(lines)
 
 # ------------------------------------------------------------------ long output
 
@@ -412,51 +463,264 @@ def json_with_refs(text: str, refs: Dict[tuple, str], table: bool) -> str:
     value = rebuild(json.loads(text), ())
     return dumps_compact(table_encode(value) if table else value)
 
-# ------------------------------------------------------------------ code detection
+# ------------------------------------------------------------------ segments
 
+# A fence line opens or closes fenced code (CommonMark: up to 3 spaces of indentation).
 _FENCE_OPEN = re.compile(r"^[ \t]{0,3}(`{3,}|~{3,})[^\n]*$", re.M)
+# A numbered listing line: `cat -n` and Claude Code's Read ("     1\t<line>", or
+# "     1→<line>"); "12-3011\t" is a collapsed run (see collapse_listing).
+_LISTING_RE = re.compile(r"( *)(\d+)(?:-(\d+))?([\t\u2192])(.*)\Z", re.S)
 _CODE_START = re.compile(
-    r"\s*(?:\d+\t|\d+[:|] |def |class |import |from \S+ import|return\b|if |elif |else\b|for |"
+    r"\s*(?:\d+[:|] |def |class |import |from \S+ import|return\b|if |elif |else\b|for |"
     r"while |try:|except\b|@\w|#include|#define|function\b|const |let |var |public |private |"
     r"static |func |fn |package |[}\])]|//|/\*|\* )")
 _CODE_END = ("{", "}", ";", ":", ",", "(", ")", "[", "]", "=", "\\", "=>", "->")
+# Lines that are output, never code, whatever they end with: log lines (a timestamp, a
+# level, a [tag] or a ditto mark first) and `path:line:` search output.
+_OUTPUT_LINE = re.compile(
+    r"\s*(?:%s|\d\d:\d\d:\d\d|(?:TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|FATAL|CRITICAL)\b"
+    r"|\[[\w .:/-]+\] |%s|[\w./-]+:\d+[:-])" % (_TIMESTAMP, DITTO))
+_MARK_RE = re.compile(r" \[×\d+\]$")
+_JSON_DECODER = json.JSONDecoder()
+
+CODE, LISTING, JSON, TEXT = "code", "listing", "json", "text"
 
 
-def split_fences(text: str) -> List[Tuple[bool, str]]:
-    """Split text into (is_fenced_code, chunk) pieces that concatenate back to `text`."""
-    if "```" not in text and "~~~" not in text:
-        return [(False, text)]
-    out, pos = [], 0
-    while True:
-        match = _FENCE_OPEN.search(text, pos)
-        if match is None:
-            break
-        fence = match.group(1)
-        closing = re.compile(r"^[ \t]{0,3}%s{%d,}[ \t]*$" % (re.escape(fence[0]), len(fence)),
-                             re.M)
-        close = closing.search(text, match.end())
-        end = len(text) if close is None else close.end()
-        if match.start() > pos:
-            out.append((False, text[pos:match.start()]))
-        out.append((True, text[match.start():end]))
-        pos = end
-    if pos < len(text):
-        out.append((False, text[pos:]))
+def _visible(line):
+    """A line as a terminal shows it: no escapes, no trailing blanks, no redrawn states."""
+    if "\x1b" in line:
+        line = strip_ansi(line)
+    if "\r" in line:  # as collapse_redraws: the last non-blank state
+        states = [part for part in line.split("\r") if part.strip()]
+        line = states[-1] if states else ""
+    return line.rstrip()
+
+
+def _codey(line):
+    if _OUTPUT_LINE.match(line) or line == DITTO_LEGEND:
+        return False
+    if line.endswith("]"):
+        line = _MARK_RE.sub("", line)
+    return line.endswith(_CODE_END) or _CODE_START.match(line) is not None
+
+
+def looks_like_code(text: str, share: float = 0.5) -> bool:
+    """Heuristic: is this text source code (or a numbered listing of it)?
+
+    Terminal output (it has ANSI escapes) never is. Otherwise `share` of the distinct
+    non-blank lines among the first 300 must start or end like code; log lines and
+    `path:line:` search output never count, and a run of repeats of one or two lines is
+    output, not code (a log line "... (attempt 3/5)" ends like a call but repeats).
+    """
+    if "\x1b" in text:
+        return False
+    lines = []
+    for line in text.split("\n", 300)[:300]:
+        listed = _LISTING_RE.match(line)
+        line = (listed.group(5) if listed else line).rstrip()
+        if line.strip():
+            lines.append(line)
+    distinct = set(lines)
+    if len(lines) >= 3 and len(distinct) < 3:
+        return False
+    codey = sum(1 for line in distinct if _codey(line))
+    # Two code-like lines at least: "Look at this:" alone is prose ending in a colon.
+    return codey >= 2 and codey >= share * len(distinct)
+
+
+# How a JSON object or array can begin: a cheap filter before the decoder, whose errors
+# cost a scan of the text up to where they happened ("[worker-0]", "[2025-06-24 ...").
+_JSON_OPENING = re.compile(r'\{\s*["}]|\[\s*(?:["{\[\]]|true\b|false\b|null\b'
+                           r'|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?\s*[,\]])')
+
+
+def _json_end(text, start):
+    """End offset of a JSON object/array starting at `start` and ending a line, else -1."""
+    if not _JSON_OPENING.match(text, start):
+        return -1
+    try:
+        value, end = _JSON_DECODER.raw_decode(text, start)
+    except ValueError:
+        return -1
+    if not isinstance(value, (dict, list)):
+        return -1
+    newline = text.find("\n", end)
+    rest = text[end:] if newline < 0 else text[end:newline]
+    return end if not rest.strip(" \t\r") else -1
+
+
+# Lines that may start a fence, a JSON value or a listing: found at C speed, so a long
+# log costs one regex scan plus its paragraph judgement, not a Python step per line.
+_SPECIAL_LINE = re.compile(r"^(?:[ \t]{0,3}(?:```|~~~)|%s| *\d+(?:-\d+)?[\t\u2192])"
+                           % _JSON_OPENING.pattern, re.M)
+_LISTING_RUN = re.compile(r"(?: *\d+(?:-\d+)?[\t\u2192][^\n]*(?:\n|\Z))+")
+
+
+def split_segments(text: str, code: bool = True) -> List[Tuple[str, str]]:
+    """Split text into (kind, chunk) segments of whole lines; "\n".join(chunks) == text.
+
+    Kinds: CODE (fenced code, code paragraphs, numbered listings of code), LISTING (a
+    numbered listing of anything else: a log read with Claude Code's Read or `cat -n`),
+    JSON (a JSON object/array starting a line at column 0 and ending a line), TEXT
+    (prose, logs, search and test output). Each is judged on its own lines, so a message
+    pasting JSON, then a log, then code gets the right treatment for each part. With
+    `code` false (preserve_code off) nothing is CODE: fences are text, listings LISTING.
+    """
+    lines = text.split("\n")
+    ranges = []          # (kind, first line, end line) in order
+    plain = taken = 0    # start of the current plain run; lines before `taken` are judged
+    line_no = pos = 0
+    for match in _SPECIAL_LINE.finditer(text):
+        line_no += text.count("\n", pos, match.start())
+        pos = match.start()
+        if line_no < taken:
+            continue  # inside a fence, JSON value or listing already found
+        kind, start, end = _special_segment(text, lines, line_no, pos, plain, code)
+        if kind is None:
+            continue
+        ranges.extend(_plain_ranges(lines, plain, start, code))
+        ranges.append((kind, start, end))
+        plain = taken = end
+    ranges.extend(_plain_ranges(lines, plain, len(lines), code))
+    out = []
+    for kind, start, end in ranges:
+        if out and out[-1][0] == kind and kind != JSON:  # two JSON values never merge
+            out[-1][2] = end
+        elif end > start:
+            out.append([kind, start, end])
+    return [(kind, "\n".join(lines[start:end])) for kind, start, end in out]
+
+
+def _special_segment(text, lines, i, offset, plain, code):
+    """(kind, first line, end line) of a fence, JSON value or listing at line i, or Nones."""
+    line, n = lines[i], len(lines)
+    fence = _FENCE_OPEN.match(line) if code else None
+    if fence is not None:
+        closing = re.compile(r"[ \t]{0,3}%s{%d,}[ \t]*\Z" % (re.escape(fence.group(1)[0]),
+                                                            len(fence.group(1))))
+        end = next((j for j in range(i + 1, n) if closing.match(lines[j])), n - 1) + 1
+        return CODE, i, end
+    if line[:1] in ("{", "["):
+        stop = _json_end(text, offset)
+        if stop >= 0:
+            return JSON, i, i + text.count("\n", offset, stop) + 1
+        return None, i, i
+    run = _LISTING_RUN.match(text, offset)
+    if run is None:
+        return None, i, i
+    # Lines in the run: its newlines, plus one if the text ends inside it.
+    end = i + text.count("\n", offset, run.end()) + (not run.group().endswith("\n"))
+    if end - i < 2:
+        return None, i, i
+    if i > plain and lines[i - 1] == DITTO_LEGEND:
+        i -= 1  # the legend of this listing's ditto marks belongs to it
+    # A file read with line numbers: a quarter of code-like lines is code (a module with
+    # long docstrings); a log listing has next to none.
+    if not code:
+        return LISTING, i, end
+    return (CODE if looks_like_code("\n".join(lines[i:end]), 0.25) else LISTING), i, end
+
+
+def _plain_ranges(lines, start, end, code=True):
+    """(kind, first, end) runs of a plain region: each blank-separated paragraph judged alone.
+
+    Blank lines (blank as a terminal shows them) go with the paragraph before them.
+    """
+    if end <= start:
+        return []
+    if not code:
+        return [(TEXT, start, end)]
+    region = lines[start:end]
+    visible, joined = region, "\n".join(region)
+    if "\x1b" in joined:  # one pass, not one per line; no escape sequence holds a newline
+        visible = strip_ansi(joined).split("\n")
+    blank = [not (_visible(line) if "\r" in line else line).strip() for line in visible]
+    out, i, n = [], 0, len(region)
+    while i < n:
+        j = i
+        while j < n and not blank[j]:
+            j += 1
+        kind = CODE if j > i and looks_like_code("\n".join(region[i:j])) else TEXT
+        while j < n and blank[j]:
+            j += 1
+        out.append((kind, start + i, start + j))
+        i = j
     return out
 
 
-def looks_like_code(text: str) -> bool:
-    """Heuristic: is this block source code (or a numbered listing of it)?
+# ------------------------------------------------------------------ numbered listings
 
-    Terminal output (it has ANSI escapes) never is; otherwise half of the first 300
-    non-blank lines must start or end like code.
+def _listing_rows(text):
+    """(legend line or None, [(indent, first, last, separator, content)]) of a LISTING chunk."""
+    lines = text.split("\n")
+    legend = lines.pop(0) if lines and lines[0] == DITTO_LEGEND else None
+    rows = []
+    for line in lines:
+        indent, first, last, sep, content = _LISTING_RE.match(line).groups()
+        rows.append((indent, first, last or first, sep, content))
+    return legend, rows
+
+
+def _listing_text(legend, rows):
+    lines = [] if legend is None else [legend]
+    for indent, first, last, sep, content in rows:
+        lines.append("%s%s%s%s%s" % (indent, first, "" if last == first else "-" + last, sep,
+                                     content))
+    return "\n".join(lines)
+
+
+def map_listing(text: str, function) -> str:
+    """Apply a str -> str `function` to the content of every line of a numbered listing."""
+    legend, rows = _listing_rows(text)
+    out = _listing_text(legend, [row[:4] + (function(row[4]),) for row in rows])
+    return text if out == text else out
+
+
+def final_state(line: str) -> str:
+    """One line's final state after "\r" redraws, without trailing blanks."""
+    return normalize_whitespace(collapse_redraws(line + "\n"))[:-1] if "\r" in line \
+        else normalize_whitespace(line)
+
+
+def collapse_listing(text: str) -> str:
+    """Runs of identical lines in a numbered listing -> one line with the run's line range.
+
+    "12\tx" ... "3011\tx" becomes "12-3011\tx [×3000]": every line number the model
+    could cite is still there, with its text. Only consecutive line numbers merge, and
+    only when the copies dropped outweigh the range and the marker. Idempotent.
     """
-    if "\x1b" in text or "\n" not in text:
-        return False
-    lines = [line.rstrip() for line in text.split("\n", 300)[:300] if line.strip()]
-    if len(lines) < 3:
-        return False
-    # Indentation alone is no signal (man pages and logs indent too); how lines start
-    # and end is: keywords, braces, ":" / ";" / "," line ends, numbered listings.
-    codey = sum(1 for line in lines if line.endswith(_CODE_END) or _CODE_START.match(line))
-    return codey * 2 >= len(lines)
+    legend, rows = _listing_rows(text)
+    groups = []
+    for row in rows:
+        if groups:
+            last = groups[-1][-1]
+            base = _parse_repeat(last[4])[0]
+            if (base.strip() and _parse_repeat(row[4])[0] == base and row[3] == last[3]
+                    and int(row[1]) == int(last[2]) + 1):
+                groups[-1].append(row)
+                continue
+        groups.append([row])
+    out = []
+    for group in groups:
+        head, tail = group[0], group[-1]
+        merged = (head[0], head[1], tail[2], head[3], _parse_repeat(head[4])[0]
+                  + REPEAT_MARK.format(int(tail[2]) - int(head[1]) + 1))
+        if len(group) > 1 and (len(_listing_text(None, group))
+                               - len(_listing_text(None, [merged]))) >= 24:
+            out.append(merged)
+        else:
+            out.extend(group)
+    result = _listing_text(legend, out)
+    return text if result == text else result
+
+
+def ditto_listing(text: str) -> str:
+    """`ditto_timestamps` over the contents of a numbered listing; the legend goes first."""
+    legend, rows = _listing_rows(text)
+    if legend is not None:
+        return text
+    contents = ditto_timestamps("\n".join(row[4] for row in rows)).split("\n")
+    if len(contents) == len(rows):
+        return text
+    contents.remove(DITTO_LEGEND)  # numbered lines stay numbered: the legend goes first
+    return _listing_text(DITTO_LEGEND, [row[:4] + (c,) for row, c in zip(rows, contents)])
