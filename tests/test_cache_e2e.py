@@ -259,9 +259,9 @@ def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fak
     ask(openai_client(cached), "race")
     real_get, calls = cached.app.cache_get, []
 
-    def racing_get(scope, key):
+    def racing_get(scope, key, *rest):
         calls.append(key)
-        return None if len(calls) == 1 else real_get(scope, key)  # the first lookup raced
+        return None if len(calls) == 1 else real_get(scope, key, *rest)  # the first raced
 
     cached.app.cache_get = racing_get
     again = ask(openai_client(cached), "race")

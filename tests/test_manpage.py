@@ -138,7 +138,7 @@ def _default_words(key):
         return ["no default"]
     if isinstance(default, bool):
         return ["true" if default else "false"]
-    if default == "":
+    if default == "" or default == []:
         return ["empty"]
     if isinstance(default, float) and default.is_integer():
         return [str(int(default)), str(default)]

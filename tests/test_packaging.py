@@ -112,6 +112,36 @@ def test_system_unit_exposure_is_at_most_2(analyze_env):
     assert float(match.group(1)) <= MAX_EXPOSURE, output[-1500:]
 
 
+@needs_analyze
+def test_user_unit_exposure_is_at_most_6_5(analyze_env):
+    """A user manager cannot apply the mount-namespace options without PrivateUsers= (not
+    available everywhere); the seccomp, umask and no-new-privileges ones take 9.6 to 6.3."""
+    copy, env, cwd = analyze_env
+    code, output = _analyze(["security", "--user", "--offline=yes", "--no-pager",
+                             copy(USER_UNIT)], env, cwd)
+    match = re.search(r"Overall exposure level for tokenpak\.service: (\d+\.\d+)", output)
+    assert match, output[-2000:]
+    assert float(match.group(1)) <= 6.5, output[-1500:]
+
+
+def test_user_unit_is_sandboxed_as_far_as_a_user_manager_allows():
+    for key, value in {"UMask": "0077", "NoNewPrivileges": "yes", "RestrictSUIDSGID": "yes",
+                       "RestrictNamespaces": "yes", "LockPersonality": "yes",
+                       "MemoryDenyWriteExecute": "yes", "SystemCallArchitectures": "native",
+                       "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX"}.items():
+        assert _get(USER_UNIT, key) == [value], key
+    assert "@system-service" in _get(USER_UNIT, "SystemCallFilter")
+    # namespace options would make the unit fail where unprivileged user namespaces are off
+    assert not _get(USER_UNIT, "PrivateTmp") and not _get(USER_UNIT, "ProtectSystem")
+
+
+def test_system_unit_cannot_reach_link_local_or_multicast():
+    # 169.254.169.254 is the cloud metadata service: the machine's credentials.
+    assert _get(SYSTEM_UNIT, "IPAddressDeny") == ["link-local multicast"]
+    assert _get(SYSTEM_UNIT, "IPAddressAllow") == ["localhost"]
+    assert _get(SYSTEM_UNIT, "UMask") == ["0077"]
+
+
 def test_system_unit_runs_the_foreground_server_hardened():
     unit = SYSTEM_UNIT
     assert _get(unit, "Type") == ["notify"]

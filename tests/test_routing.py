@@ -99,7 +99,9 @@ def test_credential_sources():
     assert credential({"x-api-key": "k1"}) == "k1"
     assert credential({"authorization": "Bearer k2"}) == "k2"
     assert credential({"authorization": "bearer k3 "}) == "k3"
-    assert credential({"authorization": "Basic abc"}) is None
+    # Any other scheme is a credential too, distinct from the bare value.
+    assert credential({"authorization": "Basic abc"}) == "Basic abc"
+    assert credential({}) is None
 
 
 def test_api_shape_follows_the_path():

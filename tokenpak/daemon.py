@@ -137,7 +137,8 @@ def _claim(pid_file: str) -> int:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     for _ in range(3):
         try:
-            fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # O_EXCL also refuses a symlink planted at the path, dangling or not.
+            fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             pid = read_pid(pid_file)  # removes a stale file, then we try again
             if pid is not None:
@@ -223,13 +224,41 @@ def _await_daemon(read_end: int, pid_file: str, log_file: str, timeout: float) -
     return ExitStatus.ERROR
 
 
+def open_log(path: str) -> int:
+    """An append-only fd on the log file, mode 0600. O_NOFOLLOW: a symlink planted at the
+    path (a log directory another user can write) must not make tokenpak append to
+    whatever file it points at."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise TokenpakError("refusing to write the log file %s: it is a symbolic link" % path,
+                            hint="set proxy.log_file to a path in a directory only you can "
+                                 "write") from None
+    try:
+        os.fchmod(fd, 0o600)  # an older log may have been created with a wider mode
+    except OSError:
+        pass
+    return fd
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose file is opened with open_log (no symlinks, 0600)."""
+
+    def _open(self):
+        return os.fdopen(open_log(self.baseFilename), "a", encoding=self.encoding,
+                         errors=self.errors)
+
+
 def _redirect_stdio(log_file: str) -> None:
     """stdin from /dev/null; stdout and stderr (stray prints, tracebacks) to the log file."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
     null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    out = open_log(log_file)
     os.dup2(null, 0)
     os.dup2(out, 1)
     os.dup2(out, 2)
@@ -409,7 +438,7 @@ def setup_logging(log_file, level: str, journal: bool) -> None:
             handler.close()
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
+        handler = _LogFile(
             log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     else:

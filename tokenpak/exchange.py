@@ -140,8 +140,11 @@ def prepare(app, ex):
         try:
             ex.key = cache_key(ex.route.provider, ex.path, body, ex.lower) + (
                 ":sse" if ex.streamed else ":json")
-            ex.scope = app.scope_for(credential(ex.lower))
-            ex.cache = "miss"
+            ex.scope = app.scope_for(credential(ex.lower, ex.path))
+            if ex.scope is None:
+                ex.key = None  # no credential: not cached (cache.anonymous opts in)
+            else:
+                ex.cache = "miss"
         except Exception:
             log.exception("cache key failed; not caching this request")
             ex.key = None
@@ -163,7 +166,7 @@ def run(handler, app, ex):
     prepare(app, ex)
     if ex.key is not None:
         if not ex.no_cache:
-            entry = app.cache_get(ex.scope, ex.key)
+            entry = app.cache_get(ex.scope, ex.key, ex.route.provider)
             if entry is not None:
                 ex.cache = "hit"
                 replay(handler, app, ex, entry)
@@ -172,7 +175,7 @@ def run(handler, app, ex):
         if leader and not ex.no_cache:
             # An identical request may have finished between our lookup and the join: its
             # answer is in the cache now, and asking the provider again would be paid twice.
-            entry = app.cache_get(ex.scope, ex.key)
+            entry = app.cache_get(ex.scope, ex.key, ex.route.provider)
             if entry is not None:
                 app.coalescer.done(ex.scope + ex.key, flight)
                 ex.cache = "hit"

@@ -5,8 +5,9 @@ say where it goes. The rules, first match wins:
 
 1. explicit: an `X-TokenPak-Provider: <name>` header, or a model name starting with one of a
    custom provider's `models` prefixes;
-2. the credential (`x-api-key`, or `Authorization: Bearer`): `sk-ant-` -> anthropic (API keys
-   and Claude Code's OAuth tokens alike), `AIza` -> google, any other `sk-` -> openai;
+2. the credential (`credential()`: x-api-key, Authorization with any scheme, Azure's api-key,
+   x-goog-api-key, a `?key=` query): `sk-ant-` -> anthropic (API keys and Claude Code's OAuth
+   tokens alike), `AIza` -> google, any other `sk-` -> openai;
 3. the path: `/v1/messages...` is Anthropic's API;
 4. the model name: `claude-*` -> anthropic, `gemini-*` -> google, `gpt-*`, `o1..o9*`,
    `chatgpt-*`, `text-embedding-*` ... -> openai;
@@ -16,10 +17,15 @@ Which *shape* a body has (OpenAI chat, OpenAI Responses or Anthropic messages) d
 path, not the provider: an OpenAI-format request with an Anthropic key goes to Anthropic's own
 OpenAI-compatible endpoint and is still an OpenAI-shaped body. `/v1/responses` (all that Codex
 speaks) routes like chat completions: an OpenAI key or a `gpt-*` model goes to OpenAI.
+
+The upstream URL is the configured provider URL plus the client's path, and nothing else: the
+request target must be origin-form (`/...`, `check_target`), so a target such as
+`@127.0.0.1:9/x`, `:9/x` or `.attacker.tld/x` cannot name another host, and dot segments
+cannot climb out of a provider's base path.
 """
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 BUILTIN = ("openai", "anthropic", "google")
 PROVIDER_HEADER = "x-tokenpak-provider"
@@ -53,17 +59,78 @@ class NoRoute(Exception):
     """No rule matched and no passthrough URL is configured."""
 
 
-def credential(headers):
-    """The client's API key or token, from x-api-key or a Bearer Authorization header.
+# Headers that carry a credential, as providers and gateways use them. Authorization counts
+# with any scheme (Bearer, Basic, Token, ...): the whole value is the credential.
+CREDENTIAL_HEADERS = ("x-api-key", "authorization", "api-key", "x-goog-api-key")
+CREDENTIAL_PARAMS = ("key", "api_key", "api-key")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*[ \t]+")
+_SECRET_PARAM = re.compile(r"(?i)([?&;](?:key|api[_-]?key|access_token|token|sig)=)[^&#\s\"']*")
+# No word boundary: a key glued to other text (after an escape sequence, "Bearersk-...") is
+# still a key; redacting a little too much of an error message costs nothing.
+_SECRET_TEXT = re.compile(r"(?:sk-[A-Za-z0-9_-]{6,}|AIza[0-9A-Za-z_-]{8,})")
 
-    `headers` is a mapping with lower-case names. The value is only ever used to pick a
-    provider and (hashed) to scope the cache: it is never logged or stored."""
-    key = headers.get("x-api-key")
-    if key:
-        return key.strip()
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
+
+def credential(headers, path=""):
+    """Everything in the request that identifies the caller to a provider, as one string,
+    or None when the request carries no credential at all.
+
+    `headers` is a mapping with lower-case names; `path` the request target (Gemini's
+    `?key=`). Every form counts: a Bearer token is its bare token (the same key as in
+    x-api-key), any other Authorization scheme its whole value (`Basic abc` is not the key
+    `abc`); several different values are all part of it. So two requests share a cache
+    scope only when they carry the very same credentials. The value is only ever used
+    (hashed) to scope the cache: it is never logged or stored."""
+    values = []
+    for name in CREDENTIAL_HEADERS:
+        value = (headers.get(name) or "").strip()
+        if value:
+            if name == "authorization" and value[:6].lower() == "bearer" \
+                    and value[6:7] in (" ", "\t"):
+                value = value[7:].strip(" \t")
+            values.append(value)
+    query = path.partition("?")[2]
+    if query:
+        values.extend(value for name, value in parse_qsl(query) if name in CREDENTIAL_PARAMS)
+    values = sorted(set(v for v in values if v))
+    return "\n".join(values) if values else None
+
+
+def api_key(headers, path=""):
+    """The bare key or token the client sent (for routing by its prefix), or None."""
+    for name in CREDENTIAL_HEADERS:
+        value = (headers.get(name) or "").strip()
+        if value:
+            if name == "authorization":
+                value = _SCHEME.sub("", value, count=1)
+            return value
+    query = path.partition("?")[2]
+    for name, value in parse_qsl(query) if query else ():
+        if name in CREDENTIAL_PARAMS:
+            return value
+    return None
+
+
+def redact(text):
+    """`text` with anything that looks like a credential replaced by ***: query parameters
+    such as `?key=` and API keys (sk-..., AIza...). For error messages and log lines."""
+    if not text:
+        return text
+    return _SECRET_TEXT.sub("***", _SECRET_PARAM.sub(r"\1***", text))
+
+
+def check_target(target):
+    """None if the request target is a plain origin-form path (RFC 9112 3.2.1), else why
+    not. Refused: anything not starting with a single `/` (absolute-form, `@host`, `:port`,
+    `.domain`, `//host`), a backslash, a fragment, and `.`/`..` segments, encoded or not,
+    which upstream servers would resolve out of a provider's base path."""
+    if not target.startswith("/") or target.startswith("//"):
+        return "the request target must be a path starting with a single /"
+    path = target.partition("?")[0]
+    if "\\" in path or "#" in target:
+        return "backslashes and fragments are not allowed in the request target"
+    decoded = unquote(unquote(path))  # twice: some servers decode %252e to %2e to .
+    if "\\" in decoded or any(seg in (".", "..") for seg in re.split(r"[/\\]", decoded)):
+        return "dot segments are not allowed in the request target"
     return None
 
 
@@ -130,7 +197,7 @@ def choose(path, headers, model_of, providers, passthrough_url):
         name = custom_provider_for_model(model_of(), custom)
         if name:
             return name
-    name = _provider_for_key(credential(headers))
+    name = _provider_for_key(api_key(headers, path))
     if name:
         return name
     if api_of(path) == "anthropic" or path.startswith("/v1/messages"):
@@ -149,7 +216,10 @@ def upstream_url(base_url, path):
 
     A provider URL with a base path (Gemini's https://.../v1beta/openai) takes the place of
     the client's leading /v1, so `/v1/chat/completions` becomes
-    `.../v1beta/openai/chat/completions`; a bare host gets the path as it came."""
+    `.../v1beta/openai/chat/completions`; a bare host gets the path as it came. The path
+    must have passed check_target: the result's scheme, host and port are the base's."""
+    if check_target(path) is not None:
+        raise NoRoute("invalid request target")
     base = base_url.rstrip("/")
     base_path = urlsplit(base).path
     if base_path and base_path != "/":

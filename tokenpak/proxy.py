@@ -20,6 +20,7 @@ Run as `python -m tokenpak.proxy --port N` (the seed docs' form) or `tokenpak se
 
 import hmac
 import http.server
+import ipaddress
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import threading
 import time
 from http import HTTPStatus
 
-from . import __version__, exchange, pricing, stats, systemd
+from . import __version__, exchange, framing, pricing, stats, systemd
 from .accounting import Recorder
 from .cache import CacheStore, load_secret, scope_id
 from .coalesce import Coalescer
@@ -39,7 +40,8 @@ from .compression import Settings, compress_request
 from .doctor import db_path_problem
 from .errors import TokenpakError
 from .hangup import HangupWatcher
-from .providers import NoRoute, Router
+from .providers import NoRoute, Router, check_target, redact
+from .stats import printable
 from .upstream import HOP_BY_HOP, Upstream
 
 log = logging.getLogger("tokenpak")
@@ -47,12 +49,45 @@ access_log = logging.getLogger("tokenpak.access")
 
 AUTH_HEADER = exchange.AUTH_HEADER
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 METHOD_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
 LOCAL_METHODS = ("GET", "HEAD")
 # Settings that only a restart applies (SIGHUP says so when they change).
 RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.log_file",
                 "proxy.connect_timeout", "proxy.read_timeout")
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts credentials from records of the libraries tokenpak calls: urllib3 logs the
+    URL of a retried or failed request, query string included, so a Gemini `?key=` would
+    reach stderr (and the journal) through it."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
+    logging.getLogger(_name).addFilter(RedactingFilter())
+
+
+def host_name(host):
+    """The name part of a Host header, lower-case, without the port or a trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit():
+        host = name
+    return host.rstrip(".")
+
+
+def _strip_line(raw):
+    return raw.rstrip(b"\r\n").decode("latin-1")
 
 
 def error_body(api, status, message, kind=None):
@@ -63,7 +98,8 @@ def error_body(api, status, message, kind=None):
     return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                403: "permission_error", 404: "not_found_error", 431: "request_too_large",
                 408: "request_timeout", 413: "request_too_large", 502: "api_connection_error",
                 503: "overloaded_error", 504: "timeout_error"}
 
@@ -98,6 +134,9 @@ class App:
         self.router = Router.from_config(config)
         self.max_body = config.get("proxy.max_request_bytes")
         self.auth_token = config.get("proxy.auth_token")
+        self.allowed_hosts = frozenset(host_name(h) for h in
+                                       config.get("proxy.allowed_hosts") or ())
+        self.cache_anonymous = config.get("cache.anonymous")
         self.footer_enabled = config.get("footer.enabled")
         self.compression = Settings(enabled=config.get("compression.enabled"),
                                     level=config.get("compression.level"),
@@ -131,31 +170,39 @@ class App:
         return compress_request(api, body, self.compression)
 
     def scope_for(self, key):
-        """The cache scope of a credential: an HMAC of it, never the key itself."""
+        """The cache scope of a credential: an HMAC of it, never the key itself. None (do
+        not cache) for a request without any credential, unless cache.anonymous opts in:
+        otherwise every keyless client would read every other keyless client's answers."""
+        if key is None and not self.cache_anonymous:
+            return None
         return scope_id(key, self.secret)
 
-    def cache_get(self, scope, key):
+    def cache_get(self, scope, key, provider=None):
         """The entry for this credential. In shared mode all keys read one scope, but only
-        keys the provider has accepted at least once: a rejected key never gets a hit."""
+        keys that this route's configured provider has itself accepted (a 2xx it answered,
+        see record): a rejected key never gets a hit."""
         if self.cache is None:
             return None
         if self.shared_cache:
-            return self.cache.get("shared", key) if scope in self.verified_scopes else None
+            if (scope, provider) not in self.verified_scopes:
+                return None
+            return self.cache.get("shared", key)
         return self.cache.get(scope, key)
 
     def cache_put(self, scope, key, entry):
         if self.cache is None:
             return
-        if self.shared_cache:
-            self.verified_scopes.add(scope)  # only 2xx answers are stored
-            scope = "shared"
-        self.cache.put(scope, key, entry)
+        self.cache.put("shared" if self.shared_cache else scope, key, entry)
 
     def record(self, ex):
         """Queue the accounting row and count the metrics; never raises."""
         try:
-            if self.shared_cache and ex.scope and 200 <= ex.status < 300:
-                self.verified_scopes.add(ex.scope)
+            if self.shared_cache and ex.scope and ex.route is not None \
+                    and 200 <= ex.status < 300 and ex.cache in ("miss", "bypass") \
+                    and not ex.error:
+                # Only the provider's own answer verifies a key, and only for that provider.
+                self.verified_scopes.add((ex.scope, ex.route.provider))
+            ex.error = redact(ex.error)
             row = exchange.row(ex)
             self.recorder.record(row)
             self.metrics.observe(row)
@@ -257,7 +304,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A bug in tokenpak: log it, and answer in the provider's shape if we still can,
         rather than dropping the connection on the client's SDK."""
         log.exception("unexpected error while handling %s %s", self.command,
-                      (self.path or "").split("?", 1)[0])
+                      printable((self.path or "").split("?", 1)[0]))
         self.close_connection = True
         if not self.head_sent:
             try:
@@ -278,6 +325,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not ex.local:
             self.server.app.record(ex)
 
+    def parse_request(self):
+        """The request line and headers, read strictly (framing.py says why); False after
+        answering a malformed request. Replaces http.server's lenient parser, and does not
+        answer `Expect: 100-continue` here: read_body does, after the auth and size checks."""
+        self.command, self.path, self.requestline = None, "", ""
+        self.request_version = "HTTP/0.9"
+        self.close_connection = True
+        self.framing = ("none", 0)
+        try:
+            self.requestline = _strip_line(self.raw_requestline)
+            method, target, version = framing.parse_request_line(self.raw_requestline)
+            self.command, self.path = method, target
+            self.request_version = "HTTP/%d.%d" % version
+            self.headers = framing.read_fields(self.rfile)
+            framing.check_head(self.headers, version)
+            self.framing = framing.body_framing(self.headers, version)
+        except framing.FramingError as exc:
+            if exc.status is not None:
+                message = exc.message
+                if self.command is None:  # the request line itself (query cut by send_error)
+                    message = "%s: %r" % (message, self.requestline[:200])
+                self.send_error(exc.status, message)
+            return False
+        tokens = {t.strip().lower() for t in (self.headers.get("Connection") or "").split(",")}
+        self.close_connection = "close" in tokens or (
+            version < (1, 1) and "keep-alive" not in tokens)
+        return True
+
     def dispatch(self):
         app = self.server.app
         self.exchange = exchange.Exchange(self.command, self.path, self.headers.items(), b"")
@@ -288,6 +363,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if local is not None and (local is Handler.send_health or not app.auth_token
                                   or self.authorised(app.auth_token)):
+            if local is not Handler.send_health and not self.host_allowed(app):
+                self.fail(403, "Host %r is not a name of this tokenpak: local pages answer "
+                               "only loopback names and proxy.allowed_hosts"
+                               % printable(self.headers.get("Host") or "")[:100], close=True)
+                return
+            # A body on a local page is read and dropped (within the size limit): left in
+            # the stream, it would be parsed as the next request.
+            if self.framing[0] != "none" and self.read_body(app) is None:
+                return
             # /health is open to monitors; usage figures need the token. Successful local
             # answers are logged but not recorded: a monitor polling /health every few
             # seconds would otherwise fill the accounting table with non-requests.
@@ -304,6 +388,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.finish_exchange()  # before end(): a drained tokenpak has recorded everything
             app.end()
+
+    def host_allowed(self, app):
+        """DNS-rebinding defence: a web page whose name resolves to 127.0.0.1 must not
+        read /stats or /metrics from a browser. When tokenpak listens on loopback only, its
+        local pages answer a Host naming loopback or one of proxy.allowed_hosts (/health,
+        open to monitors and telling nothing about usage, answers any)."""
+        if not self.server.loopback:
+            return True
+        name = host_name(self.headers.get("Host") or "")
+        return name in LOOPBACK_NAMES or name in app.allowed_hosts
 
     def send_health(self, app):
         self.send_json(200, app.health())
@@ -323,48 +417,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         str(len(body)), body)
 
     def read_body(self, app):
-        """The request body, or None after answering 4xx (size limit, bad framing)."""
-        length = self.headers.get("Content-Length")
-        chunked = "chunked" in (self.headers.get("Transfer-Encoding") or "").lower()
-        if chunked:
-            return self.read_chunked_body(app.max_body)
-        if length is None:
+        """The request body, or None after answering 4xx (size limit, bad framing). Sends
+        `100 Continue` first when the client waits for it: only requests that passed the
+        auth and size checks get it."""
+        kind, size = self.framing
+        if kind == "none":
             return b""
-        try:
-            size = int(length)
-            if size < 0:
-                raise ValueError(length)
-        except ValueError:
-            self.fail(400, "invalid Content-Length header %r" % length[:40], close=True)
-            return None
-        if size > app.max_body:
+        if kind == "length" and size > app.max_body:
             self.fail_too_large(app.max_body)
             return None
+        if size != 0 and self.request_version == "HTTP/1.1" \
+                and (self.headers.get("Expect") or "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if kind == "chunked":
+            try:
+                return framing.read_chunked(self.rfile, app.max_body)
+            except framing.FramingError as exc:
+                self.close_connection = True
+                if exc.status == 413:
+                    self.fail_too_large(app.max_body)
+                elif exc.status is not None:
+                    self.fail(exc.status, exc.message, close=True)
+                return None
         body = self.rfile.read(size)
         if len(body) < size:
             self.close_connection = True
             return None
         return body
-
-    def read_chunked_body(self, limit):
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self.fail(400, "malformed chunked request body", close=True)
-                return None
-            if size == 0:
-                while self.rfile.readline(1024).strip():  # trailers
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > limit:
-                self.fail_too_large(limit)
-                return None
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(3)
 
     def fail_too_large(self, limit):
         self.fail(413, "request body is larger than proxy.max_request_bytes (%d bytes); "
@@ -375,6 +454,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ex = self.exchange
         if not METHOD_TOKEN.match(self.command):
             self.fail(400, "invalid HTTP method %r" % self.command[:40], close=True)
+            return
+        refused = check_target(self.path)
+        if refused:
+            self.fail(400, refused, close=True)
             return
         if app.auth_token and not self.authorised(app.auth_token):
             # The body is not read: close, or it would be parsed as the next request.
@@ -477,6 +560,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             api = "anthropic" if (self.path or "").startswith("/v1/messages") else "openai"
         if close:
             self.close_connection = True
+        message = redact(message)
         if ex is not None:
             ex.error = ex.error or message
         self.send_json(status, error_body(api, status, message),
@@ -504,14 +588,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- logging -----------------------------------------------------------------------
     def log_exchange(self, ex):
         """One access-log line. The path is logged without its query string, which may
-        carry a key (Gemini's `?key=`); headers are never logged. Successful answers of
-        the local endpoints go to the debug level (monitors poll them)."""
+        carry a key (Gemini's `?key=`); headers are never logged; control characters a
+        client sent (path, model) are escaped so they cannot forge lines or colours on a
+        terminal. Successful answers of the local endpoints go to the debug level."""
         level = logging.DEBUG if ex.local and ex.status < 400 else logging.INFO
         if access_log.isEnabledFor(level):
             access_log.log(level, "%s %s %s %d %.1fms %dB model=%s cache=%s%s", ex.method,
-                           ex.path.split("?", 1)[0], ex.route.provider if ex.route else "-",
+                           printable(ex.path.split("?", 1)[0]),
+                           ex.route.provider if ex.route else "-",
                            ex.status, (time.monotonic() - ex.started) * 1000, ex.sent,
-                           ex.model or "-", ex.cache, " error=%s" % ex.error if ex.error else "")
+                           printable(ex.model or "-")[:200], ex.cache,
+                           " error=%s" % printable(redact(ex.error)) if ex.error else "")
         if access_log.isEnabledFor(logging.DEBUG) and not ex.local:  # why it went that way
             usage = ex.usage
             access_log.debug(
@@ -536,6 +623,13 @@ _QUERY = re.compile(r"\?[^\s'\"]*")
 def _no_query(text):
     """`text` with every query string cut out ("/v1/x?key=..." -> "/v1/x?...")."""
     return _QUERY.sub("?...", text) if "?" in text else text
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _reason(status):
@@ -568,6 +662,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.socket.close()
             self.socket = listen_socket
             self.server_address = listen_socket.getsockname()
+        self.loopback = _is_loopback(self.server_address[0])
 
     last_loop = 0.0
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import re
 import sqlite3
 import sys
 import threading
@@ -234,6 +235,28 @@ _LABELS = {"model": "Model", "provider": "Provider", "day": "Day", "requests": "
            "saved_usd": "Saved", "unpriced": "Unpriced"}
 
 
+# Characters that a terminal or a log viewer interprets rather than shows: C0 and C1
+# controls (ESC starts colour and cursor sequences, CR/LF forge lines), DEL, and the Unicode
+# line separators and bidirectional overrides that reorder what is displayed.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\\\]")
+
+
+def _escape_char(match):
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+
+
+def printable(text) -> str:
+    """`text` safe to show a person: controls escaped as \\xNN (and a backslash doubled,
+    so an escape cannot be faked). Client-chosen strings (model names, paths) pass here
+    before they reach a terminal or a log line."""
+    text = str(text)
+    return _UNPRINTABLE.sub(_escape_char, text) if _UNPRINTABLE.search(text) else text
+
+
 def _money(value):
     if value is None:
         return "unknown"
@@ -251,7 +274,7 @@ def _cell(column, value):
         return "{:,}".format(value)
     if isinstance(value, float):
         return "{:,.2f}".format(value)
-    return str(value)
+    return printable(value)
 
 
 def format_table(rows: list) -> str:
@@ -289,8 +312,14 @@ MAX_MODELS = 200  # model names come from clients: bound the label cardinality (
 
 
 def escape_label(value) -> str:
-    """A Prometheus label value: backslash, double quote and newline escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """A Prometheus label value: backslash, double quote and newline escaped as the text
+    format says; other controls (CR, ESC, ...) become a literal \\xNN, so a model name a
+    client chose cannot break a scraper's line parsing or a terminal showing the page."""
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return _CONTROL.sub(lambda m: "\\\\x%02x" % ord(m.group()), text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def _labels(names, values):

@@ -206,7 +206,22 @@ def user_unit_text(exe_argv: list, environment: dict | None = None) -> str:
         "WatchdogSec=%d\n"
         # the default 30 s shutdown grace period plus a margin to flush accounting
         "TimeoutStopSec=45\n"
+        # Sandboxing a user manager can apply without privileges or user namespaces (the
+        # mount-namespace options need PrivateUsers=, unavailable on some kernels): files
+        # private to the user, no privilege gain, only the syscalls and sockets a network
+        # daemon uses. See SECURITY.md.
+        "UMask=0077\n"
         "NoNewPrivileges=yes\n"
+        "RestrictSUIDSGID=yes\n"
+        "RestrictNamespaces=yes\n"
+        "RestrictRealtime=yes\n"
+        "LockPersonality=yes\n"
+        "MemoryDenyWriteExecute=yes\n"
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX\n"
+        "SystemCallArchitectures=native\n"
+        "SystemCallFilter=@system-service\n"
+        "SystemCallFilter=~@privileged @resources\n"
+        "SystemCallErrorNumber=EPERM\n"
         "\n"
         "[Install]\n"
         "WantedBy=default.target\n" % (exec_start, env_lines, WATCHDOG_SEC)
