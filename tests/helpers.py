@@ -149,6 +149,19 @@ def unmarked(value):
     return value
 
 
+def run_cli(capsys, *argv):
+    """`tokenpak ARGV` in this process: (exit status, stdout, stderr), as a user sees them."""
+    from tokenpak import cli
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def config_file():
+    """The config file every test's isolated environment points TOKENPAK_CONFIG at."""
+    return os.environ["TOKENPAK_CONFIG"]
+
+
 # -- tokenpak in this process ------------------------------------------------------------------
 class RunningProxy:
     """A tokenpak server running in this process on a free port."""

@@ -13,20 +13,13 @@ import time
 
 import pytest
 
+from helpers import config_file, run_cli as run
 from tokenpak import cli
 from tokenpak import config as configmod
 from tokenpak import pricing
 from tokenpak.errors import ExitStatus
 
 
-def run(capsys, *argv):
-    status = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def config_file():
-    return os.environ["TOKENPAK_CONFIG"]
 
 
 def assert_one_error(err, *words):

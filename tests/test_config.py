@@ -6,19 +6,11 @@ import stat
 
 import pytest
 
-from tokenpak import cli
+from helpers import config_file, run_cli as run
 from tokenpak import config as configmod
 from tokenpak.errors import TokenpakError
 
 
-def run(capsys, *argv):
-    status = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def config_file():
-    return os.environ["TOKENPAK_CONFIG"]
 
 
 def test_set_creates_dir_and_private_file(capsys, isolated_env):
