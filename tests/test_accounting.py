@@ -13,6 +13,7 @@ from helpers import wait_for
 from tokenpak import accounting, cache, stats
 from tokenpak.accounting import Recorder, price_row
 from tokenpak.cache import CacheStore, Entry, load_secret, scope_id
+from tokenpak import db as dbmod
 from tokenpak.db import DbFile
 
 WAIT = 10.0
@@ -346,7 +347,7 @@ def test_locked_db_rows_wait_and_are_written_after(recorder, db, monkeypatch):
 
 
 def test_cache_and_accounting_share_a_file_that_is_deleted_then_corrupted(db, monkeypatch):
-    monkeypatch.setattr(cache, "MAINTENANCE_SECONDS", 0.05)
+    monkeypatch.setattr(dbmod, "CHECK_SECONDS", 0.05)
     store = CacheStore(db, 3600, 16)
     r = Recorder(db, flush_interval=0.05, busy_timeout=0.1)
     r.start()

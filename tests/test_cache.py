@@ -15,6 +15,7 @@ import pytest
 from helpers import wait_for
 from tokenpak import cache
 from tokenpak.cache import CacheStore, Entry, cache_key, load_secret, scope_id
+from tokenpak import db as dbmod
 from tokenpak.db import DbFile
 
 WAIT = 10.0  # upper bound for background recovery; only reached when something is broken
@@ -25,8 +26,8 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi ✓"}],
 @pytest.fixture(autouse=True)
 def fast_maintenance(monkeypatch):
     """Let the writer thread check the file often and give up on locks quickly."""
-    monkeypatch.setattr(cache, "MAINTENANCE_SECONDS", 0.05)
-    monkeypatch.setattr(cache, "WRITER_BUSY_TIMEOUT", 0.1)
+    monkeypatch.setattr(dbmod, "CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(dbmod, "BUSY_TIMEOUT", 0.1)
 
 
 @pytest.fixture

@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 
-from tokenpak import pricing
-from tokenpak.db import DbFile, Health, classify, close_quietly
+from tokenpak import db, pricing
+from tokenpak.db import DbFile
 
 log = logging.getLogger("tokenpak.accounting")
 
@@ -72,6 +71,10 @@ _INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".jo
 _USAGE_COLUMNS = (("input", "input_tokens"), ("output", "output_tokens"),
                   ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"))
 _BUSY_RETRIES = 5
+
+
+def _insert(conn, records):
+    conn.executemany(_INSERT, records)
 
 
 def row_usage(row: dict):
@@ -239,16 +242,13 @@ class Recorder:
         self.batch_size = max(1, int(batch_size))
         self.flush_interval = flush_interval
         self.prices = prices
-        self.busy_timeout = busy_timeout
         self.rows_written = 0
         self.rows_dropped = 0
         self._queue = queue.Queue(maxsize=max_queue)
         self._drop_lock = threading.Lock()
-        self._health = Health(log, "writing the accounting database %s" % self.db.path)
-        self._conn = None
-        self._retry_at = 0.0
-        self._failures = 0
-        self._next_check = 0.0
+        self._w = db.Writer(self.db, log, "accounting", busy_timeout=busy_timeout,
+                            on_open=lambda conn: migrate(conn, self.prices))
+        self._health = self._w.health
         self._thread = None
         self._stopped = False
 
@@ -299,8 +299,7 @@ class Recorder:
                 pass
             self._thread.join(timeout)
         else:
-            close_quietly(self._conn)
-            self._conn = None
+            self._w.close()
 
     # -- writer thread -------------------------------------------------------
 
@@ -308,7 +307,7 @@ class Recorder:
         pending, markers = [], []  # rows taken from the queue, not yet written; flush() waiters
         while True:
             stop = self._collect(pending, markers)
-            self._maintain()
+            self._w.maintain()
             if pending:
                 pending = self._write(pending, final=stop)
             if not pending:
@@ -317,8 +316,7 @@ class Recorder:
                 markers = []
             if stop:
                 break
-        close_quietly(self._conn)
-        self._conn = None
+        self._w.close()
 
     def _collect(self, pending, markers) -> bool:
         """Take rows until a batch is full or `flush_interval` has passed since the first of
@@ -344,79 +342,19 @@ class Recorder:
 
     def _write(self, rows, final=False):
         """Write `rows`; returns the rows to retry (only when the DB is busy)."""
-        conn = self._connection()
-        if conn is None:
-            self._dropped(len(rows))
-            return []
         try:
             records = [to_record(r, self.prices) for r in rows]
         except Exception:
             log.exception("accounting rows could not be converted; dropping them")
             self._dropped(len(rows))
             return []
-        try:
-            conn.execute("BEGIN IMMEDIATE")  # one transaction per batch: one WAL append
-            conn.executemany(_INSERT, records)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            return self._failed(exc, rows, final)
-        self.rows_written += len(rows)
-        self._failures = 0
-        self._health.ok()
-        return []
-
-    def _failed(self, exc, rows, final):
-        kind = classify(exc)
-        self._health.failed(kind, exc)
-        self._failures += 1
+        kind = self._w.write(_insert, records)
+        if kind is None:
+            self.rows_written += len(rows)
+            return []
         # Another process holding the lock (a `sqlite3` shell, a backup) usually lets go
         # soon: keep the rows for a few rounds. Anything else will not fix itself by retrying.
-        if kind == "busy" and not final and self._failures <= _BUSY_RETRIES:
+        if kind == "busy" and not final and self._w.failures <= _BUSY_RETRIES:
             return rows
-        if kind == "corrupt":
-            close_quietly(self._conn)
-            self._conn = None
-            self.db.quarantine()
-        elif kind != "busy":  # full, read-only, I/O error: reopen after a back-off
-            close_quietly(self._conn)
-            self._conn = None
-            self._retry_at = time.monotonic() + min(0.25 * 2 ** self._failures, 10.0)
         self._dropped(len(rows))
         return []
-
-    def _connection(self):
-        if self._conn is None and time.monotonic() >= self._retry_at:
-            for attempt in (1, 2):
-                try:
-                    self._conn = self.db.connect_writer(timeout=self.busy_timeout)
-                    migrate(self._conn, self.prices)
-                    break
-                except (sqlite3.Error, OSError) as exc:
-                    corrupt = isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt"
-                    if corrupt and attempt == 1:
-                        self.db.quarantine()
-                        continue
-                    self._health.failed(classify(exc) if isinstance(exc, sqlite3.Error)
-                                        else "unavailable", exc)
-                    self._failures += 1
-                    self._retry_at = time.monotonic() + min(0.25 * 2 ** self._failures, 10.0)
-        return self._conn
-
-    def _maintain(self):
-        """At most once a second: reopen if the file was deleted, replaced or corrupted."""
-        now = time.monotonic()
-        if self._conn is None or now < self._next_check:
-            return
-        self._next_check = now + 1.0
-        state = self.db.check()
-        if state != "ok":
-            log.warning("the accounting database %s was %s; re-creating it", self.db.path,
-                        "corrupted" if state == "corrupt" else "deleted or replaced")
-            close_quietly(self._conn)
-            self._conn = None
-            if state == "corrupt":
-                self.db.quarantine()
