@@ -329,7 +329,7 @@ conn.execute("ROLLBACK")
 
 
 def test_locked_db_rows_wait_and_are_written_after(recorder, db, monkeypatch):
-    monkeypatch.setattr(accounting, "_BUSY_RETRIES", 10 ** 6)
+    monkeypatch.setattr(dbmod, "BUSY_RETRIES", 10 ** 6)
     recorder.record(request_row())
     recorder.flush()
     proc = subprocess.Popen([sys.executable, "-c", LOCKER, db], stdin=subprocess.PIPE,

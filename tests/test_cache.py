@@ -443,6 +443,33 @@ def test_db_locked_by_another_process(store, db):
     assert store.get("s", "before").body == b"before"
 
 
+def test_read_your_writes_while_the_writer_waits_for_a_lock(store, db, monkeypatch):
+    """An entry queued for the writer answers the next identical request, also while the
+    writer cannot commit it (another process holds the write lock), and is committed, not
+    dropped, once the lock is released."""
+    monkeypatch.setattr(dbmod, "BUSY_RETRIES", 10 ** 6)
+    store.put("s", "before", entry(b"before"))
+    assert store.flush()
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, db], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        store.put("s", "queued", entry(b"queued"))
+        assert wait_for(lambda: store._w.health.state == "busy")  # a commit failed already
+        assert store.get("s", "queued").body == b"queued"
+        assert wait_for(lambda: store._w.failures >= 3)  # ... and its retries too
+        assert store.get("s", "queued").body == b"queued"
+    finally:
+        proc.communicate("\n", timeout=WAIT)
+    assert store.flush()
+    assert store.dropped == 0
+    other = CacheStore(db, 3600, 16)  # reads the file, not this store's memory
+    try:
+        assert other.get("s", "queued").body == b"queued"
+    finally:
+        other.close()
+
+
 def test_unusable_directory_then_recovery(tmp_path):
     blocker = tmp_path / "notadir"
     blocker.write_text("a file where the DB directory should be")

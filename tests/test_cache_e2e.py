@@ -268,3 +268,17 @@ def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fak
     assert again.headers["x-tokenpak-cache"] == "hit"
     assert len(calls) == 2
     assert fake.count("/chat/completions") == 1
+
+
+@pytest.mark.parametrize("round_", range(20))
+def test_a_streamed_answer_answers_the_identical_request_sent_right_after(cached, fake, round_):
+    """Read-your-writes: the second of two identical streamed requests, sent as soon as the
+    first one's stream ended, is answered locally, never by a second upstream call."""
+    client = anthropic_client(cached)
+    texts = []
+    for _ in range(2):
+        with client.messages.stream(model="claude-sonnet-4-6", max_tokens=50,
+                                    messages=[{"role": "user", "content": "twice %d" % round_}]) as s:
+            texts.append(s.get_final_text())
+    assert texts[0] == texts[1]
+    assert fake.count("/v1/messages") == 1

@@ -70,7 +70,6 @@ COLUMNS = ("ts", "provider", "model", "path", "status", "streamed", "cache", "in
 _INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
 _USAGE_COLUMNS = (("input", "input_tokens"), ("output", "output_tokens"),
                   ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"))
-_BUSY_RETRIES = 5
 
 
 def _insert(conn, records):
@@ -352,9 +351,7 @@ class Recorder:
         if kind is None:
             self.rows_written += len(rows)
             return []
-        # Another process holding the lock (a `sqlite3` shell, a backup) usually lets go
-        # soon: keep the rows for a few rounds. Anything else will not fix itself by retrying.
-        if kind == "busy" and not final and self._w.failures <= _BUSY_RETRIES:
+        if self._w.should_retry(kind, final):
             return rows
         self._dropped(len(rows))
         return []

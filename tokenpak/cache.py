@@ -326,7 +326,7 @@ class CacheStore:
             self._wake.clear()
             stopping = self._closed
             try:
-                self._write_batch()
+                self._write_batch(final=stopping)
                 if not stopping:
                     self._maintain()
             except Exception:
@@ -335,25 +335,34 @@ class CacheStore:
                 break
         self._w.close()
 
-    def _write_batch(self):
+    def _write_batch(self, final=False):
         with self._lock:
             batch = list(self._queue)
             self._queue.clear()
             self._writing = True
         touched, self._touched = self._touched, {}
+        retry = False
         try:
             if batch or touched:
-                self._commit(batch, touched)
+                retry = self._commit(batch, touched, final)
         finally:
             with self._lock:
-                for scope, key, entry, size in batch:
-                    if self._pending.get((scope, key)) is entry:
+                for item in reversed(batch):
+                    scope, key, entry, size = item
+                    if self._pending.get((scope, key)) is not entry:
+                        self._pending_bytes -= size  # replaced or cleared meanwhile
+                    elif retry:
+                        self._queue.appendleft(item)  # still answered from memory
+                    else:
                         del self._pending[(scope, key)]
-                    self._pending_bytes -= size
+                        self._pending_bytes -= size
                 self._writing = False
                 self._idle.notify_all()
+        if retry:
+            self._wake.set()
 
-    def _commit(self, batch, touched):
+    def _commit(self, batch, touched, final):
+        """Write one batch; True when the DB was busy and the batch should be tried again."""
         now = self.clock()
         rows, added = [], 0
         for scope, key, e, _ in batch:
@@ -364,9 +373,12 @@ class CacheStore:
             rows.append((scope, key, size, now, float(e.created), int(e.status),
                          int(bool(e.streamed)), e.model or "", usage, headers, bytes(e.body)))
         touches = [(t, s, k, t) for (s, k), t in touched.items()]
-        if self._w.write(_apply, rows, touches) is not None:
+        kind = self._w.write(_apply, rows, touches)
+        if kind is not None:
+            if self._w.should_retry(kind, final):
+                return True
             self.dropped += len(batch)
-            return
+            return False
         if self._approx_bytes is not None:
             self._approx_bytes += added
         if self._approx_bytes is None or self._approx_bytes > self.max_bytes:
@@ -376,6 +388,7 @@ class CacheStore:
                     self._w.conn.execute("PRAGMA incremental_vacuum")  # outside the transaction
                 except sqlite3.Error as exc:
                     self._w.failed(exc)
+        return False
 
     def _evict(self, conn):
         """Delete least-recently-used entries until the total is under 90% of the cap."""

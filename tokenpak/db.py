@@ -187,6 +187,7 @@ def close_quietly(conn) -> None:
 BUSY_TIMEOUT = 2.0  # seconds a writer waits for another connection's write lock
 CHECK_SECONDS = 1.0  # how often a writer checks its file is still there and sane
 BACKOFF_SECONDS, BACKOFF_MAX = 0.25, 10.0  # reopen after 0.5 s, 1 s, 2 s ... at most 10 s
+BUSY_RETRIES = 5  # busy writes in a row after which a batch is dropped
 
 
 class Writer:
@@ -272,6 +273,12 @@ class Writer:
         else:
             self._back_off(exc)
         return kind
+
+    def should_retry(self, kind, final=False) -> bool:
+        """Whether a batch that failed with `kind` is worth another try: another process
+        holding the lock (a `sqlite3` shell, a backup) usually lets go soon, so a busy
+        batch is kept for a few rounds; nothing else fixes itself by retrying."""
+        return kind == "busy" and not final and self.failures <= BUSY_RETRIES
 
     def _back_off(self, exc):
         self.health.failed(classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable", exc)
