@@ -12,7 +12,7 @@ problem is logged once, and writing resumes by itself when the DB is usable agai
 
 Row keys (all optional except what you know; missing ones are stored as NULL):
   ts, provider, model, method, path, status, streamed, cache ("hit" | "miss" | "bypass" |
-  "coalesced"), usage (normalised, see pricing.normalise_usage) or input_tokens,
+  "coalesced"), usage (normalised: sse.Usage as a dict) or input_tokens,
   output_tokens, cache_read_tokens, cache_write_tokens; tokens_before, tokens_after,
   cost_usd, saved_usd, compression_saved_usd (computed when absent), latency_ms, ttfb_ms,
   key_id (12 chars of the scope HMAC; longer values are cut), error, complete.

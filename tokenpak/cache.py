@@ -193,7 +193,7 @@ def _apply(conn, rows, touches):
 
 @dataclass
 class Entry:
-    """One cached upstream answer; `usage` is normalised (see pricing.normalise_usage)."""
+    """One cached upstream answer; `usage` is normalised (sse.Usage as a dict, see pricing)."""
 
     status: int
     headers: list
