@@ -1,10 +1,11 @@
 """Per-request accounting: one row per proxied request, written off the hot path.
 
-A handler thread calls `Recorder.record(row)` with a plain dict and goes on; the call only
-puts the dict on a bounded queue (it never blocks and never raises). One writer thread
-drains the queue and writes rows in batches, one transaction per batch, to the `requests`
-table of the shared DB file. Cost is computed there too, from the shipped price table, so
-pricing costs the request nothing.
+A handler thread calls `Recorder.record(row)` with a plain dict and goes on; the call prices
+the row once (`figures`: a memoised price lookup and a few multiplications) and puts it on a
+bounded queue (it never blocks and never raises). The priced row is what the DB stores and
+what /metrics counts: nothing else computes a request's cost. One writer thread drains the
+queue and writes rows in batches, one transaction per batch (`db.Writer`), to the
+`requests` table of the shared DB file.
 
 Rows are never what fails a request: when the DB is locked the batch is retried, when it is
 full, read-only, deleted or corrupt the rows are dropped and counted (`rows_dropped`), the
@@ -14,10 +15,10 @@ Row keys (all optional except what you know; missing ones are stored as NULL):
   ts, provider, model, method, path, status, streamed, cache ("hit" | "miss" | "bypass" |
   "coalesced"), usage (normalised: sse.Usage as a dict) or input_tokens,
   output_tokens, cache_read_tokens, cache_write_tokens; tokens_before, tokens_after,
-  cost_usd, saved_usd, compression_saved_usd (computed when absent), latency_ms, ttfb_ms,
+  cost_usd, saved_usd, compression_saved_usd (FIGURES, computed when absent), latency_ms, ttfb_ms,
   key_id (12 chars of the scope HMAC; longer values are cut), error, complete.
 
-How a row is priced (`price_row`):
+How a row is priced (`figures`):
 - cost: the provider's usage at the model's prices. Zero, not unknown, for what no provider
   bills: a request that is not a POST (model listings, retrievals), the free POST endpoints
   (`FREE_PATHS`: token counting, moderation), an answer served locally, and an error answer
@@ -45,6 +46,8 @@ log = logging.getLogger("tokenpak.accounting")
 
 SCHEMA_VERSION = 2
 SERVED_LOCALLY = ("hit", "coalesced")  # answered without a provider call of their own
+SERVED_LOCALLY_SQL = "(%s)" % ", ".join("'%s'" % c for c in SERVED_LOCALLY)  # for IN
+FIGURES = ("cost_usd", "saved_usd", "compression_saved_usd")  # what a row's price is
 # POST endpoints the providers do not bill: token counting and moderation.
 FREE_PATHS = ("/messages/count_tokens", "/responses/input_tokens", ":countTokens",
               "/moderations")
@@ -110,26 +113,21 @@ def compression_saving(model, usage, before, after, table=None) -> float:
     return (before - after) * price / 1_000_000
 
 
-def price_row(row: dict, table=None):
-    """(cost_usd, saved_usd) of a row; see the module doc for the rules."""
-    return _price(row, table)[:2]
-
-
-def _price(row, table):
-    """(cost_usd, saved_usd, compression_saved_usd)."""
+def figures(row: dict, table=None) -> dict:
+    """{cost_usd, saved_usd, compression_saved_usd} of a row; see the module doc for the rules."""
     usage = row_usage(row)
     model = row.get("model") or ""
     local = row.get("cache") in SERVED_LOCALLY
     status = _as_int(row.get("status"))
     if not local and (is_free(row) or (usage is None and status is not None and status >= 400)):
-        return (0.0, 0.0, 0.0)
+        return dict.fromkeys(FIGURES, 0.0)
     # what the request cost (or, served locally, would have cost) at the provider
     full = pricing.cost(model, usage, table) if usage is not None else None
     compressed = compression_saving(model, usage, row.get("tokens_before"),
                                     row.get("tokens_after"), table)
     if local:
-        return (0.0, compressed + (full or 0.0), compressed)
-    return (full, compressed, compressed)
+        return dict(zip(FIGURES, (0.0, compressed + (full or 0.0), compressed)))
+    return dict(zip(FIGURES, (full, compressed, compressed)))
 
 
 def _as_int(value):
@@ -141,18 +139,13 @@ def _as_int(value):
         return None
 
 
-def to_record(row: dict, table=None) -> tuple:
-    """The INSERT parameters for `row` (see module doc for the keys)."""
+def to_record(row: dict) -> tuple:
+    """The INSERT parameters for a priced `row` (see module doc for the keys)."""
     rec = dict(row)
     usage = row_usage(row)
     if isinstance(row.get("usage"), dict):
         for short, col in _USAGE_COLUMNS:
             rec[col] = usage.get(short, 0)
-    if "cost_usd" not in rec or "saved_usd" not in rec or "compression_saved_usd" not in rec:
-        cost, saved, compressed = _price(row, table)
-        rec.setdefault("cost_usd", cost)
-        rec.setdefault("saved_usd", saved)
-        rec.setdefault("compression_saved_usd", compressed)
     if rec.get("method") is not None:
         rec["method"] = str(rec["method"])[:16]
     rec["ts"] = rec.get("ts") or time.time()
@@ -227,9 +220,10 @@ def _reprice_savings(conn, table):
                      updates)
     # Version 1 left the cost of unbilled requests unknown; they cost nothing.
     conn.execute("UPDATE requests SET cost_usd = 0, saved_usd = COALESCE(saved_usd, 0)"
-                 " WHERE cost_usd IS NULL AND (cache IS NULL OR cache NOT IN ('hit', 'coalesced'))"
+                 " WHERE cost_usd IS NULL AND (cache IS NULL OR cache NOT IN %s)"
                  " AND ((status >= 400 AND input_tokens IS NULL AND output_tokens IS NULL)"
-                 " OR %s)" % " OR ".join("path LIKE '%%%s'" % p for p in FREE_PATHS))
+                 " OR %s)" % (SERVED_LOCALLY_SQL,
+                                " OR ".join("path LIKE '%%%s'" % p for p in FREE_PATHS)))
 
 
 class Recorder:
@@ -258,15 +252,20 @@ class Recorder:
             self._thread.start()
 
     def record(self, row: dict) -> None:
-        """Queue one row; never blocks, never raises. Do not mutate `row` afterwards."""
-        if not isinstance(row, dict) or self._stopped:  # None and Events are the writer's signals
+        """Price `row` (adds FIGURES when any is absent, for the caller's metrics to read
+        too) and queue it; never blocks, never raises. Do not mutate `row` afterwards."""
+        if not isinstance(row, dict):  # None and Events are the writer's signals
             self._dropped(1)
             return
         try:
-            self._queue.put_nowait(row)
-        except queue.Full:
-            self._dropped(1)
-        except Exception:  # fail open, whatever happens
+            if not all(name in row for name in FIGURES):
+                for name, value in figures(row, self.prices).items():
+                    row.setdefault(name, value)
+            if self._stopped:
+                self._dropped(1)
+            else:
+                self._queue.put_nowait(row)
+        except Exception:  # queue.Full, or anything else: fail open
             self._dropped(1)
 
     def _dropped(self, n):
@@ -342,7 +341,7 @@ class Recorder:
     def _write(self, rows, final=False):
         """Write `rows`; returns the rows to retry (only when the DB is busy)."""
         try:
-            records = [to_record(r, self.prices) for r in rows]
+            records = [to_record(r) for r in rows]
         except Exception:
             log.exception("accounting rows could not be converted; dropping them")
             self._dropped(len(rows))

@@ -26,7 +26,7 @@ import threading
 import time
 
 from . import footer, sse
-from .accounting import price_row
+from .accounting import SERVED_LOCALLY, figures
 from .cache import Entry, cache_key
 from .coalesce import FlightFailed
 from .hangup import shutdown_upstream
@@ -466,12 +466,12 @@ def token_counts(ex, usage):
 def footer_line(app, ex, usage):
     """The footer for this answer: the same cost and savings its accounting row gets."""
     before, after = token_counts(ex, usage)
-    cost, saved = price_row({
+    priced = figures({
         "model": ex.model, "cache": ex.cache, "method": ex.method, "path": ex.path,
         "status": ex.status, "usage": _usage_dict(usage) if usage is not None else None,
         "tokens_before": before, "tokens_after": after}, app.prices)
-    return footer.format_line(before, after, "hit" if ex.cache in ("hit", "coalesced")
-                              else ex.cache, cost, saved)
+    return footer.format_line(before, after, "hit" if ex.cache in SERVED_LOCALLY else ex.cache,
+                              priced["cost_usd"], priced["saved_usd"])
 
 
 def footer_headers(app, ex):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import re
 import sqlite3
 import sys
 import threading
@@ -33,12 +32,12 @@ import time
 import urllib.parse
 
 from tokenpak import __version__
-from tokenpak.accounting import SERVED_LOCALLY, price_row, row_usage
+from tokenpak.accounting import SERVED_LOCALLY, SERVED_LOCALLY_SQL, row_usage
 from tokenpak.errors import ExitStatus, TokenpakError
 from tokenpak.pricing import FIELDS
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_LOCAL = "cache IN ('hit', 'coalesced')"
+_LOCAL = "cache IN %s" % SERVED_LOCALLY_SQL
 _PROMPT = "COALESCE(input_tokens, 0) + COALESCE(cache_read_tokens, 0) + COALESCE(cache_write_tokens, 0)"
 # One pass over the rows of a group. Requests answered locally ("hit", "coalesced") paid no
 # provider, so their tokens count as "cached" and not as input/output; a NULL cost with
@@ -353,10 +352,7 @@ class Metrics:
             model = str(row.get("model") or "")
             status = str(row.get("status") if row.get("status") is not None else "error")
             cache = str(row.get("cache") or "")
-            if "cost_usd" in row:
-                cost, saved = row.get("cost_usd"), row.get("saved_usd")
-            else:
-                cost, saved = price_row(row, self.prices)
+            cost, saved = row.get("cost_usd"), row.get("saved_usd")  # priced by Recorder.record
             usage = None if cache in SERVED_LOCALLY else row_usage(row)  # billed tokens only
             latency = row.get("latency_ms")
             with self._lock:
