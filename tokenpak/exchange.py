@@ -343,6 +343,17 @@ def relay_stream(handler, app, ex, response, headers, flight):
         if flight is None or flight.leader_left(stop):
             stop()
 
+    def answered():
+        # Our client left once the final event reached it: the answer is whole (see
+        # got_final_event), so it is cached and shared like one that ended normally.
+        if not got_final_event(ex, rewriter):
+            return False
+        if record:
+            store(app, ex, headers, b"".join(recorded), streamed=True)
+        if flight is not None:
+            flight.finish(True)  # after store: a later arrival finds one or the other
+        return True
+
     handler.start_stream(ex.status, headers + footer_headers(app, ex))
     watch = app.hangup.watch(handler.connection, abort)
     try:
@@ -363,7 +374,7 @@ def relay_stream(handler, app, ex, response, headers, flight):
                         break
     except Exception as exc:  # the upstream broke mid-stream (reset, timeout, bad framing)
         ex.complete = False
-        if ex.client_gone and answered(ex, rewriter, flight):
+        if ex.client_gone and answered():
             return
         if not ex.client_gone:
             ex.error = "upstream stream failed: %s" % exc.__class__.__name__
@@ -377,7 +388,7 @@ def relay_stream(handler, app, ex, response, headers, flight):
     finally:
         app.hangup.unwatch(watch)
     if ex.client_gone:
-        if answered(ex, rewriter, flight):
+        if answered():
             return
         ex.complete, ex.error = False, ex.error or "client disconnected mid-stream"
         if flight is not None:
@@ -402,7 +413,7 @@ def relay_stream(handler, app, ex, response, headers, flight):
         store(app, ex, headers, b"".join(recorded), streamed=True)
 
 
-def answered(ex, rewriter, flight):
+def got_final_event(ex, rewriter):
     """A client that hung up once the final event reached it got the whole answer: Codex
     closes its connection at response.completed, before the chunked body's end. Then the
     call is complete and accounted with the usage that went through, not a lost stream."""
@@ -410,8 +421,6 @@ def answered(ex, rewriter, flight):
         return False
     ex.usage, ex.complete = rewriter.watcher.usage, True
     ex.model = rewriter.watcher.model or ex.model
-    if flight is not None:
-        flight.finish(False)  # the upstream read was cut: nothing complete to share or store
     return True
 
 
