@@ -11,6 +11,11 @@ kind once and the recovery once, and `DbFile` notices a deleted, replaced or cor
 (`check()`), moves a corrupt one aside as `<db>.corrupt-<ts>` (`quarantine()`) and creates
 a fresh one on the owner's next `connect_writer()`, all without a restart.
 
+`Writer` is that lifecycle for one store's writer thread, written once for both stores:
+open (moving a corrupt file aside), one transaction per batch with rollback, classify a
+failure, keep a busy batch for a few retries, back off and reopen after anything else,
+notice a deleted, replaced or corrupt file. Each store only says how to apply its batch.
+
 The same-process lock trap: sqlite's locks are POSIX advisory locks, which belong to the
 process, not the descriptor, and closing *any* descriptor of the file drops all of them.
 So an existing DB file is never open()ed and close()d from Python (`DbFile._prepare` only
