@@ -359,6 +359,8 @@ class CacheStore:
                 self._writing = False
                 self._idle.notify_all()
         if retry:
+            for item, at in touched.items():
+                self._touched.setdefault(item, at)  # access times wait with the batch
             self._wake.set()
 
     def _commit(self, batch, touched, final):
