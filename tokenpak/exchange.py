@@ -21,8 +21,8 @@ client through a small writer interface, which the Handler implements and a test
 2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
    requests in flight share one upstream call (coalesce.py).
 3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
-   relayed chunk by chunk, through the rewriter, to the client, the cache recorder and any
-   followers at once.
+   relayed chunk by chunk, through the rewriter, to the client and into the flight, which
+   followers read and which is the one copy kept for the cache.
 4. record (accounting.py, stats.Metrics): one row per request, queued to a writer thread.
 
 Anything the optimisations raise is logged and the request goes on unoptimised: the user's
@@ -63,7 +63,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "client_gone", "local", "_json")
+                 "no_store", "no_cache", "local", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -88,7 +88,6 @@ class Exchange:
         self.complete = True
         self.drop_usage = False
         self.no_store = self.no_cache = False
-        self.client_gone = False
         self.local = False              # a local endpoint's answer: logged, not recorded
         self._json = False              # not parsed yet
 
@@ -220,7 +219,7 @@ def run(out, app, rt, ex):
             return
         # The leader failed before answering: make our own call, with a flight of our own
         # that no one joins (it holds the answer for the cache, as a leader's does).
-        flight, leader = Flight(), True
+        flight = Flight()
     try:
         forward(out, app, rt, ex, flight)
     finally:
@@ -261,8 +260,7 @@ def follow(out, app, rt, ex, flight):
             body = b"".join(flight.chunks(app.read_timeout))
             headers = [h for h in headers if h[0].lower() != "content-length"]
             parsed = parse_answer(ex, body)
-            out.whole(ex.status, headers + footer_headers(ex),
-                                finish_body(rt, ex, body, parsed))
+            out.whole(ex.status, headers + footer_headers(ex), finish_body(rt, ex, body, parsed))
             return True
         rewriter = make_rewriter(rt, ex) if ex.status < 300 else None
         out.start(ex.status, headers + footer_headers(ex))
@@ -373,8 +371,10 @@ def relay_stream(out, rt, ex, response, headers, flight):
     size = 0
     record = ex.key is not None and 200 <= ex.status < 300 and not ex.no_store
 
+    gone = threading.Event()  # our client hung up (set from the hang-up watcher's thread)
+
     def stop():
-        ex.client_gone = True
+        gone.set()
         shutdown_upstream(response)
 
     def abort():
@@ -389,16 +389,16 @@ def relay_stream(out, rt, ex, response, headers, flight):
             if flight is not None:
                 flight.push(data)
             size += len(data)
-            if not ex.client_gone:
+            if not gone.is_set():
                 if not out.write(rewriter.feed(data) if rewriter else data):
                     abort()
-                    if ex.client_gone:
+                    if gone.is_set():
                         break
     except Exception as exc:  # the upstream broke mid-stream (reset, timeout, bad framing)
         ex.complete = False
-        if ex.client_gone and answered(ex, rewriter, flight):
+        if gone.is_set() and answered(ex, rewriter, flight):
             return
-        if not ex.client_gone:
+        if not gone.is_set():
             ex.error = "upstream stream failed: %s" % exc.__class__.__name__
             if rewriter:
                 out.write(rewriter.abort("upstream connection lost mid-stream; "
@@ -409,7 +409,7 @@ def relay_stream(out, rt, ex, response, headers, flight):
         return
     finally:
         unwatch()
-    if ex.client_gone:
+    if gone.is_set():
         if answered(ex, rewriter, flight):
             return
         ex.complete, ex.error = False, ex.error or "client disconnected mid-stream"
