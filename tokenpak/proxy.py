@@ -216,9 +216,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Read one request and dispatch it, whatever its method; then log and record it."""
         self.exchange = None  # never the previous keep-alive request's
         self.head_sent = False
-        self.rt = self.server.app.runtime  # this request's settings, whatever a reload does
         try:
             self.raw_requestline = self.rfile.readline(65537)
+            # This request's settings, once it has arrived, whatever a reload does meanwhile.
+            self.rt = self.server.app.runtime
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
@@ -351,7 +352,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_metrics(self, app):
         body = app.render_metrics().encode("utf-8")
-        self.write_head(200, None, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+        self.write_head(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                         str(len(body)), body)
 
     def read_body(self):
@@ -427,17 +428,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A complete answer with its length, headers and body in one send; body None: the
         head alone (HEAD, 204, 304), whose headers already say any length."""
         if body is None:
-            self.write_head(status, None, headers, None)
+            self.write_head(status, headers, None)
             return
         self.exchange.sent = len(body)
-        self.write_head(status, None, headers, str(len(body)), body)
+        self.write_head(status, headers, str(len(body)), body)
 
     def start(self, status, headers):
         """Headers of an answer whose body follows in chunks (close-delimited for HTTP/1.0)."""
         self.chunked = self.request_version == "HTTP/1.1"
         if not self.chunked:
             self.close_connection = True
-        self.write_head(status, None, headers, None, chunked=self.chunked)
+        self.write_head(status, headers, None, chunked=self.chunked)
 
     def write(self, data):
         """Send one piece of a stream now; False when the client has gone."""
@@ -466,13 +467,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return lambda: hangup.unwatch(token)
 
     # -- writing -----------------------------------------------------------------------
-    def write_head(self, status, reason, headers, length, body=b"", chunked=False):
+    def write_head(self, status, headers, length, body=b"", chunked=False):
         """Status line and headers, plus a small body, in a single send.
 
         The answer to HEAD is the head alone (RFC 9110 9.3.2): Content-Length still says
         what GET would have sent, but no body follows, or the client would read it as the
         start of the next answer on the connection."""
-        lines = ["HTTP/1.1 %d %s" % (status, reason or _reason(status))]
+        lines = ["HTTP/1.1 %d %s" % (status, _reason(status))]
         lines.extend("%s: %s" % pair for pair in headers)
         if length is not None:
             lines.append("Content-Length: %s" % length)
@@ -491,7 +492,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ex = getattr(self, "exchange", None)
         if ex is not None:
             ex.status, ex.sent = status, 0 if self.command == "HEAD" else len(body)
-        self.write_head(status, None, [("Content-Type", "application/json")] + list(extra),
+        self.write_head(status, [("Content-Type", "application/json")] + list(extra),
                         str(len(body)), body)
 
     def fail(self, status, message, close=False, extra=()):
