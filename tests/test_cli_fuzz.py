@@ -23,7 +23,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tokenpak import cli, daemon, doctor, proxy, systemd
+from tokenpak import cli, daemon, doctor, proxy, service
 from tokenpak.errors import ExitStatus
 
 from conftest import free_port
@@ -136,8 +136,8 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
     # closed once the test ends: later tests would log into a closed file
     monkeypatch.setattr(daemon, "setup_logging", lambda *a, **k: None)
     monkeypatch.setattr(daemon, "start", lambda *a, **k: 0)
-    monkeypatch.setattr(systemd.subprocess, "run", _no_systemctl)
-    monkeypatch.setattr(systemd.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(service.subprocess, "run", _no_systemctl)
+    monkeypatch.setattr(service.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(doctor, "CONNECT_TIMEOUT", 0.2)
     closed = "http://127.0.0.1:%d" % free_port()
     for name in ("OPENAI", "ANTHROPIC", "GOOGLE"):

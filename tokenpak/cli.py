@@ -240,14 +240,14 @@ def cmd_status(args):
 
 
 def cmd_service_install(args):
-    from . import systemd
-    sys.stdout.write(systemd.install_user_unit())
+    from . import service
+    sys.stdout.write(service.install_user_unit())
     return ExitStatus.OK
 
 
 def cmd_service_uninstall(args):
-    from . import systemd
-    sys.stdout.write(systemd.uninstall_user_unit())
+    from . import service
+    sys.stdout.write(service.uninstall_user_unit())
     return ExitStatus.OK
 
 

@@ -179,8 +179,8 @@ def check_tokenizer():
 
 def check_service():
     """The units tokenpak installs: the command they start must exist."""
-    from . import systemd
-    units = [os.path.join(systemd._user_unit_dir(None), systemd.UNIT_NAME),
+    from . import service
+    units = [os.path.join(service._user_unit_dir(None), service.UNIT_NAME),
              "/lib/systemd/system/tokenpak.service"]
     findings = []
     for path in units:

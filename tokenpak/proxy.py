@@ -33,6 +33,7 @@ import time
 from http import HTTPStatus
 
 from . import __version__, exchange, framing, pricing, stats, systemd
+from .metrics import Metrics
 from .accounting import Recorder
 from .cache import CacheStore, load_secret, scope_id
 from .coalesce import Coalescer
@@ -120,7 +121,7 @@ class App:
         self.read_timeout = config.get("proxy.read_timeout")
         self.coalescer = Coalescer()
         self.hangup = HangupWatcher()
-        self.metrics = stats.Metrics()
+        self.metrics = Metrics()
         self.recorder = Recorder(self.db_path)
         self.recorder.start()
         self.cache = None
