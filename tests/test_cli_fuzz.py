@@ -23,7 +23,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tokenpak import cli, daemon, doctor, proxy, service
+from tokenpak import cli, daemon, doctor, lifecycle, service
 from tokenpak.errors import ExitStatus
 
 from conftest import free_port
@@ -131,10 +131,10 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
                                             "list.json", "a_file")]
     paths += [str(files), str(files / "missing.json"), str(files / "a_file" / "below"),
               str(files / "out.json")]
-    monkeypatch.setattr(proxy, "serve", lambda *a, **k: 0)
+    monkeypatch.setattr(lifecycle, "serve", lambda *a, **k: 0)
     # serve would point the "tokenpak" logger at this test's captured stderr, which is
     # closed once the test ends: later tests would log into a closed file
-    monkeypatch.setattr(daemon, "setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr(lifecycle, "setup_logging", lambda *a, **k: None)
     monkeypatch.setattr(daemon, "start", lambda *a, **k: 0)
     monkeypatch.setattr(service.subprocess, "run", _no_systemctl)
     monkeypatch.setattr(service.shutil, "which", lambda name: "/usr/bin/" + name)
