@@ -5,13 +5,14 @@ import ast
 import logging
 import os
 import socket
+import threading
 
 import pytest
 
 from tokenpak import config as configmod
 from tokenpak import lifecycle
 
-from helpers import proxy_settings
+from helpers import WAIT, proxy_settings
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenpak")
 
@@ -83,6 +84,27 @@ def test_a_reload_logs_what_changed_and_what_needs_a_restart(
     assert "reload: proxy.auth_token = ***" in caplog.text
     assert "s3cret-token" not in caplog.text
     assert proxy.app.footer_enabled is True
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_serve_warns_when_it_listens_beyond_loopback(fake, tmp_path, monkeypatch, caplog,
+                                                     host, warned):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    config = _loader(fake, tmp_path, **{"proxy.host": host})()
+    started = threading.Event()
+    servers = []
+
+    def on_ready(server):
+        servers.append(server)
+        started.set()
+    with caplog.at_level(logging.INFO, logger="tokenpak"):
+        thread = threading.Thread(target=lifecycle.serve, args=(config, on_ready))
+        thread.start()
+        assert started.wait(WAIT)
+        servers[0].shutdown()
+        thread.join(WAIT)
+    assert ("anyone who can reach this address can use the proxy" in caplog.text) is warned
+    assert "tokenpak stopped" in caplog.text
 
 
 # --- no import cycle ----------------------------------------------------------------------

@@ -34,7 +34,6 @@ log = logging.getLogger("tokenpak")
 
 LOG_MAX_BYTES = 10 * 1024 * 1024  # rotate the daemon's log at 10 MiB...
 LOG_BACKUPS = 5  # ...keeping five old files
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 # Libraries whose records may carry a credential (urllib3 logs a retried request's URL).
 _LIBRARY_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager")
@@ -75,7 +74,7 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
     `reload()` returns the config to apply on SIGHUP (None: SIGHUP keeps its default)."""
     server = create_server(config, listen_socket)
     host, port = server.server_address[:2]
-    if host not in LOOPBACK and not host.startswith("127."):
+    if not server.loopback:
         log.warning("listening on %s: anyone who can reach this address can use the proxy "
                     "and the cache%s", host, "" if config.get("proxy.auth_token")
                     else "; set proxy.auth_token to require a token")
