@@ -121,6 +121,11 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
     """Files for the arguments, and no real listening, systemctl or network."""
     files = tmp_path / "files"
     files.mkdir()
+    # A relative `--output NAME` lands three levels below tmp_path: never in the checkout,
+    # and `../../../etc/passwd` (a HOSTILE value, written as root) not in /etc.
+    cwd = tmp_path / "cwd" / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
     (files / "binary.json").write_bytes(b"\xff\xfe\x00\x01" * 64)
     (files / "body.json").write_text(json.dumps(
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello " * 20}]}))
