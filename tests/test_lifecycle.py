@@ -17,17 +17,6 @@ from helpers import WAIT, proxy_settings
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenpak")
 
 
-@pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    """A bound datagram socket standing in for systemd's; NOTIFY_SOCKET points at it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(tmp_path / "notify"))
-    sock.settimeout(10)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
-    yield sock
-    sock.close()
-
-
 def _states(sock):
     """The first line of every datagram sent so far ("RELOADING=1", "READY=1", ...)."""
     sock.settimeout(0.5)

@@ -20,18 +20,6 @@ needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze is not installed")
 
 
-@pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    """A bound notification socket standing in for systemd's; NOTIFY_SOCKET points at it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = str(tmp_path / "notify")
-    sock.bind(path)
-    sock.settimeout(10)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    yield sock
-    sock.close()
-
-
 def _fields(datagram):
     return dict(line.split("=", 1) for line in datagram.decode().split("\n"))
 
