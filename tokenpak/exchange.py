@@ -23,7 +23,7 @@ client through a small writer interface, which the Handler implements and a test
 3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
    relayed chunk by chunk, through the rewriter, to the client and into the flight, which
    followers read and which is the one copy kept for the cache.
-4. record (accounting.py, stats.Metrics): one row per request, queued to a writer thread.
+4. record (accounting.py, metrics.Metrics): one row per request, queued to a writer thread.
 
 Anything the optimisations raise is logged and the request goes on unoptimised: the user's
 answer never depends on the cache, the compressor or the accounting database.

@@ -17,7 +17,8 @@ written with its headers in one send; anything else (SSE streams, chunked or clo
 bodies) is relayed chunk by chunk with chunked transfer encoding, each chunk written to the
 socket the moment the provider sends it.
 
-Run as `python -m tokenpak.proxy --port N` (the seed docs' form) or `tokenpak serve`.
+The process around it (config, logging, signals, reload, systemd, --daemon) is lifecycle.py's:
+`tokenpak serve` and `python -m tokenpak.proxy --port N` (the seed docs' form) both run it.
 """
 
 import hmac
@@ -27,20 +28,20 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 import threading
 import time
 from http import HTTPStatus
 
-from . import __version__, exchange, framing, runtime, stats, systemd
+from . import __version__, exchange, framing, runtime, stats
 from .accounting import Recorder
 from .cache import CacheStore, load_secret
 from .coalesce import Coalescer
 from .doctor import db_path_problem
 from .errors import TokenpakError
 from .hangup import HangupWatcher
+from .metrics import Metrics
 from .providers import NoRoute, check_target, redact
 from .runtime import RESTART_KEYS, host_name
 from .stats import printable
@@ -50,28 +51,10 @@ log = logging.getLogger("tokenpak")
 access_log = logging.getLogger("tokenpak.access")
 
 AUTH_HEADER = exchange.AUTH_HEADER
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 METHOD_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
 LOCAL_METHODS = ("GET", "HEAD")
-
-
-class RedactingFilter(logging.Filter):
-    """Redacts credentials from records of the libraries tokenpak calls: urllib3 logs the
-    URL of a retried or failed request, query string included, so a Gemini `?key=` would
-    reach stderr (and the journal) through it."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        return True
-
-
-for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
-    logging.getLogger(_name).addFilter(RedactingFilter())
 
 
 def _strip_line(raw):
@@ -109,7 +92,7 @@ class App:
         self.read_timeout = config.get("proxy.read_timeout")
         self.coalescer = Coalescer()
         self.hangup = HangupWatcher()
-        self.metrics = stats.Metrics()
+        self.metrics = Metrics()
         self.recorder = Recorder(self.db_path)
         self.verified_scopes = set()
         self._cache = None  # (CacheStore, secret), once a config has enabled the cache
@@ -629,91 +612,6 @@ def create_server(config, listen_socket=None):
                             hint=hint)
 
 
-def serve(config, on_ready=None, listen_socket=None, reload=None):
-    """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
-
-    SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish (up to
-    proxy.shutdown_grace_seconds) and flush accounting. SIGHUP re-reads the config through
-    `reload()` and applies what can change live. Under systemd, readiness, reloads, the
-    stop and watchdog pings are reported over $NOTIFY_SOCKET."""
-    server = create_server(config, listen_socket)
-    host, port = server.server_address[:2]
-    if host not in LOOPBACK and not host.startswith("127."):
-        log.warning("listening on %s: anyone who can reach this address can use the proxy "
-                    "and the cache%s", host, "" if config.get("proxy.auth_token")
-                    else "; set proxy.auth_token to require a token")
-    if threading.current_thread() is threading.main_thread():
-        install_signal_handlers(server, reload)
-    log.info("tokenpak %s listening on http://%s:%d", __version__, host, port)
-    if on_ready is not None:
-        on_ready(server)
-    systemd.ready("listening on %s:%d" % (host, port))
-    watchdog = systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 10)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    finally:
-        systemd.stopping()
-        server.server_close()
-        grace = server.app.runtime.config.get("proxy.shutdown_grace_seconds")
-        if not server.app.wait_idle(grace):
-            log.warning("stopping with requests still in flight after %.0f s", grace)
-        if watchdog is not None:
-            watchdog.stop()
-        server.app.close()
-        log.info("tokenpak stopped")
-    return 0
-
-
-def install_signal_handlers(server, reload):
-    stopping = []
-
-    def stop(signum, frame):
-        name = signal.Signals(signum).name
-        if stopping:  # a second Ctrl-C: the user will not wait for the streams to drain
-            log.warning("%s again: exiting now, without waiting for in-flight requests", name)
-            logging.shutdown()
-            os._exit(1)
-        stopping.append(signum)
-        log.info("%s: finishing in-flight requests, then stopping (press Ctrl-C again to "
-                 "exit at once)", name)
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    def hangup(signum, frame):
-        threading.Thread(target=reload_config, args=(server, reload), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if reload is not None:
-        signal.signal(signal.SIGHUP, hangup)
-
-
-def reload_config(server, reload):
-    """SIGHUP: apply the config file again, all of it or (on any error) none of it; log
-    what changed and what needs a restart. systemd hears READY=1 again either way."""
-    systemd.reloading()
-    try:
-        new = reload()
-        old = server.app.runtime.config
-        restart = server.app.reload(new)
-    except TokenpakError as exc:
-        log.error("reload failed, keeping the running settings: %s", exc.message)
-    else:
-        changed = runtime.changed(old, new)
-        if not changed:
-            log.info("reload: no setting changed")
-        for name in changed:
-            later = " (takes effect after a restart)" if name in (restart or ()) else ""
-            shown = "***" if name == "proxy.auth_token" else runtime.value(new, name)
-            log.info("reload: %s = %s%s", name, shown, later)
-    finally:
-        systemd.ready()
-
-
-def main(argv=None):
-    """`python -m tokenpak.proxy --port N`, the same as `tokenpak serve --port N`."""
-    from .cli import main as cli_main
-    return cli_main(["serve"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m tokenpak.proxy --port N`, the seed docs' form
+    from tokenpak.cli import main
+    sys.exit(main(["serve"] + sys.argv[1:]))
