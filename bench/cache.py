@@ -130,10 +130,11 @@ def per_call(function, n):
 def accounting_cost(n, chunk=10000):
     """Seconds per request of the accounting work on the handler thread (total and by
     part), and the writer thread's CPU seconds per row written."""
-    from tokenpak import accounting, exchange, pricing, stats
+    from tokenpak import accounting, exchange, pricing
+    from tokenpak.metrics import Metrics
     ex = realistic_exchange()
     prices = pricing.load_prices(None)
-    metrics = stats.Metrics(prices)
+    metrics = Metrics(prices)
     db = os.path.join(tempfile.mkdtemp(prefix="tokenpak-bench-acct-"), "tokenpak.db")
     hot = writer = 0.0
     done = 0

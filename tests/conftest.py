@@ -9,6 +9,7 @@ Only fixtures live here; what tests import by name is in helpers.py.
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -81,6 +82,17 @@ def make_proxy(fake, tmp_path):
 @pytest.fixture
 def proxy(make_proxy):
     return make_proxy()
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A bound datagram socket standing in for systemd's; NOTIFY_SOCKET points at it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    yield sock
+    sock.close()
 
 
 @pytest.fixture

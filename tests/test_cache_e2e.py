@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from helpers import ALL_KEYS, ANTHROPIC_KEY, anthropic_client, openai_client
+from tokenpak import exchange
 
 
 def ask(client, text="cache me", **kw):
@@ -211,7 +212,7 @@ def test_concurrent_identical_streams_share_one_call_incrementally(cached, fake)
 def test_cache_survives_restart(make_proxy, fake, tmp_path):
     first = make_proxy(cache__enabled=True)
     ask(openai_client(first), "persist")
-    first.app.cache.flush()
+    first.app.runtime.cache.store.flush()
     first.stop()
     second = make_proxy(cache__enabled=True)
     assert ask(openai_client(second), "persist").headers["x-tokenpak-cache"] == "hit"
@@ -241,7 +242,7 @@ def test_db_holds_no_api_key(make_proxy, fake, tmp_path):
     with anthropic_client(proxy).messages.stream(model="claude-sonnet-4-6", max_tokens=5,
                                    messages=[{"role": "user", "content": "s"}]) as s:
         list(s.text_stream)
-    proxy.app.cache.flush()
+    proxy.app.runtime.cache.store.flush()
     proxy.app.recorder.flush()
     state = tmp_path / "state"
     files = [p for p in state.iterdir() if p.is_file()]
@@ -255,17 +256,18 @@ def test_db_holds_no_api_key(make_proxy, fake, tmp_path):
     assert rows and all(len(r[0]) == 12 for r in rows)
 
 
-def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fake):
+def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fake,
+                                                                      monkeypatch):
     """Request B misses the cache while identical request A is still in flight; A then
     stores its answer and leaves before B joins. B must find A's answer, not call again."""
     ask(openai_client(cached), "race")
-    real_get, calls = cached.app.cache_get, []
+    real_lookup, calls = exchange.lookup, []
 
-    def racing_get(scope, key, *rest):
-        calls.append(key)
-        return None if len(calls) == 1 else real_get(scope, key, *rest)  # the first raced
+    def racing_lookup(app, rt, ex):
+        calls.append(ex.key)
+        return None if len(calls) == 1 else real_lookup(app, rt, ex)  # the first raced
 
-    cached.app.cache_get = racing_get
+    monkeypatch.setattr(exchange, "lookup", racing_lookup)
     again = ask(openai_client(cached), "race")
     assert again.headers["x-tokenpak-cache"] == "hit"
     assert len(calls) == 2

@@ -371,10 +371,10 @@ def test_system_flag_uses_the_debian_services_files(capsys, monkeypatch):
 
 
 def test_service_install_into_an_unwritable_place_is_one_line(capsys, monkeypatch, tmp_path):
-    from tokenpak import systemd
+    from tokenpak import service
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "file"))
-    monkeypatch.setattr(systemd.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(service.shutil, "which", lambda name: "/usr/bin/" + name)
     status, _, err = run(capsys, "service", "install")
     assert status == ExitStatus.ERROR
     assert_one_error(err, "cannot write", "tokenpak.service")

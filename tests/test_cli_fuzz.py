@@ -23,7 +23,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tokenpak import cli, daemon, doctor, proxy, systemd
+from tokenpak import cli, daemon, doctor, lifecycle, service
 from tokenpak.errors import ExitStatus
 
 from conftest import free_port
@@ -121,6 +121,11 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
     """Files for the arguments, and no real listening, systemctl or network."""
     files = tmp_path / "files"
     files.mkdir()
+    # A relative `--output NAME` lands three levels below tmp_path: never in the checkout,
+    # and `../../../etc/passwd` (a HOSTILE value, written as root) not in /etc.
+    cwd = tmp_path / "cwd" / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
     (files / "binary.json").write_bytes(b"\xff\xfe\x00\x01" * 64)
     (files / "body.json").write_text(json.dumps(
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "hello " * 20}]}))
@@ -131,13 +136,13 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
                                             "list.json", "a_file")]
     paths += [str(files), str(files / "missing.json"), str(files / "a_file" / "below"),
               str(files / "out.json")]
-    monkeypatch.setattr(proxy, "serve", lambda *a, **k: 0)
+    monkeypatch.setattr(lifecycle, "serve", lambda *a, **k: 0)
     # serve would point the "tokenpak" logger at this test's captured stderr, which is
     # closed once the test ends: later tests would log into a closed file
-    monkeypatch.setattr(daemon, "setup_logging", lambda *a, **k: None)
+    monkeypatch.setattr(lifecycle, "setup_logging", lambda *a, **k: None)
     monkeypatch.setattr(daemon, "start", lambda *a, **k: 0)
-    monkeypatch.setattr(systemd.subprocess, "run", _no_systemctl)
-    monkeypatch.setattr(systemd.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(service.subprocess, "run", _no_systemctl)
+    monkeypatch.setattr(service.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(doctor, "CONNECT_TIMEOUT", 0.2)
     closed = "http://127.0.0.1:%d" % free_port()
     for name in ("OPENAI", "ANTHROPIC", "GOOGLE"):

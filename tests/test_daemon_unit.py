@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tokenpak import daemon
+from tokenpak import daemon, lifecycle
 from tokenpak.errors import ExitStatus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -263,8 +263,8 @@ def tokenpak_logger():
 
 def test_daemon_logs_to_a_rotating_file(tmp_path, tokenpak_logger):
     path = str(tmp_path / "logs" / "tokenpak.log")
-    daemon.setup_logging(path, "warning", journal=False)
-    daemon.setup_logging(path, "warning", journal=False)  # again (SIGHUP): not twice
+    lifecycle.setup_logging(path, "warning", journal=False)
+    lifecycle.setup_logging(path, "warning", journal=False)  # again (SIGHUP): not twice
     handlers = [h for h in tokenpak_logger.handlers if getattr(h, "_tokenpak", False)]
     assert len(handlers) == 1
     handler = handlers[0]
@@ -282,7 +282,7 @@ def test_journal_lines_have_a_priority_and_no_timestamp(tmp_path, tokenpak_logge
                                                         monkeypatch):
     stream = open(tmp_path / "stderr", "w")
     monkeypatch.setattr(sys, "stderr", stream)
-    daemon.setup_logging(None, "info", journal=True)
+    lifecycle.setup_logging(None, "info", journal=True)
     tokenpak_logger.error("cannot reach upstream")
     tokenpak_logger.info("listening")
     stream.flush()
@@ -294,7 +294,7 @@ def test_journal_lines_have_a_priority_and_no_timestamp(tmp_path, tokenpak_logge
 def test_terminal_lines_have_timestamps(tmp_path, tokenpak_logger, monkeypatch):
     stream = open(tmp_path / "stderr", "w")
     monkeypatch.setattr(sys, "stderr", stream)
-    daemon.setup_logging(None, "debug", journal=False)
+    lifecycle.setup_logging(None, "debug", journal=False)
     tokenpak_logger.debug("detail")
     stream.flush()
     line = open(tmp_path / "stderr").read().strip()

@@ -28,7 +28,7 @@ def test_openai_reset_mid_stream_ends_with_an_error_event(make_proxy, fake):
     assert "incomplete" in str(caught.value)
     row = accounting_rows(proxy, 1)[-1]
     assert row["complete"] == 0 and "upstream" in row["error"]
-    assert proxy.app.cache.stats()["entries"] == 0
+    assert proxy.app.runtime.cache.store.stats()["entries"] == 0
 
 
 def test_anthropic_reset_mid_stream_ends_with_an_error_event(proxy, fake):
@@ -147,7 +147,7 @@ def ask(proxy, text):
 def test_db_deleted_while_serving(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
     assert ask(proxy, "before") == ("miss", "Echo: before")
-    proxy.app.cache.flush()
+    proxy.app.runtime.cache.store.flush()
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(proxy.app.db_path + suffix):
             os.unlink(proxy.app.db_path + suffix)
@@ -160,7 +160,7 @@ def test_db_deleted_while_serving(make_proxy, fake):
 def test_db_locked_by_another_process_while_serving(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
     ask(proxy, "warm")
-    proxy.app.cache.flush()
+    proxy.app.runtime.cache.store.flush()
     # Another process holds an exclusive lock until the test releases it (a line on stdin).
     locker = subprocess.Popen(
         [sys.executable, "-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1], "
@@ -180,7 +180,7 @@ def test_db_locked_by_another_process_while_serving(make_proxy, fake):
 def test_db_corrupted_while_serving(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
     ask(proxy, "first")
-    proxy.app.cache.flush()
+    proxy.app.runtime.cache.store.flush()
     proxy.app.recorder.flush()
     with open(proxy.app.db_path, "r+b") as handle:
         handle.write(b"\x00garbage" * 512)

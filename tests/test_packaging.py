@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tokenpak import config, systemd
+from tokenpak import config, service
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, "packaging")
@@ -177,7 +177,7 @@ def test_socket_listens_on_the_default_loopback_port():
 
 
 def test_packaged_user_unit_is_what_service_install_writes():
-    written = [line for line in systemd.user_unit_text(["/usr/bin/tokenpak"]).splitlines()
+    written = [line for line in service.user_unit_text(["/usr/bin/tokenpak"]).splitlines()
                if line and not line.startswith("#")]
     shipped = [line for line in _read(USER_UNIT).splitlines()
                if line and not line.startswith("#")]

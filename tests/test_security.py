@@ -21,7 +21,7 @@ import pytest
 
 from helpers import (GOOGLE_KEY, OPENAI_KEY, OTHER_SECRETS, assert_healthy, raw_request,
                      send_raw)
-from tokenpak import cli, daemon, stats
+from tokenpak import cli, lifecycle, stats
 from tokenpak import proxy as proxymod
 from tokenpak.errors import TokenpakError
 from tokenpak.providers import credential, redact
@@ -489,11 +489,11 @@ def test_log_file_symlink_is_refused(tmp_path):
     link.parent.mkdir()
     link.symlink_to(victim)
     with pytest.raises(TokenpakError):
-        daemon.setup_logging(str(link), "info", journal=False)
+        lifecycle.setup_logging(str(link), "info", journal=False)
     try:
         logging.getLogger("tokenpak").info("a line that must not reach the victim")
     finally:
-        daemon.setup_logging(None, "info", journal=False)
+        lifecycle.setup_logging(None, "info", journal=False)
     assert victim.read_text() == "precious\n"
 
 
@@ -502,10 +502,10 @@ def test_log_file_is_0600_even_when_it_existed_wider(tmp_path):
     log_file.write_text("")
     os.chmod(str(log_file), 0o644)
     try:
-        daemon.setup_logging(str(log_file), "info", journal=False)
+        lifecycle.setup_logging(str(log_file), "info", journal=False)
         logging.getLogger("tokenpak").info("hello")
     finally:
-        daemon.setup_logging(None, "info", journal=False)
+        lifecycle.setup_logging(None, "info", journal=False)
     assert stat.S_IMODE(os.stat(str(log_file)).st_mode) == 0o600
     assert "hello" in log_file.read_text()
 

@@ -53,10 +53,26 @@ def metric_count(proxy, status):
     return total
 
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture
-def access(caplog):
-    caplog.set_level(logging.INFO, logger="tokenpak.access")
-    return lambda: [r.getMessage() for r in caplog.records if r.name == "tokenpak.access"]
+def access():
+    """The access log's lines, caught on the access logger itself: an earlier test that set
+    up tokenpak's logging in this process (serve, --daemon) may have stopped propagation."""
+    logger = logging.getLogger("tokenpak.access")
+    handler, level = _Lines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lambda: list(handler.lines)
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def assert_seen(proxy, access, status, path, error_word, method=None):

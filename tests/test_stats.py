@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tokenpak import stats
+from tokenpak import metrics, stats
 from tokenpak.accounting import Recorder, figures
 from tokenpak.cache import CacheStore
 from tokenpak.errors import ExitStatus, TokenpakError
@@ -192,7 +192,7 @@ def parse_metrics(text):
 
 
 def test_metrics_render_parses_and_counts():
-    m = stats.Metrics()
+    m = metrics.Metrics()
     for r in (row(latency_ms=30.0), row(latency_ms=700.0), row(cache="hit", latency_ms=0.5),
               row(status=429, usage=None, latency_ms=20.0)):
         m.observe(dict(r, **figures(r)))  # priced once, as Recorder.record does
@@ -225,7 +225,7 @@ def test_metrics_render_parses_and_counts():
 
 
 def test_metrics_escape_label_values():
-    m = stats.Metrics()
+    m = metrics.Metrics()
     nasty = 'gpt-"4o"\\x\nnext'
     m.observe(row(model=nasty))
     text = m.render()
@@ -235,16 +235,16 @@ def test_metrics_escape_label_values():
 
 
 def test_metrics_bound_model_cardinality():
-    m = stats.Metrics()
-    for i in range(stats.MAX_MODELS + 50):
+    m = metrics.Metrics()
+    for i in range(metrics.MAX_MODELS + 50):
         m.observe(row(model="m%d" % i, latency_ms=None))
     samples, _ = parse_metrics(m.render())
     models = {dict(k[1])["model"] for k in samples if k[0] == "tokenpak_requests_total"}
-    assert len(models) == stats.MAX_MODELS + 1 and "other" in models
+    assert len(models) == metrics.MAX_MODELS + 1 and "other" in models
 
 
 def test_metrics_observe_never_raises_and_keeps_counting():
-    m = stats.Metrics()
+    m = metrics.Metrics()
     m.observe({})
     m.observe({"provider": "openai", "model": "gpt-4o", "latency_ms": "slow", "usage": "weird"})
     good = row(latency_ms=30.0)  # a good request after the malformed ones

@@ -11,25 +11,13 @@ import uuid
 
 import pytest
 
-from tokenpak import systemd
+from tokenpak import service, systemd
 from tokenpak.errors import TokenpakError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN_PAGE = os.path.join(REPO, "man", "tokenpak.1")
 needs_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                    reason="systemd-analyze is not installed")
-
-
-@pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    """A bound notification socket standing in for systemd's; NOTIFY_SOCKET points at it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    path = str(tmp_path / "notify")
-    sock.bind(path)
-    sock.settimeout(10)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    yield sock
-    sock.close()
 
 
 def _fields(datagram):
@@ -258,7 +246,7 @@ def test_install_writes_the_unit_and_reloads(tmp_path, fake_systemctl):
     home = str(tmp_path / "home")
     exe = _stub_tokenpak(str(tmp_path / "venv" / "bin"))
     run = FakeRun()
-    text = systemd.install_user_unit(home=home, exe=exe, run=run)
+    text = service.install_user_unit(home=home, exe=exe, run=run)
     unit = open(_unit_path(home)).read()
     assert "ExecStart=%s serve" % exe in _directives(unit)
     for line in ("Type=notify", "Restart=on-failure", "WantedBy=default.target",
@@ -273,7 +261,7 @@ def test_install_writes_the_unit_and_reloads(tmp_path, fake_systemctl):
 def test_install_without_a_user_manager_still_writes_and_says_so(tmp_path, fake_systemctl):
     home = str(tmp_path / "home")
     run = FakeRun(1, "Failed to connect to bus: No medium found\n")
-    text = systemd.install_user_unit(home=home, exe=_stub_tokenpak(str(tmp_path)), run=run)
+    text = service.install_user_unit(home=home, exe=_stub_tokenpak(str(tmp_path)), run=run)
     assert os.path.exists(_unit_path(home))
     assert "Failed to connect to bus" in text
     assert "systemctl --user daemon-reload" in text
@@ -285,7 +273,7 @@ def test_install_without_systemd_refuses_plainly(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(empty))
     run = FakeRun()
     with pytest.raises(TokenpakError) as err:
-        systemd.install_user_unit(home=str(tmp_path / "home"), exe="/usr/bin/tokenpak", run=run)
+        service.install_user_unit(home=str(tmp_path / "home"), exe="/usr/bin/tokenpak", run=run)
     assert "systemd is not available" in err.value.message
     assert "--daemon" in err.value.hint
     assert run.calls == [] and not os.path.exists(_unit_path(str(tmp_path / "home")))
@@ -294,21 +282,21 @@ def test_install_without_systemd_refuses_plainly(tmp_path, monkeypatch):
 def test_install_finds_this_tokenpak(tmp_path, fake_systemctl, monkeypatch):
     script = _stub_tokenpak(str(tmp_path / "pipx" / "bin"))
     monkeypatch.setattr(sys, "argv", [script, "service", "install"])
-    systemd.install_user_unit(home=str(tmp_path / "h1"), run=FakeRun())
+    service.install_user_unit(home=str(tmp_path / "h1"), run=FakeRun())
     assert "ExecStart=%s serve" % script in open(_unit_path(str(tmp_path / "h1"))).read()
     # `python -m tokenpak`: the same interpreter, importing this very package
     monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "tokenpak", "__main__.py")])
-    systemd.install_user_unit(home=str(tmp_path / "h2"), run=FakeRun())
+    service.install_user_unit(home=str(tmp_path / "h2"), run=FakeRun())
     unit = _directives(open(_unit_path(str(tmp_path / "h2"))).read())
     assert "ExecStart=%s -m tokenpak serve" % sys.executable in unit
     assert "Environment=PYTHONPATH=%s" % REPO in unit
 
 
 def test_exec_start_quoting():
-    text = systemd.user_unit_text(["/opt/my tools/tokenpak"], {"X": "100%"})
+    text = service.user_unit_text(["/opt/my tools/tokenpak"], {"X": "100%"})
     assert 'ExecStart="/opt/my tools/tokenpak" serve' in text
     assert "Environment=X=100%%" in text
-    assert "ExecStart=/a$$b serve" in systemd.user_unit_text(["/a$b"])
+    assert "ExecStart=/a$$b serve" in service.user_unit_text(["/a$b"])
 
 
 def _verify_user_unit(path, tmp_path):
@@ -336,7 +324,7 @@ def _verify_user_unit(path, tmp_path):
 def test_installed_unit_passes_systemd_analyze_verify(tmp_path, fake_systemctl):
     home = str(tmp_path / "home")
     exe = _stub_tokenpak(str(tmp_path / "with space" / "bin"))
-    systemd.install_user_unit(home=home, exe=exe, run=FakeRun())
+    service.install_user_unit(home=home, exe=exe, run=FakeRun())
     code, output = _verify_user_unit(_unit_path(home), tmp_path)
     assert (code, output) == (0, "")
 
@@ -345,7 +333,7 @@ def test_installed_unit_passes_systemd_analyze_verify(tmp_path, fake_systemctl):
 def test_verify_catches_a_broken_unit(tmp_path):
     """The check above can fail: a unit with a typo'd directive produces output."""
     exe = _stub_tokenpak(str(tmp_path / "bin"))
-    broken = systemd.user_unit_text([exe]).replace("Restart=", "Restrat=")
+    broken = service.user_unit_text([exe]).replace("Restart=", "Restrat=")
     path = tmp_path / "tokenpak.service"
     path.write_text(broken)
     code, output = _verify_user_unit(str(path), tmp_path)
@@ -354,23 +342,23 @@ def test_verify_catches_a_broken_unit(tmp_path):
 
 def test_uninstall_removes_unit_and_enablement(tmp_path, fake_systemctl):
     home = str(tmp_path / "home")
-    systemd.install_user_unit(home=home, exe=_stub_tokenpak(str(tmp_path)), run=FakeRun())
+    service.install_user_unit(home=home, exe=_stub_tokenpak(str(tmp_path)), run=FakeRun())
     wants = os.path.join(os.path.dirname(_unit_path(home)), "default.target.wants")
     os.makedirs(wants)
     os.symlink(_unit_path(home), os.path.join(wants, "tokenpak.service"))
     run = FakeRun(1, "Failed to connect to bus")  # no user manager: the links go anyway
-    text = systemd.uninstall_user_unit(home=home, run=run)
+    text = service.uninstall_user_unit(home=home, run=run)
     assert not os.path.exists(_unit_path(home))
     assert not os.path.lexists(os.path.join(wants, "tokenpak.service"))
     assert ["systemctl", "--user", "disable", "--now", "tokenpak.service"] in run.calls
     assert "Removed %s" % _unit_path(home) in text
-    again = systemd.uninstall_user_unit(home=home, run=FakeRun())
+    again = service.uninstall_user_unit(home=home, run=FakeRun())
     assert "nothing to uninstall" in again
 
 
 def test_unit_file_is_written_whole(tmp_path, fake_systemctl):
     home = str(tmp_path / "home")
-    systemd.install_user_unit(home=home, exe=_stub_tokenpak(str(tmp_path)), run=FakeRun())
+    service.install_user_unit(home=home, exe=_stub_tokenpak(str(tmp_path)), run=FakeRun())
     unit_dir = os.path.dirname(_unit_path(home))
     assert os.listdir(unit_dir) == ["tokenpak.service"]  # no temporary file left behind
     assert stat.S_IMODE(os.stat(_unit_path(home)).st_mode) & 0o022 == 0

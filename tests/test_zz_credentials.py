@@ -81,8 +81,8 @@ def in_process_traffic(make_proxy):
     for running in (proxy, closed):
         assert wait_for(lambda: not running.app.active)
         running.app.recorder.flush()
-        if running.app.cache is not None:
-            running.app.cache.flush()
+        if running.app.runtime.cache.store is not None:
+            running.app.runtime.cache.store.flush()
     return proxy
 
 

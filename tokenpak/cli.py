@@ -166,52 +166,10 @@ def serve_overrides(args):
     return overrides
 
 
-def check_db_path(path):
-    """Refuse to start when db.path cannot hold a database: the cache and the accounting
-    would otherwise be lost silently, request after request."""
-    from . import doctor
-    problem = doctor.db_path_problem(path)
-    if problem:
-        raise TokenpakError("db.path %s is unusable: %s" % (path, problem),
-                            hint="set db.path (or TOKENPAK_DB) to a file in a writable "
-                                 "directory, e.g. `tokenpak config set db.path "
-                                 "~/.tokenpak/tokenpak.db`")
-
-
 def cmd_serve(args):
     """Foreground by default (what systemd and terminals want); --daemon detaches."""
-    from . import daemon, proxy, systemd
-    overrides = serve_overrides(args)
-    config = load_config(overrides)
-    reload = lambda: configmod.load(overrides)  # noqa: E731  (SIGHUP keeps the CLI flags)
-    level = config.get("log.level")
-    check_db_path(config.get("db.path"))
-    if args.daemon:
-        log_file = config.get("proxy.log_file")
-        pid_file = os.path.abspath(config.get("proxy.pid_file"))
-
-        def run(ready):
-            daemon.setup_logging(log_file, level, journal=False)
-
-            def on_ready(server):
-                # status and stop find the daemon where it listens, whatever the config says
-                daemon.record_address(pid_file, base_url(*server.server_address[:2]))
-                ready()
-            return proxy.serve(config, on_ready=on_ready, reload=reload)
-
-        return daemon.start(pid_file, log_file, run)
-    daemon.setup_logging(None, level, journal=systemd.under_journal())
-    sockets = systemd.listen_sockets()
-    return proxy.serve(config, listen_socket=sockets[0] if sockets else None, reload=reload)
-
-
-def base_url(host, port):
-    """http://host:port, with a wildcard address replaced by loopback (where to connect)."""
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = "[%s]" % host
-    return "http://%s:%d" % (host, port)
+    from . import lifecycle
+    return lifecycle.run(serve_overrides(args), detach=args.daemon)
 
 
 def health_url(config):
@@ -219,7 +177,8 @@ def health_url(config):
     file when it bound, else the configured one (systemd, a foreground serve)."""
     from . import daemon
     recorded = daemon.read_address(config.get("proxy.pid_file"))
-    return (recorded or base_url(config.get("proxy.host"), config.get("proxy.port"))) + "/health"
+    configured = daemon.base_url(config.get("proxy.host"), config.get("proxy.port"))
+    return (recorded or configured) + "/health"
 
 
 def cmd_stop(args):
@@ -239,14 +198,14 @@ def cmd_status(args):
 
 
 def cmd_service_install(args):
-    from . import systemd
-    sys.stdout.write(systemd.install_user_unit())
+    from . import service
+    sys.stdout.write(service.install_user_unit())
     return ExitStatus.OK
 
 
 def cmd_service_uninstall(args):
-    from . import systemd
-    sys.stdout.write(systemd.uninstall_user_unit())
+    from . import service
+    sys.stdout.write(service.uninstall_user_unit())
     return ExitStatus.OK
 
 
@@ -312,13 +271,14 @@ def _ago(seconds):
 
 
 def cmd_cache_clear(args):
+    from . import doctor
     from .cache import CacheStore
     config = load_config()
     db = config.get("db.path")
     if not os.path.exists(db):
         print("removed 0 cache entries (no database at %s)" % db)
         return ExitStatus.OK
-    check_db_path(db)
+    doctor.check_db_path(db)
     store = CacheStore(db, config.get("cache.ttl_seconds"), config.get("cache.max_mb"))
     try:
         removed = store.clear()

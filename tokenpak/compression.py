@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -56,6 +57,10 @@ from .transforms import (CODE, JSON, LISTING, TEXT, collapse_listing,
 MIN_REF_CHARS = 400        # a back-reference costs ~35 tokens: only replace bigger blocks
 MEMO_ENTRIES = 8192
 MEMO_CHARS = 16 << 20      # bound on memoised output text (characters)
+# Exact counts run off the request thread, in a pool with a bound on its threads: a burst of
+# compressed requests queues its counting rather than starting a thread per request.
+COUNTING_THREADS = 2
+_counting = ThreadPoolExecutor(max_workers=COUNTING_THREADS, thread_name_prefix="tokenpak-count")
 
 
 @dataclass(frozen=True)
@@ -482,9 +487,9 @@ class Result:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def prefetch(self) -> None:
-        """Count in a daemon thread now (e.g. while the upstream call runs)."""
-        threading.Thread(target=lambda: (self.tokens_before, self.tokens_after),
-                         name="tokenpak-count", daemon=True).start()
+        """Count in the counting pool now (e.g. while the upstream call runs); never
+        blocks. Whoever reads a count first computes it; the other waits for it (_lazy)."""
+        _counting.submit(lambda: (self.tokens_before, self.tokens_after))
 
     def _lazy(self, name, compute):
         with self._lock:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import logging.handlers
 import os
 import select
 import signal
@@ -29,12 +28,9 @@ from tokenpak.errors import ExitStatus, TokenpakError
 
 log = logging.getLogger("tokenpak")
 
-LOG_MAX_BYTES = 10 * 1024 * 1024  # rotate the daemon's log at 10 MiB...
-LOG_BACKUPS = 5  # ...keeping five old files
 READY_TIMEOUT = 60.0  # seconds the parent waits for the daemon to listen
 HEALTH_TIMEOUT = 2.0
 _MARK = "tokenpak"  # a live pid whose command line lacks this is a reused pid, not ours
-_JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
 # --- pid files ----------------------------------------------------------------------------
@@ -96,6 +92,15 @@ def record_address(pid_file: str, url: str) -> None:
         f.write("%d\n%s\n" % (os.getpid(), url))
     os.chmod(temp, 0o644)
     os.replace(temp, pid_file)
+
+
+def base_url(host, port) -> str:
+    """http://host:port, with a wildcard address replaced by loopback (where to connect)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = "[%s]" % host
+    return "http://%s:%d" % (host, port)
 
 
 def read_address(pid_file: str):
@@ -242,14 +247,6 @@ def open_log(path: str) -> int:
     except OSError:
         pass
     return fd
-
-
-class _LogFile(logging.handlers.RotatingFileHandler):
-    """RotatingFileHandler whose file is opened with open_log (no symlinks, 0600)."""
-
-    def _open(self):
-        return os.fdopen(open_log(self.baseFilename), "a", encoding=self.encoding,
-                         errors=self.errors)
 
 
 def _redirect_stdio(log_file: str) -> None:
@@ -413,41 +410,3 @@ def status(pid_file: str, health_url: str):
     if "requests" in health:
         lines.append("  requests: %s" % health["requests"])
     return ExitStatus.OK, "\n".join(lines)
-
-
-# --- logging ------------------------------------------------------------------------------
-
-
-class _JournalFormatter(logging.Formatter):
-    """`<priority>level: message`: journald reads the prefix and stamps the time itself."""
-
-    def format(self, record):
-        prio = _JOURNAL_PRIORITY.get(record.levelname, 6)
-        return "<%d>%s" % (prio, super().format(record))
-
-
-def setup_logging(log_file, level: str, journal: bool) -> None:
-    """Configure the "tokenpak" logger: rotating file (daemon), journald, or plain stderr.
-
-    Safe to call again (SIGHUP reload): it replaces the handlers it installed before.
-    """
-    logger = logging.getLogger("tokenpak")
-    for handler in list(logger.handlers):
-        if getattr(handler, "_tokenpak", False):
-            logger.removeHandler(handler)
-            handler.close()
-    if log_file:
-        os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
-        handler = _LogFile(
-            log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        if journal:
-            handler.setFormatter(_JournalFormatter("%(levelname)s: %(message)s"))
-        else:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler._tokenpak = True
-    logger.addHandler(handler)
-    logger.setLevel(getattr(logging, str(level).upper(), logging.INFO))
-    logger.propagate = False

@@ -17,7 +17,7 @@ import threading
 import urllib.parse
 
 from . import daemon
-from .errors import ExitStatus
+from .errors import ExitStatus, TokenpakError
 
 CONNECT_TIMEOUT = 3.0  # seconds per upstream for the name lookup and the TCP connect
 
@@ -44,6 +44,17 @@ def db_path_problem(path):
     if not os.access(parent, os.W_OK | os.X_OK):
         return "the directory %s is not writable by this user" % parent
     return None
+
+
+def check_db_path(path):
+    """Refuse to start when db.path cannot hold a database: the cache and the accounting
+    would otherwise be lost silently, request after request."""
+    problem = db_path_problem(path)
+    if problem:
+        raise TokenpakError("db.path %s is unusable: %s" % (path, problem),
+                            hint="set db.path (or TOKENPAK_DB) to a file in a writable "
+                                 "directory, e.g. `tokenpak config set db.path "
+                                 "~/.tokenpak/tokenpak.db`")
 
 
 def check_config(config, error):
@@ -89,7 +100,7 @@ def check_db(config):
 def check_port(config):
     """Free, or taken by a tokenpak that answers: fine. Taken by something else: a fail."""
     host, port = config.get("proxy.host"), config.get("proxy.port")
-    url = daemon.read_address(config.get("proxy.pid_file")) or _base_url(host, port)
+    url = daemon.read_address(config.get("proxy.pid_file")) or daemon.base_url(host, port)
     health = daemon._health(url + "/health")
     if health is not None:
         return [("ok", "port", "tokenpak %s answers at %s" % (health.get("version", "?"), url),
@@ -106,12 +117,6 @@ def check_port(config):
                                                                exc.strerror or exc),
                  "stop what uses it, or `tokenpak config set proxy.port PORT`")]
     return [("ok", "port", "%s:%d is free" % (host, port), None)]
-
-
-def _base_url(host, port):
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
 
 def _reachable(host, port):
@@ -179,8 +184,8 @@ def check_tokenizer():
 
 def check_service():
     """The units tokenpak installs: the command they start must exist."""
-    from . import systemd
-    units = [os.path.join(systemd._user_unit_dir(None), systemd.UNIT_NAME),
+    from . import service
+    units = [os.path.join(service._user_unit_dir(None), service.UNIT_NAME),
              "/lib/systemd/system/tokenpak.service"]
     findings = []
     for path in units:

@@ -1,8 +1,17 @@
 """One proxied request, end to end: prepare, look up, forward, relay, record.
 
 This is design.md's "one request" walk. `proxy.Handler` owns the sockets and calls `run()`
-once a request is read and routed; everything here talks to the client through the
-handler's small writing API (write_head, write_chunk, end_chunks).
+once a request is read and routed, with the request's runtime snapshot (runtime.py) and
+the App's shared state (upstream pool, coalescer, accounting). Everything here talks to the
+client through a small writer interface, which the Handler implements and a test can fake:
+
+    start(status, headers)     the head of an answer whose body follows in chunks
+    write(data) -> bool        one chunk, sent now; False once the client has gone
+    end()                      the end of a chunked body
+    whole(status, headers, body)  a complete answer in one send; body None: a head only
+                                  (HEAD, 204, 304), its headers already saying the length
+    fail(status, message)      tokenpak's own error, in the provider's error shape
+    watch(abort) -> unwatch    call abort() if the client hangs up while we relay
 
 1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, OpenAI Responses,
    Anthropic messages), strip old footers from the history and compress (footer.py,
@@ -12,9 +21,9 @@ handler's small writing API (write_head, write_chunk, end_chunks).
 2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
    requests in flight share one upstream call (coalesce.py).
 3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
-   relayed chunk by chunk, through the rewriter, to the client, the cache recorder and any
-   followers at once.
-4. record (accounting.py, stats.Metrics): one row per request, queued to a writer thread.
+   relayed chunk by chunk, through the rewriter, to the client and into the flight, which
+   followers read and which is the one copy kept for the cache.
+4. record (accounting.py, metrics.Metrics): one row per request, queued to a writer thread.
 
 Anything the optimisations raise is logged and the request goes on unoptimised: the user's
 answer never depends on the cache, the compressor or the accounting database.
@@ -27,10 +36,11 @@ import time
 
 from . import footer, sse
 from .accounting import SERVED_LOCALLY, figures
-from .cache import Entry, cache_key
-from .coalesce import FlightFailed
+from .cache import Entry, cache_key, scope_id
+from .coalesce import Flight, FlightFailed
+from .compression import compress_request
 from .hangup import shutdown_upstream
-from .providers import credential
+from .providers import credential, redact
 from .upstream import HOP_BY_HOP, UpstreamError, iter_body, read_body
 
 log = logging.getLogger("tokenpak")
@@ -53,7 +63,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "client_gone", "local", "_json")
+                 "no_store", "no_cache", "local", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -78,7 +88,6 @@ class Exchange:
         self.complete = True
         self.drop_usage = False
         self.no_store = self.no_cache = False
-        self.client_gone = False
         self.local = False              # a local endpoint's answer: logged, not recorded
         self._json = False              # not parsed yet
 
@@ -100,7 +109,7 @@ class Exchange:
 
 
 # -- 1. prepare ---------------------------------------------------------------------------
-def prepare(app, ex):
+def prepare(rt, ex):
     """Parse, strip footers, compress and decide on caching; never fails the request."""
     api = ex.route.api
     if api is None or ex.method != "POST":
@@ -117,8 +126,8 @@ def prepare(app, ex):
     body = request
     try:
         body = footer.strip_history(api, body, ex.body)
-        if app.compression.enabled:
-            ex.compressed = app.compress(api, body)
+        if rt.compression.enabled:
+            ex.compressed = compress_request(api, body, rt.compression)
             body = ex.compressed.body
             if ex.compressed.changed:
                 ex.compressed.prefetch()  # exact counts while the provider works
@@ -136,11 +145,11 @@ def prepare(app, ex):
     if body is not request:
         ex.forward_body = json.dumps(body, ensure_ascii=False,
                                      separators=(",", ":")).encode("utf-8")
-    if app.cache is not None and not ex.no_store:
+    if rt.cache.store is not None and not ex.no_store:
         try:
             ex.key = cache_key(ex.route.provider, ex.path, body, ex.lower) + (
                 ":sse" if ex.streamed else ":json")
-            ex.scope = app.scope_for(credential(ex.lower, ex.path))
+            ex.scope = cache_scope(rt.cache, credential(ex.lower, ex.path))
             if ex.scope is None:
                 ex.key = None  # no credential: not cached (cache.anonymous opts in)
             else:
@@ -160,63 +169,82 @@ def known_shape(api, request):
     return isinstance(request.get("messages"), list)
 
 
+def cache_scope(policy, key):
+    """The cache scope of a credential: an HMAC of it, never the key itself. None (do not
+    cache) for a request without any credential, unless cache.anonymous opts in: otherwise
+    every keyless client would read every other keyless client's answers."""
+    if key is None and not policy.anonymous:
+        return None
+    return scope_id(key, policy.secret)
+
+
+def lookup(app, rt, ex):
+    """The cache entry for this request's credential. In shared mode all keys read one
+    scope, but only keys that this route's configured provider has itself accepted (a 2xx
+    it answered, see record): a rejected key never gets a hit."""
+    if rt.cache.shared:
+        if (ex.scope, ex.route.provider) not in app.verified_scopes:
+            return None
+        return rt.cache.store.get("shared", ex.key)
+    return rt.cache.store.get(ex.scope, ex.key)
+
+
 # -- 2. cache and coalescing --------------------------------------------------------------
-def run(handler, app, ex):
-    """Answer one routed request (see the module docstring)."""
-    prepare(app, ex)
-    if ex.key is not None:
-        if not ex.no_cache:
-            entry = app.cache_get(ex.scope, ex.key, ex.route.provider)
-            if entry is not None:
-                ex.cache = "hit"
-                replay(handler, app, ex, entry)
-                return
+def run(out, app, rt, ex):
+    """Answer one routed request (see the module docstring): `out` is the writer, `app`
+    the process's shared state, `rt` the runtime snapshot this request reads."""
+    prepare(rt, ex)
+    if ex.key is None:
+        forward(out, app, rt, ex, None)
+        return
+    entry = None if ex.no_cache else lookup(app, rt, ex)
+    if entry is None:
         flight, leader = app.coalescer.join(ex.scope + ex.key)
         if leader and not ex.no_cache:
             # An identical request may have finished between our lookup and the join: its
             # answer is in the cache now, and asking the provider again would be paid twice.
-            entry = app.cache_get(ex.scope, ex.key, ex.route.provider)
+            entry = lookup(app, rt, ex)
             if entry is not None:
                 app.coalescer.done(ex.scope + ex.key, flight)
-                ex.cache = "hit"
-                replay(handler, app, ex, entry)
-                return
-        if not leader:
-            try:
-                followed = follow(handler, app, ex, flight)
-            finally:
-                flight.leave()  # the last reader out stops the shared upstream call
-            if followed:
-                return
-            flight = None  # the leader failed before answering: make our own call
-        try:
-            forward(handler, app, ex, flight)
-        finally:
-            if flight is not None:
-                app.coalescer.done(ex.scope + ex.key, flight)
+    if entry is not None:
+        ex.cache = "hit"
+        replay(out, rt, ex, entry)
         return
-    forward(handler, app, ex, None)
+    if not leader:
+        try:
+            followed = follow(out, app, rt, ex, flight)
+        finally:
+            flight.leave()  # the last reader out stops the shared upstream call
+        if followed:
+            return
+        # The leader failed before answering: make our own call, with a flight of our own
+        # that no one joins (it holds the answer for the cache, as a leader's does).
+        flight = Flight()
+    try:
+        forward(out, app, rt, ex, flight)
+    finally:
+        app.coalescer.done(ex.scope + ex.key, flight)
 
 
-def replay(handler, app, ex, entry):
+def replay(out, rt, ex, entry):
     """Answer from a cache entry, streamed as SSE events when the entry is a stream."""
     ex.status, ex.usage, ex.model = entry.status, _usage_from(entry.usage), entry.model or ex.model
     ex.ttfb = time.monotonic() - ex.started
-    headers = list(entry.headers) + [(CACHE_HEADER, "hit")] + footer_headers(app, ex)
+    headers = list(entry.headers) + [(CACHE_HEADER, "hit")] + footer_headers(ex)
     if entry.streamed:
-        rewriter = make_rewriter(app, ex)
-        handler.start_stream(entry.status, headers)
+        rewriter = make_rewriter(rt, ex)
+        out.start(entry.status, headers)
         for event in sse.split_events(entry.body):
-            handler.write_chunk(rewriter.feed(event) if rewriter else event)
+            out.write(rewriter.feed(event) if rewriter else event)
         if rewriter:
-            handler.write_chunk(rewriter.close())
-        handler.end_chunks()
+            out.write(rewriter.close())
+        out.end()
         return
-    handler.write_whole(entry.status, headers,
-                        finish_body(app, ex, entry.body, parse_answer(ex, entry.body)))
+    out.whole(entry.status, headers,
+              finish_body(rt, ex, entry.body, parse_answer(ex, entry.body)))
 
 
-def follow(handler, app, ex, flight):
+def follow(out, app, rt, ex, flight):
     """Answer from another request's upstream call; False if it failed before a head."""
     head = flight.wait_head(app.read_timeout)
     if head is None:
@@ -232,37 +260,36 @@ def follow(handler, app, ex, flight):
             body = b"".join(flight.chunks(app.read_timeout))
             headers = [h for h in headers if h[0].lower() != "content-length"]
             parsed = parse_answer(ex, body)
-            handler.write_whole(ex.status, headers + footer_headers(app, ex),
-                                finish_body(app, ex, body, parsed))
+            out.whole(ex.status, headers + footer_headers(ex), finish_body(rt, ex, body, parsed))
             return True
-        rewriter = make_rewriter(app, ex) if ex.status < 300 else None
-        handler.start_stream(ex.status, headers + footer_headers(app, ex))
+        rewriter = make_rewriter(rt, ex) if ex.status < 300 else None
+        out.start(ex.status, headers + footer_headers(ex))
         gone = threading.Event()  # our client hung up: stop reading the shared stream
 
         def hung_up():
             gone.set()
             flight.wake()
 
-        watch = app.hangup.watch(handler.connection, hung_up)
+        unwatch = out.watch(hung_up)
         try:
             for chunk in flight.chunks(app.read_timeout, gone):
-                if not handler.write_chunk(rewriter.feed(chunk) if rewriter else chunk):
+                if not out.write(rewriter.feed(chunk) if rewriter else chunk):
                     gone.set()
                     break
         finally:
-            app.hangup.unwatch(watch)
+            unwatch()
         if gone.is_set():
             ex.error, ex.complete = "client disconnected mid-stream", False
             return True
         if rewriter:
-            handler.write_chunk(rewriter.close())
+            out.write(rewriter.close())
             ex.usage = rewriter.watcher.usage
-        handler.end_chunks()
+        out.end()
     except FlightFailed as exc:
         ex.error, ex.complete = "shared upstream call failed: %s" % exc, False
         if rewriter is not None:
-            handler.write_chunk(rewriter.abort("upstream connection lost mid-stream"))
-        handler.end_chunks()
+            out.write(rewriter.abort("upstream connection lost mid-stream"))
+        out.end()
     return True
 
 
@@ -276,7 +303,16 @@ def forward_headers(ex):
     return headers
 
 
-def forward(handler, app, ex, flight):
+def response_headers(raw_headers):
+    """Response headers to relay: all but hop-by-hop and framing ones, names as sent."""
+    connection = raw_headers.get("Connection", "")
+    extra = {token.strip().lower() for token in connection.split(",") if token.strip()}
+    return [(n, v) for n, v in raw_headers.items()
+            if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"
+            and n.lower() not in extra]
+
+
+def forward(out, app, rt, ex, flight):
     """Make the upstream call and relay its answer (to followers too, when leading)."""
     try:
         response = app.upstream.send(ex.method, ex.route.url,
@@ -286,32 +322,33 @@ def forward(handler, app, ex, flight):
         ex.error = exc.message
         if flight is not None:
             flight.finish(False)
-        handler.fail(exc.status, exc.message)
+        out.fail(exc.status, exc.message)
         return
     try:
-        relay(handler, app, ex, response, flight)
+        relay(out, rt, ex, response, flight)
     finally:
         response.close()
 
 
-def relay(handler, app, ex, response, flight):
+def relay(out, rt, ex, response, flight):
     ex.status = response.status_code
     ex.ttfb = time.monotonic() - ex.started
-    headers = handler.response_headers(response.raw.headers)
+    headers = response_headers(response.raw.headers)
     headers.append((CACHE_HEADER, ex.cache))
     length = response.headers.get("Content-Length")
-    if handler.command == "HEAD" or ex.status in (204, 304) or ex.status < 200:
-        handler.write_head(ex.status, response.reason, headers, length)
+    if ex.method == "HEAD" or ex.status in (204, 304) or ex.status < 200:
+        # A head alone; the provider's Content-Length (if any) says what GET would send.
+        out.whole(ex.status, headers + ([("Content-Length", length)] if length else []), None)
         if flight is not None:
             flight.finish(False)
         return
     if length is not None and length.isdigit() and int(length) <= MAX_WHOLE_BODY:
-        relay_whole(handler, app, ex, response, headers, flight)
+        relay_whole(out, rt, ex, response, headers, flight)
     else:
-        relay_stream(handler, app, ex, response, headers, flight)
+        relay_stream(out, rt, ex, response, headers, flight)
 
 
-def relay_whole(handler, app, ex, response, headers, flight):
+def relay_whole(out, rt, ex, response, headers, flight):
     body = read_body(response)
     if flight is not None:
         flight.set_head(ex.status, headers + [("Content-Length", str(len(body)))])
@@ -319,23 +356,25 @@ def relay_whole(handler, app, ex, response, headers, flight):
         flight.finish(True)
     parsed = parse_answer(ex, body)
     if ex.key is not None and 200 <= ex.status < 300 and not ex.no_store:
-        store(app, ex, headers, body, streamed=False)
-    handler.write_whole(ex.status, headers + footer_headers(app, ex),
-                        finish_body(app, ex, body, parsed))
+        store(rt, ex, headers, body, streamed=False)
+    out.whole(ex.status, headers + footer_headers(ex), finish_body(rt, ex, body, parsed))
 
 
-def relay_stream(handler, app, ex, response, headers, flight):
-    """Relay chunk by chunk: to the client (through the rewriter), the recorder for the
-    cache, and followers. A client that leaves stops the upstream read at once, unless
-    followers still need it; then the last of them to leave stops it."""
-    rewriter = make_rewriter(app, ex) if ex.request is not None and ex.status < 300 else None
+def relay_stream(out, rt, ex, response, headers, flight):
+    """Relay chunk by chunk: to the client (through the rewriter) and to the flight, which
+    followers read and which is the one copy kept for the cache (a cached request always
+    has a flight). A client that leaves stops the upstream read at once, unless followers
+    still need it; then the last of them to leave stops it."""
+    rewriter = make_rewriter(rt, ex) if ex.request is not None and ex.status < 300 else None
     if flight is not None:
         flight.set_head(ex.status, headers)
-    recorded, size = [], 0
+    size = 0
     record = ex.key is not None and 200 <= ex.status < 300 and not ex.no_store
 
+    gone = threading.Event()  # our client hung up (set from the hang-up watcher's thread)
+
     def stop():
-        ex.client_gone = True
+        gone.set()
         shutdown_upstream(response)
 
     def abort():
@@ -348,46 +387,40 @@ def relay_stream(handler, app, ex, response, headers, flight):
         # got_final_event), so it is cached and shared like one that ended normally.
         if not got_final_event(ex, rewriter):
             return False
-        if record:
-            store(app, ex, headers, b"".join(recorded), streamed=True)
+        if record and size <= MAX_CACHED_BODY:
+            store(rt, ex, headers, flight.body(), streamed=True)
         if flight is not None:
             flight.finish(True)  # after store: a later arrival finds one or the other
         return True
 
-    handler.start_stream(ex.status, headers + footer_headers(app, ex))
-    watch = app.hangup.watch(handler.connection, abort)
+    out.start(ex.status, headers + footer_headers(ex))
+    unwatch = out.watch(abort)
     try:
         for data in iter_body(response):
             if flight is not None:
                 flight.push(data)
-            if record:
-                size += len(data)
-                if size > MAX_CACHED_BODY:
-                    record, recorded = False, []
-                else:
-                    recorded.append(data)
-            if not ex.client_gone:
-                out = rewriter.feed(data) if rewriter else data
-                if not handler.write_chunk(out):
+            size += len(data)
+            if not gone.is_set():
+                if not out.write(rewriter.feed(data) if rewriter else data):
                     abort()
-                    if ex.client_gone:
+                    if gone.is_set():
                         break
     except Exception as exc:  # the upstream broke mid-stream (reset, timeout, bad framing)
         ex.complete = False
-        if ex.client_gone and answered():
+        if gone.is_set() and answered():
             return
-        if not ex.client_gone:
+        if not gone.is_set():
             ex.error = "upstream stream failed: %s" % exc.__class__.__name__
             if rewriter:
-                handler.write_chunk(rewriter.abort("upstream connection lost mid-stream; "
-                                                   "the answer is incomplete"))
-            handler.end_chunks()
+                out.write(rewriter.abort("upstream connection lost mid-stream; "
+                                         "the answer is incomplete"))
+            out.end()
         if flight is not None:
             flight.finish(False)
         return
     finally:
-        app.hangup.unwatch(watch)
-    if ex.client_gone:
+        unwatch()
+    if gone.is_set():
         if answered():
             return
         ex.complete, ex.error = False, ex.error or "client disconnected mid-stream"
@@ -397,20 +430,20 @@ def relay_stream(handler, app, ex, response, headers, flight):
     if rewriter:
         watcher = rewriter.watcher
         if watcher.complete or watcher.errored:
-            handler.write_chunk(rewriter.close())
+            out.write(rewriter.close())
         else:
             # The body ended without [DONE] / message_stop: a truncated answer must not
             # look like a finished one to the client's SDK.
             ex.error = "upstream ended the stream before its final event"
-            handler.write_chunk(rewriter.abort("the provider closed the stream early; "
-                                               "the answer is incomplete"))
+            out.write(rewriter.abort("the provider closed the stream early; "
+                                     "the answer is incomplete"))
         ex.usage, ex.complete = watcher.usage, watcher.complete
         ex.model = watcher.model or ex.model
-    handler.end_chunks()
+    out.end()
     if flight is not None:
         flight.finish(ex.complete)
-    if record and ex.complete and rewriter is not None:
-        store(app, ex, headers, b"".join(recorded), streamed=True)
+    if record and ex.complete and rewriter is not None and size <= MAX_CACHED_BODY:
+        store(rt, ex, headers, flight.body(), streamed=True)
 
 
 def got_final_event(ex, rewriter):
@@ -424,36 +457,36 @@ def got_final_event(ex, rewriter):
     return True
 
 
-def store(app, ex, headers, body, streamed):
+def store(rt, ex, headers, body, streamed):
     usage = ex.usage
     entry = Entry(status=ex.status, body=body, streamed=streamed, created=time.time(),
                   headers=[h for h in headers if h[0].lower() not in NOT_CACHED_HEADERS
                            and h[0] != CACHE_HEADER],
                   usage=_usage_dict(usage) if usage is not None else {},
                   model=ex.model or "")
-    app.cache_put(ex.scope, ex.key, entry)
+    rt.cache.store.put("shared" if rt.cache.shared else ex.scope, ex.key, entry)
 
 
 # -- footer ----------------------------------------------------------------------------------
-def make_rewriter(app, ex):
+def make_rewriter(rt, ex):
     """The stream rewriter for this client: drops the usage chunk it did not ask for and
     inserts the footer where allowed."""
     api = ex.route.api
     line = None
-    if app.footer_enabled and footer.wants_footer(api, ex.request):
-        line = lambda usage: footer_line(app, ex, usage)  # noqa: E731
+    if rt.footer and footer.wants_footer(api, ex.request):
+        line = lambda usage: footer_line(rt, ex, usage)  # noqa: E731
     if line is None and not ex.drop_usage:
         return sse.StreamRewriter(api)
     return sse.StreamRewriter(api, drop_usage=ex.drop_usage, footer=line)
 
 
-def finish_body(app, ex, body, parsed):
+def finish_body(rt, ex, body, parsed):
     """A whole JSON answer with the footer appended, where allowed; else `body` itself.
     `parsed` is the answer's JSON object (parse_answer), modified in place."""
-    if not (app.footer_enabled and parsed is not None and 200 <= ex.status < 300
+    if not (rt.footer and parsed is not None and 200 <= ex.status < 300
             and footer.wants_footer(ex.route.api, ex.request)):
         return body
-    if not footer.append_to_response(ex.route.api, parsed, footer_line(app, ex, ex.usage)):
+    if not footer.append_to_response(ex.route.api, parsed, footer_line(rt, ex, ex.usage)):
         return body
     return json.dumps(parsed, ensure_ascii=False).encode("utf-8")
 
@@ -472,18 +505,18 @@ def token_counts(ex, usage):
     return 0, 0
 
 
-def footer_line(app, ex, usage):
+def footer_line(rt, ex, usage):
     """The footer for this answer: the same cost and savings its accounting row gets."""
     before, after = token_counts(ex, usage)
     priced = figures({
         "model": ex.model, "cache": ex.cache, "method": ex.method, "path": ex.path,
         "status": ex.status, "usage": _usage_dict(usage) if usage is not None else None,
-        "tokens_before": before, "tokens_after": after}, app.prices)
+        "tokens_before": before, "tokens_after": after}, rt.prices)
     return footer.format_line(before, after, "hit" if ex.cache in SERVED_LOCALLY else ex.cache,
                               priced["cost_usd"], priced["saved_usd"])
 
 
-def footer_headers(app, ex):
+def footer_headers(ex):
     """X-TokenPak-* figures known before the answer: compression's token counts."""
     result = ex.compressed
     if result is None or not result.changed:
@@ -495,6 +528,21 @@ def footer_headers(app, ex):
 
 
 # -- 4. accounting --------------------------------------------------------------------------
+def record(app, rt, ex):
+    """Queue the accounting row and count the metrics; never raises. In shared cache mode,
+    the provider's own 2xx answer verifies a key for that provider (see lookup)."""
+    try:
+        if rt.cache.shared and ex.scope and ex.route is not None \
+                and 200 <= ex.status < 300 and ex.cache in ("miss", "bypass") and not ex.error:
+            app.verified_scopes.add((ex.scope, ex.route.provider))
+        ex.error = redact(ex.error)
+        accounted = row(ex)
+        app.recorder.record(accounted)
+        app.metrics.observe(accounted)
+    except Exception:
+        log.exception("accounting failed for one request")
+
+
 def row(ex):
     """The accounting row for a finished exchange (see accounting.py for the columns)."""
     usage = ex.usage

@@ -2,8 +2,10 @@
 
 This module only wires the others together (design.md's "one request, end to end"):
 the Handler reads a request and routes it (providers.py), then hands it to `exchange.run`,
-which compresses, consults the cache, forwards (upstream.py), relays and accounts; the
-Handler's small writing API (write_whole, start_stream, write_chunk, ...) is all it uses.
+which compresses, consults the cache, forwards (upstream.py), relays and accounts, and
+talks back only through the Handler's small writer interface (start, write, end, whole,
+fail, watch). Every setting a request reads comes from one runtime snapshot (runtime.py),
+read once when the request arrives; `App.reload` swaps snapshots atomically.
 
 It builds on `http.server`, with three deliberate departures from its defaults:
 HTTP/1.1 keep-alive (`protocol_version`), TCP_NODELAY so a response written as headers then
@@ -15,7 +17,8 @@ written with its headers in one send; anything else (SSE streams, chunked or clo
 bodies) is relayed chunk by chunk with chunked transfer encoding, each chunk written to the
 socket the moment the provider sends it.
 
-Run as `python -m tokenpak.proxy --port N` (the seed docs' form) or `tokenpak serve`.
+The process around it (config, logging, signals, reload, systemd, --daemon) is lifecycle.py's:
+`tokenpak serve` and `python -m tokenpak.proxy --port N` (the seed docs' form) both run it.
 """
 
 import hmac
@@ -25,65 +28,33 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 import threading
 import time
 from http import HTTPStatus
 
-from . import __version__, exchange, framing, pricing, stats, systemd
+from . import __version__, exchange, framing, runtime, stats
 from .accounting import Recorder
-from .cache import CacheStore, load_secret, scope_id
+from .cache import CacheStore, load_secret
 from .coalesce import Coalescer
-from .compression import Settings, compress_request
 from .doctor import db_path_problem
 from .errors import TokenpakError
 from .hangup import HangupWatcher
-from .providers import NoRoute, Router, check_target, redact
+from .metrics import Metrics
+from .providers import NoRoute, check_target, redact
+from .runtime import RESTART_KEYS, host_name
 from .stats import printable
-from .upstream import HOP_BY_HOP, Upstream
+from .upstream import Upstream
 
 log = logging.getLogger("tokenpak")
 access_log = logging.getLogger("tokenpak.access")
 
 AUTH_HEADER = exchange.AUTH_HEADER
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "[::1]", "::1"))
 METHOD_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
 LOCAL_ENDPOINTS = {}  # path -> Handler method, filled below the Handler class
 LOCAL_METHODS = ("GET", "HEAD")
-# Settings that only a restart applies (SIGHUP says so when they change).
-RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.log_file",
-                "proxy.connect_timeout", "proxy.read_timeout")
-
-
-class RedactingFilter(logging.Filter):
-    """Redacts credentials from records of the libraries tokenpak calls: urllib3 logs the
-    URL of a retried or failed request, query string included, so a Gemini `?key=` would
-    reach stderr (and the journal) through it."""
-
-    def filter(self, record):
-        message = record.getMessage()
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, ()
-        return True
-
-
-for _name in ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager"):
-    logging.getLogger(_name).addFilter(RedactingFilter())
-
-
-def host_name(host):
-    """The name part of a Host header, lower-case, without the port or a trailing dot."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[:host.find("]") + 1] if "]" in host else host
-    name, colon, port = host.rpartition(":")
-    if colon and port.isdigit():
-        host = name
-    return host.rstrip(".")
 
 
 def _strip_line(raw):
@@ -105,8 +76,9 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 
 class App:
-    """The per-process state shared by all handler threads: settings, the upstream pool,
-    the cache, the accounting writer and the counters behind /health, /stats, /metrics."""
+    """The per-process state shared by all handler threads: the runtime snapshot (what a
+    reload may change, runtime.py), the upstream pool, the coalescer, the accounting
+    writer and the counters behind /health, /stats, /metrics."""
 
     def __init__(self, config):
         self.started = time.time()
@@ -120,94 +92,42 @@ class App:
         self.read_timeout = config.get("proxy.read_timeout")
         self.coalescer = Coalescer()
         self.hangup = HangupWatcher()
-        self.metrics = stats.Metrics()
+        self.metrics = Metrics()
         self.recorder = Recorder(self.db_path)
-        self.recorder.start()
-        self.cache = None
-        self.secret = None
         self.verified_scopes = set()
-        self.apply_config(config)
+        self._cache = None  # (CacheStore, secret), once a config has enabled the cache
+        self.runtime = None
+        self.reload(config)
+        self.recorder.start()
 
-    def apply_config(self, config):
-        """(Re)read every setting that can change without a restart (SIGHUP)."""
-        self.config = config
-        self.router = Router.from_config(config)
-        self.max_body = config.get("proxy.max_request_bytes")
-        self.auth_token = config.get("proxy.auth_token")
-        self.allowed_hosts = frozenset(host_name(h) for h in
-                                       config.get("proxy.allowed_hosts") or ())
-        self.cache_anonymous = config.get("cache.anonymous")
-        self.footer_enabled = config.get("footer.enabled")
-        self.compression = Settings(enabled=config.get("compression.enabled"),
-                                    level=config.get("compression.level"),
-                                    threshold_tokens=config.get("compression.threshold_tokens"),
-                                    preserve_code=config.get("compression.preserve_code"),
-                                    preserve_json=config.get("compression.preserve_json"))
-        self.prices = pricing.load_prices(config.pricing_overrides())
-        self.recorder.prices = self.metrics.prices = self.prices
-        self.shared_cache = config.get("cache.scope") == "shared"
-        if config.get("cache.enabled"):
-            if self.cache is None:
-                self.open_cache(config)
-            else:
-                self.cache.ttl = float(config.get("cache.ttl_seconds"))
-                self.cache.max_bytes = int(config.get("cache.max_mb")) * 1024 * 1024
-        elif self.cache is not None:
-            self.cache.close()
-            self.cache = None
-
-    def open_cache(self, config):
-        try:
-            self.secret = load_secret(os.path.join(os.path.dirname(self.db_path), "secret"))
-            self.cache = CacheStore(self.db_path, config.get("cache.ttl_seconds"),
-                                    config.get("cache.max_mb"))
-        except Exception as exc:  # fail open: serve uncached
-            log.warning("cache disabled: cannot open %s (%s)", self.db_path, exc)
-            self.cache = None
-
-    # -- the seams exchange.py uses ----------------------------------------------------
-    def compress(self, api, body):
-        return compress_request(api, body, self.compression)
-
-    def scope_for(self, key):
-        """The cache scope of a credential: an HMAC of it, never the key itself. None (do
-        not cache) for a request without any credential, unless cache.anonymous opts in:
-        otherwise every keyless client would read every other keyless client's answers."""
-        if key is None and not self.cache_anonymous:
+    def reload(self, config):
+        """Apply `config` (start, SIGHUP): the new snapshot is built and validated in full,
+        then swapped in by one assignment. Raises TokenpakError on an invalid config, having
+        changed nothing; returns the changed settings that only a restart applies, or None."""
+        new = runtime.build(config, self._open_cache)
+        old, self.runtime = self.runtime, new
+        self.recorder.prices = self.metrics.prices = new.prices
+        store = new.cache.store
+        if store is not None:
+            store.ttl = float(config.get("cache.ttl_seconds"))
+            store.max_bytes = int(float(config.get("cache.max_mb")) * 1024 * 1024)
+        if old is None:
             return None
-        return scope_id(key, self.secret)
+        return [n for n in runtime.changed(old.config, config) if n in RESTART_KEYS] or None
 
-    def cache_get(self, scope, key, provider=None):
-        """The entry for this credential. In shared mode all keys read one scope, but only
-        keys that this route's configured provider has itself accepted (a 2xx it answered,
-        see record): a rejected key never gets a hit."""
-        if self.cache is None:
-            return None
-        if self.shared_cache:
-            if (scope, provider) not in self.verified_scopes:
-                return None
-            return self.cache.get("shared", key)
-        return self.cache.get(scope, key)
-
-    def cache_put(self, scope, key, entry):
-        if self.cache is None:
-            return
-        self.cache.put("shared" if self.shared_cache else scope, key, entry)
-
-    def record(self, ex):
-        """Queue the accounting row and count the metrics; never raises."""
-        try:
-            if self.shared_cache and ex.scope and ex.route is not None \
-                    and 200 <= ex.status < 300 and ex.cache in ("miss", "bypass") \
-                    and not ex.error:
-                # Only the provider's own answer verifies a key, and only for that provider.
-                self.verified_scopes.add((ex.scope, ex.route.provider))
-            ex.error = redact(ex.error)
-            row = exchange.row(ex)
-            self.recorder.record(row)
-            self.metrics.observe(row)
-        except Exception:
-            log.exception("accounting failed for one request")
+    def _open_cache(self, config):
+        """(store, secret): opened the first time and kept until close(), so a request on an
+        older snapshot never finds its store closed; (None, None) if it cannot be opened
+        (fail open: serve uncached, and try again on the next reload)."""
+        if self._cache is None:
+            try:
+                secret = load_secret(os.path.join(os.path.dirname(self.db_path), "secret"))
+                self._cache = (CacheStore(self.db_path, config.get("cache.ttl_seconds"),
+                                          config.get("cache.max_mb")), secret)
+            except Exception as exc:
+                log.warning("cache disabled: cannot open %s (%s)", self.db_path, exc)
+                return None, None
+        return self._cache
 
     # -- local endpoints -----------------------------------------------------------------
     def health(self):
@@ -257,8 +177,8 @@ class App:
     def close(self):
         self.hangup.close()
         self.recorder.close()
-        if self.cache is not None:
-            self.cache.close()
+        if self._cache is not None:
+            self._cache[0].close()
         self.upstream.close()
 
 
@@ -271,7 +191,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def setup(self):
-        self.timeout = self.server.app.config.get("proxy.client_timeout") or None
+        self.timeout = self.server.app.runtime.client_timeout
         super().setup()
 
     # -- request reading ---------------------------------------------------------------
@@ -281,6 +201,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.head_sent = False
         try:
             self.raw_requestline = self.rfile.readline(65537)
+            # This request's settings, once it has arrived, whatever a reload does meanwhile.
+            self.rt = self.server.app.runtime
             if len(self.raw_requestline) > 65536:
                 self.requestline = self.request_version = self.command = ""
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
@@ -323,7 +245,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ex.error = "no answer: the client's connection closed or timed out"
         self.log_exchange(ex)
         if not ex.local:
-            self.server.app.record(ex)
+            exchange.record(self.server.app, self.rt, ex)
 
     def parse_request(self):
         """The request line and headers, read strictly (framing.py says why); False after
@@ -361,16 +283,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.fail(405, "%s answers GET and HEAD only" % self.path.split("?", 1)[0],
                       extra=[("Allow", ", ".join(LOCAL_METHODS))])
             return
-        if local is not None and (local is Handler.send_health or not app.auth_token
-                                  or self.authorised(app.auth_token)):
-            if local is not Handler.send_health and not self.host_allowed(app):
+        if local is not None and (local is Handler.send_health or not self.rt.auth_token
+                                  or self.authorised(self.rt.auth_token)):
+            if local is not Handler.send_health and not self.host_allowed():
                 self.fail(403, "Host %r is not a name of this tokenpak: local pages answer "
                                "only loopback names and proxy.allowed_hosts"
                                % printable(self.headers.get("Host") or "")[:100], close=True)
                 return
             # A body on a local page is read and dropped (within the size limit): left in
             # the stream, it would be parsed as the next request.
-            if self.framing[0] != "none" and self.read_body(app) is None:
+            if self.framing[0] != "none" and self.read_body() is None:
                 return
             # /health is open to monitors; usage figures need the token. Successful local
             # answers are logged but not recorded: a monitor polling /health every few
@@ -389,7 +311,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.finish_exchange()  # before end(): a drained tokenpak has recorded everything
             app.end()
 
-    def host_allowed(self, app):
+    def host_allowed(self):
         """DNS-rebinding defence: a web page whose name resolves to 127.0.0.1 must not
         read /stats or /metrics from a browser. When tokenpak listens on loopback only, its
         local pages answer a Host naming loopback or one of proxy.allowed_hosts (/health,
@@ -397,7 +319,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.server.loopback:
             return True
         name = host_name(self.headers.get("Host") or "")
-        return name in LOOPBACK_NAMES or name in app.allowed_hosts
+        return name in LOOPBACK_NAMES or name in self.rt.allowed_hosts
 
     def send_health(self, app):
         self.send_json(200, app.health())
@@ -413,29 +335,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_metrics(self, app):
         body = app.render_metrics().encode("utf-8")
-        self.write_head(200, None, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+        self.write_head(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
                         str(len(body)), body)
 
-    def read_body(self, app):
+    def read_body(self):
         """The request body, or None after answering 4xx (size limit, bad framing). Sends
         `100 Continue` first when the client waits for it: only requests that passed the
         auth and size checks get it."""
         kind, size = self.framing
+        limit = self.rt.max_body
         if kind == "none":
             return b""
-        if kind == "length" and size > app.max_body:
-            self.fail_too_large(app.max_body)
+        if kind == "length" and size > limit:
+            self.fail_too_large(limit)
             return None
         if size != 0 and self.request_version == "HTTP/1.1" \
                 and (self.headers.get("Expect") or "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if kind == "chunked":
             try:
-                return framing.read_chunked(self.rfile, app.max_body)
+                return framing.read_chunked(self.rfile, limit)
             except framing.FramingError as exc:
                 self.close_connection = True
                 if exc.status == 413:
-                    self.fail_too_large(app.max_body)
+                    self.fail_too_large(limit)
                 elif exc.status is not None:
                     self.fail(exc.status, exc.message, close=True)
                 return None
@@ -459,52 +382,48 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if refused:
             self.fail(400, refused, close=True)
             return
-        if app.auth_token and not self.authorised(app.auth_token):
+        rt = self.rt
+        if rt.auth_token and not self.authorised(rt.auth_token):
             # The body is not read: close, or it would be parsed as the next request.
             self.fail(401, "missing or wrong X-TokenPak-Auth header: this tokenpak requires "
                            "its proxy.auth_token", close=True)
             return
-        body = self.read_body(app)
+        body = self.read_body()
         if body is None:
             return
         ex.body = ex.forward_body = body
         try:
-            ex.route = app.router.route(ex.path, ex.lower, ex.model_name)
+            ex.route = rt.router.route(ex.path, ex.lower, ex.model_name)
         except NoRoute as exc:
             if self.command in LOCAL_METHODS and ex.path.split("?", 1)[0] == "/":
                 self.send_root(app)  # a transparent proxy forwards `/` when it can route it
                 return
             self.fail(400, str(exc))
             return
-        exchange.run(self, app, ex)
+        exchange.run(self, app, rt, ex)
 
     def authorised(self, token):
         given = self.headers.get(AUTH_HEADER) or ""
         return hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("utf-8"))
 
-    # -- the writing API exchange.py uses ----------------------------------------------
-    @staticmethod
-    def response_headers(raw_headers):
-        """Response headers to relay: all but hop-by-hop and framing ones, names as sent."""
-        connection = raw_headers.get("Connection", "")
-        extra = {token.strip().lower() for token in connection.split(",") if token.strip()}
-        return [(n, v) for n, v in raw_headers.items()
-                if n.lower() not in HOP_BY_HOP and n.lower() != "content-length"
-                and n.lower() not in extra]
-
-    def write_whole(self, status, headers, body):
-        """A complete answer with its length, headers and body in one send."""
+    # -- the writer exchange.py uses (see its docstring) --------------------------------
+    def whole(self, status, headers, body):
+        """A complete answer with its length, headers and body in one send; body None: the
+        head alone (HEAD, 204, 304), whose headers already say any length."""
+        if body is None:
+            self.write_head(status, headers, None)
+            return
         self.exchange.sent = len(body)
-        self.write_head(status, None, headers, str(len(body)), body)
+        self.write_head(status, headers, str(len(body)), body)
 
-    def start_stream(self, status, headers):
+    def start(self, status, headers):
         """Headers of an answer whose body follows in chunks (close-delimited for HTTP/1.0)."""
         self.chunked = self.request_version == "HTTP/1.1"
         if not self.chunked:
             self.close_connection = True
-        self.write_head(status, None, headers, None, chunked=self.chunked)
+        self.write_head(status, headers, None, chunked=self.chunked)
 
-    def write_chunk(self, data):
+    def write(self, data):
         """Send one piece of a stream now; False when the client has gone."""
         if not data:
             return True
@@ -516,21 +435,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.exchange.sent += len(data)
         return True
 
-    def end_chunks(self):
+    def end(self):
         if self.chunked:
             try:
                 self.wfile.write(b"0\r\n\r\n")
             except OSError:
                 self.close_connection = True
 
+    def watch(self, abort):
+        """Call `abort()` (from the hang-up watcher's thread) if this client hangs up;
+        returns the function that stops watching."""
+        hangup = self.server.app.hangup
+        token = hangup.watch(self.connection, abort)
+        return lambda: hangup.unwatch(token)
+
     # -- writing -----------------------------------------------------------------------
-    def write_head(self, status, reason, headers, length, body=b"", chunked=False):
+    def write_head(self, status, headers, length, body=b"", chunked=False):
         """Status line and headers, plus a small body, in a single send.
 
         The answer to HEAD is the head alone (RFC 9110 9.3.2): Content-Length still says
         what GET would have sent, but no body follows, or the client would read it as the
         start of the next answer on the connection."""
-        lines = ["HTTP/1.1 %d %s" % (status, reason or _reason(status))]
+        lines = ["HTTP/1.1 %d %s" % (status, _reason(status))]
         lines.extend("%s: %s" % pair for pair in headers)
         if length is not None:
             lines.append("Content-Length: %s" % length)
@@ -549,7 +475,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ex = getattr(self, "exchange", None)
         if ex is not None:
             ex.status, ex.sent = status, 0 if self.command == "HEAD" else len(body)
-        self.write_head(status, None, [("Content-Type", "application/json")] + list(extra),
+        self.write_head(status, [("Content-Type", "application/json")] + list(extra),
                         str(len(body)), body)
 
     def fail(self, status, message, close=False, extra=()):
@@ -686,96 +612,6 @@ def create_server(config, listen_socket=None):
                             hint=hint)
 
 
-def serve(config, on_ready=None, listen_socket=None, reload=None):
-    """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
-
-    SIGTERM/SIGINT stop accepting, let in-flight requests and streams finish (up to
-    proxy.shutdown_grace_seconds) and flush accounting. SIGHUP re-reads the config through
-    `reload()` and applies what can change live. Under systemd, readiness, reloads, the
-    stop and watchdog pings are reported over $NOTIFY_SOCKET."""
-    server = create_server(config, listen_socket)
-    host, port = server.server_address[:2]
-    if host not in LOOPBACK and not host.startswith("127."):
-        log.warning("listening on %s: anyone who can reach this address can use the proxy "
-                    "and the cache%s", host, "" if config.get("proxy.auth_token")
-                    else "; set proxy.auth_token to require a token")
-    if threading.current_thread() is threading.main_thread():
-        install_signal_handlers(server, reload)
-    log.info("tokenpak %s listening on http://%s:%d", __version__, host, port)
-    if on_ready is not None:
-        on_ready(server)
-    systemd.ready("listening on %s:%d" % (host, port))
-    watchdog = systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 10)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    finally:
-        systemd.stopping()
-        server.server_close()
-        grace = server.app.config.get("proxy.shutdown_grace_seconds")
-        if not server.app.wait_idle(grace):
-            log.warning("stopping with requests still in flight after %.0f s", grace)
-        if watchdog is not None:
-            watchdog.stop()
-        server.app.close()
-        log.info("tokenpak stopped")
-    return 0
-
-
-def install_signal_handlers(server, reload):
-    stopping = []
-
-    def stop(signum, frame):
-        name = signal.Signals(signum).name
-        if stopping:  # a second Ctrl-C: the user will not wait for the streams to drain
-            log.warning("%s again: exiting now, without waiting for in-flight requests", name)
-            logging.shutdown()
-            os._exit(1)
-        stopping.append(signum)
-        log.info("%s: finishing in-flight requests, then stopping (press Ctrl-C again to "
-                 "exit at once)", name)
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    def hangup(signum, frame):
-        threading.Thread(target=reload_config, args=(server, reload), daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if reload is not None:
-        signal.signal(signal.SIGHUP, hangup)
-
-
-def reload_config(server, reload):
-    """SIGHUP: apply the config file again; log what changed and what needs a restart."""
-    systemd.reloading()
-    try:
-        new = reload()
-    except TokenpakError as exc:
-        log.error("reload failed, keeping the running settings: %s", exc.message)
-        systemd.ready()
-        return
-    app = server.app
-    old = app.config
-    changed = [n for n in sorted(set(old.names()) | set(new.names()))
-               if _value(old, n) != _value(new, n)]
-    if not changed:
-        log.info("reload: no setting changed")
-    for name in changed:
-        later = " (takes effect after a restart)" if name in RESTART_KEYS else ""
-        shown = "***" if name == "proxy.auth_token" else _value(new, name)
-        log.info("reload: %s = %s%s", name, shown, later)
-    app.apply_config(new)
-    systemd.ready()
-
-
-def _value(config, name):
-    return config.get(name) if name in config.names() else None
-
-
-def main(argv=None):
-    """`python -m tokenpak.proxy --port N`, the same as `tokenpak serve --port N`."""
-    from .cli import main as cli_main
-    return cli_main(["serve"] + list(sys.argv[1:] if argv is None else argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m tokenpak.proxy --port N`, the seed docs' form
+    from tokenpak.cli import main
+    sys.exit(main(["serve"] + sys.argv[1:]))

@@ -1,0 +1,211 @@
+"""The process around the HTTP server: config, logging, signals, reload, systemd, daemon.
+
+`tokenpak serve` and `python -m tokenpak.proxy` both end up in `run()`, so every way of
+starting tokenpak behaves the same. proxy.py serves HTTP and knows nothing of processes;
+this module decides how the process lives:
+
+- config: loaded once at start with the CLI flags as overrides, and again on SIGHUP with
+  the same flags (a reload must not silently drop `--port`);
+- logging, set up here for every mode: a rotating 0600 file for `--daemon`, `<prio>`-prefixed
+  lines without timestamps when stderr is the journal, timestamped lines on a terminal;
+- signals: SIGTERM or SIGINT stop accepting and let in-flight requests and streams finish
+  (up to proxy.shutdown_grace_seconds); a second Ctrl-C exits at once; SIGHUP reloads;
+- systemd (systemd.py speaks the protocol): READY=1 once listening, RELOADING=1 and READY=1
+  around every reload, failed or not, STOPPING=1, watchdog pings while the accept loop runs,
+  and a socket systemd already bound (socket activation);
+- `--daemon` (daemon.py): fork, pid file, the parent waiting until the child listens.
+"""
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+import time
+
+from tokenpak import __version__, daemon, doctor, runtime, systemd
+from tokenpak import config as configmod
+from tokenpak.errors import TokenpakError
+from tokenpak.providers import redact
+from tokenpak.proxy import create_server
+
+log = logging.getLogger("tokenpak")
+
+LOG_MAX_BYTES = 10 * 1024 * 1024  # rotate the daemon's log at 10 MiB...
+LOG_BACKUPS = 5  # ...keeping five old files
+_JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+# Libraries whose records may carry a credential (urllib3 logs a retried request's URL).
+_LIBRARY_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poolmanager")
+
+
+def run(overrides, detach=False):
+    """`tokenpak serve`: load the config, then serve in the foreground (a terminal, systemd)
+    or as a daemon; returns the exit code. Raises TokenpakError before anything started."""
+    config = configmod.load(overrides)
+    load = lambda: configmod.load(overrides)  # noqa: E731  (SIGHUP keeps the CLI flags)
+    level = config.get("log.level")
+    doctor.check_db_path(config.get("db.path"))
+    if not detach:
+        setup_logging(None, level, journal=systemd.under_journal())
+        sockets = systemd.listen_sockets()
+        return serve(config, listen_socket=sockets[0] if sockets else None, reload=load)
+    log_file = config.get("proxy.log_file")
+    pid_file = os.path.abspath(config.get("proxy.pid_file"))
+
+    def run_daemon(ready):
+        setup_logging(log_file, level, journal=False)
+
+        def on_ready(server):
+            # status and stop find the daemon where it listens, whatever the config says
+            daemon.record_address(pid_file, daemon.base_url(*server.server_address[:2]))
+            ready()
+        return serve(config, on_ready=on_ready, reload=load)
+
+    return daemon.start(pid_file, log_file, run_daemon)
+
+
+def serve(config, on_ready=None, listen_socket=None, reload=None):
+    """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
+
+    `reload()` returns the config to apply on SIGHUP (None: SIGHUP keeps its default)."""
+    server = create_server(config, listen_socket)
+    host, port = server.server_address[:2]
+    if not server.loopback:
+        log.warning("listening on %s: anyone who can reach this address can use the proxy "
+                    "and the cache%s", host, "" if config.get("proxy.auth_token")
+                    else "; set proxy.auth_token to require a token")
+    if threading.current_thread() is threading.main_thread():
+        install_signal_handlers(server, reload)
+    log.info("tokenpak %s listening on http://%s:%d", __version__, host, port)
+    if on_ready is not None:
+        on_ready(server)
+    systemd.ready("listening on %s:%d" % (host, port))
+    watchdog = systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 10)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        systemd.stopping()
+        server.server_close()
+        grace = server.app.runtime.config.get("proxy.shutdown_grace_seconds")
+        if not server.app.wait_idle(grace):
+            log.warning("stopping with requests still in flight after %.0f s", grace)
+        if watchdog is not None:
+            watchdog.stop()
+        server.app.close()
+        log.info("tokenpak stopped")
+    return 0
+
+
+def install_signal_handlers(server, reload):
+    stopping = []
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        if stopping:  # a second Ctrl-C: the user will not wait for the streams to drain
+            log.warning("%s again: exiting now, without waiting for in-flight requests", name)
+            logging.shutdown()
+            os._exit(1)
+        stopping.append(signum)
+        log.info("%s: finishing in-flight requests, then stopping (press Ctrl-C again to "
+                 "exit at once)", name)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def hangup(signum, frame):
+        threading.Thread(target=reload_config, args=(server, reload), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, hangup)
+
+
+def reload_config(server, load):
+    """SIGHUP: apply the config file again; log what changed and what needs a restart.
+
+    `server.app.reload(config)` applies it whole or raises TokenpakError and changes
+    nothing. Whatever happens, systemd hears READY=1 again: after RELOADING=1 it would
+    otherwise show the service as reloading for good."""
+    systemd.reloading()
+    try:
+        old, new = server.app.runtime.config, load()
+        server.app.reload(new)
+        log_changes(old, new)
+    except TokenpakError as exc:
+        log.error("reload failed, keeping the running settings: %s", exc.message)
+    except Exception:  # a bug must not leave systemd waiting either
+        log.exception("reload failed, keeping the running settings")
+    finally:
+        systemd.ready()
+
+
+def log_changes(old, new):
+    changed = runtime.changed(old, new)
+    if not changed:
+        log.info("reload: no setting changed")
+    for name in changed:
+        later = " (takes effect after a restart)" if name in runtime.RESTART_KEYS else ""
+        shown = "***" if name == "proxy.auth_token" else runtime.value(new, name)
+        log.info("reload: %s = %s%s", name, shown, later)
+
+
+# --- logging ------------------------------------------------------------------------------
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts credentials from records of the libraries tokenpak calls: urllib3 logs the
+    URL of a retried or failed request, query string included, so a Gemini `?key=` would
+    reach stderr (and the journal) through it."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+class _JournalFormatter(logging.Formatter):
+    """`<priority>level: message`: journald reads the prefix and stamps the time itself."""
+
+    def format(self, record):
+        prio = _JOURNAL_PRIORITY.get(record.levelname, 6)
+        return "<%d>%s" % (prio, super().format(record))
+
+
+class _LogFile(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose file is opened with daemon.open_log (no symlinks, 0600)."""
+
+    def _open(self):
+        return os.fdopen(daemon.open_log(self.baseFilename), "a", encoding=self.encoding,
+                         errors=self.errors)
+
+
+def setup_logging(log_file, level: str, journal: bool) -> None:
+    """Configure the "tokenpak" logger: rotating file (daemon), journald, or plain stderr.
+
+    Safe to call again: it replaces the handlers it installed before."""
+    logger = logging.getLogger("tokenpak")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_tokenpak", False):
+            logger.removeHandler(handler)
+            handler.close()
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), mode=0o700, exist_ok=True)
+        handler = _LogFile(
+            log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        if journal:
+            handler.setFormatter(_JournalFormatter("%(levelname)s: %(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler._tokenpak = True
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+    logger.propagate = False
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in library.filters):
+            library.addFilter(RedactingFilter())
