@@ -72,7 +72,7 @@ def test_a_reload_logs_what_changed_and_what_needs_a_restart(
     assert "reload: proxy.read_timeout = 7.0 (takes effect after a restart)" in caplog.text
     assert "reload: proxy.auth_token = ***" in caplog.text
     assert "s3cret-token" not in caplog.text
-    assert proxy.app.footer_enabled is True
+    assert proxy.app.runtime.footer is True
 
 
 @pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("0.0.0.0", True)])

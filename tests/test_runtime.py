@@ -8,7 +8,7 @@ import pytest
 
 from helpers import openai_client, proxy_settings
 from tokenpak import config as configmod
-from tokenpak import proxy as proxymod
+from tokenpak import lifecycle
 from tokenpak.errors import TokenpakError
 
 
@@ -37,7 +37,7 @@ def test_a_rejected_pricing_section_changes_nothing(make_proxy, fake, tmp_path, 
     with pytest.raises(TokenpakError, match="output"):
         app.reload(bad)
     with caplog.at_level(logging.ERROR, logger="tokenpak"):
-        proxymod.reload_config(proxy.server, lambda: bad)
+        lifecycle.reload_config(proxy.server, lambda: bad)
     assert "reload failed, keeping the running settings" in caplog.text
     now = app.runtime
     assert now is before
