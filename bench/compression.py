@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenpak import compression, tokens  # noqa: E402
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "tests" / "corpus"
-MODES = ("strict", "hybrid", "aggressive")
+MODES = compression.LEVELS
 TARGET_KINDS = ("agent-session", "json-tools", "code-review")
 
 

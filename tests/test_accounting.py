@@ -11,8 +11,9 @@ import pytest
 
 from helpers import wait_for
 from tokenpak import accounting, cache, stats
-from tokenpak.accounting import Recorder, price_row
+from tokenpak.accounting import Recorder, figures
 from tokenpak.cache import CacheStore, Entry, load_secret, scope_id
+from tokenpak import db as dbmod
 from tokenpak.db import DbFile
 
 WAIT = 10.0
@@ -81,6 +82,12 @@ def test_explicit_token_columns_and_missing_usage(recorder, db):
     first, second = rows(db)
     assert first["cost_usd"] == pytest.approx((10 * 2.5 + 5 * 10) / 1e6)
     assert second["input_tokens"] is None and second["cost_usd"] is None and second["ts"] > 0
+
+
+def price_row(row):
+    """(cost_usd, saved_usd) of a row, as stored and shown in the footer."""
+    priced = figures(row)
+    return priced["cost_usd"], priced["saved_usd"]
 
 
 def test_cache_hit_costs_nothing_and_saves_what_it_would_have_cost():
@@ -328,7 +335,7 @@ conn.execute("ROLLBACK")
 
 
 def test_locked_db_rows_wait_and_are_written_after(recorder, db, monkeypatch):
-    monkeypatch.setattr(accounting, "_BUSY_RETRIES", 10 ** 6)
+    monkeypatch.setattr(dbmod, "BUSY_RETRIES", 10 ** 6)
     recorder.record(request_row())
     recorder.flush()
     proc = subprocess.Popen([sys.executable, "-c", LOCKER, db], stdin=subprocess.PIPE,
@@ -346,7 +353,7 @@ def test_locked_db_rows_wait_and_are_written_after(recorder, db, monkeypatch):
 
 
 def test_cache_and_accounting_share_a_file_that_is_deleted_then_corrupted(db, monkeypatch):
-    monkeypatch.setattr(cache, "MAINTENANCE_SECONDS", 0.05)
+    monkeypatch.setattr(dbmod, "CHECK_SECONDS", 0.05)
     store = CacheStore(db, 3600, 16)
     r = Recorder(db, flush_interval=0.05, busy_timeout=0.1)
     r.start()
@@ -375,3 +382,21 @@ def test_cache_and_accounting_share_a_file_that_is_deleted_then_corrupted(db, mo
     finally:
         r.close()
         store.close()
+
+
+def test_a_row_is_priced_once_and_carries_its_figures(db):
+    """record() prices the row with the Recorder's prices and leaves the figures in it, so
+    /metrics (which observes the same dict) counts what the DB stores."""
+    r = Recorder(db, prices=accounting.pricing.load_prices(
+        {"claude-sonnet-4-6": {"input": 100, "output": 0, "cache_read": 0}}))
+    r.start()
+    try:
+        row = request_row(tokens_before=1500)
+        r.record(row)
+        assert row["cost_usd"] == pytest.approx(1000 * 100 / 1e6)
+        assert row["saved_usd"] == row["compression_saved_usd"] == 0.0  # cached: read price 0
+        assert r.flush()
+        stored = rows(db)[0]
+        assert [stored[k] for k in accounting.FIGURES] == [row[k] for k in accounting.FIGURES]
+    finally:
+        r.close()

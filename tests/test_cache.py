@@ -15,6 +15,7 @@ import pytest
 from helpers import wait_for
 from tokenpak import cache
 from tokenpak.cache import CacheStore, Entry, cache_key, load_secret, scope_id
+from tokenpak import db as dbmod
 from tokenpak.db import DbFile
 
 WAIT = 10.0  # upper bound for background recovery; only reached when something is broken
@@ -25,8 +26,8 @@ BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi ✓"}],
 @pytest.fixture(autouse=True)
 def fast_maintenance(monkeypatch):
     """Let the writer thread check the file often and give up on locks quickly."""
-    monkeypatch.setattr(cache, "MAINTENANCE_SECONDS", 0.05)
-    monkeypatch.setattr(cache, "WRITER_BUSY_TIMEOUT", 0.1)
+    monkeypatch.setattr(dbmod, "CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(dbmod, "BUSY_TIMEOUT", 0.1)
 
 
 @pytest.fixture
@@ -440,6 +441,33 @@ def test_db_locked_by_another_process(store, db):
         proc.communicate("\n", timeout=WAIT)
     assert wait_for(lambda: roundtrip_works(store, key="after"))
     assert store.get("s", "before").body == b"before"
+
+
+def test_read_your_writes_while_the_writer_waits_for_a_lock(store, db, monkeypatch):
+    """An entry queued for the writer answers the next identical request, also while the
+    writer cannot commit it (another process holds the write lock), and is committed, not
+    dropped, once the lock is released."""
+    monkeypatch.setattr(dbmod, "BUSY_RETRIES", 10 ** 6)
+    store.put("s", "before", entry(b"before"))
+    assert store.flush()
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, db], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        store.put("s", "queued", entry(b"queued"))
+        assert wait_for(lambda: store._w.health.state == "busy")  # a commit failed already
+        assert store.get("s", "queued").body == b"queued"
+        assert wait_for(lambda: store._w.failures >= 3)  # ... and its retries too
+        assert store.get("s", "queued").body == b"queued"
+    finally:
+        proc.communicate("\n", timeout=WAIT)
+    assert store.flush()
+    assert store.dropped == 0
+    other = CacheStore(db, 3600, 16)  # reads the file, not this store's memory
+    try:
+        assert other.get("s", "queued").body == b"queued"
+    finally:
+        other.close()
 
 
 def test_unusable_directory_then_recovery(tmp_path):

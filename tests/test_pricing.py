@@ -1,11 +1,12 @@
 """The shipped price table, model matching, cost arithmetic and usage normalisation."""
 
+import dataclasses
 import json
 import re
 
 import pytest
 
-from tokenpak import pricing
+from tokenpak import pricing, sse
 from tokenpak.errors import TokenpakError
 
 
@@ -94,36 +95,37 @@ def test_bad_overrides_are_user_errors(overrides):
     assert err.value.hint
 
 
-def test_normalise_openai_usage_subtracts_cached_prompt_tokens():
+# Usage is normalised in one place, sse.py (Usage: disjoint buckets); cost reads its buckets.
+def usage_of(api, usage):
+    return dataclasses.asdict(sse.usage_from_response(api, {"usage": usage}))
+
+
+def test_openai_usage_subtracts_cached_prompt_tokens():
     usage = {"prompt_tokens": 1200, "completion_tokens": 80, "total_tokens": 1280,
              "prompt_tokens_details": {"cached_tokens": 1024}}
-    assert pricing.normalise_usage("openai", usage) == {
+    assert usage_of(sse.OPENAI, usage) == {
         "input": 176, "output": 80, "cache_read": 1024, "cache_write": 0}
 
 
-def test_normalise_openai_responses_api_names():
+def test_responses_api_usage_subtracts_cached_input_tokens():
     usage = {"input_tokens": 50, "output_tokens": 7, "input_tokens_details": {"cached_tokens": 10}}
-    assert pricing.normalise_usage("openai", usage) == {
+    assert usage_of(sse.RESPONSES, usage) == {
         "input": 40, "output": 7, "cache_read": 10, "cache_write": 0}
 
 
-def test_normalise_anthropic_usage_keeps_input_as_is():
+def test_anthropic_usage_keeps_input_as_is():
     usage = {"input_tokens": 30, "output_tokens": 12, "cache_read_input_tokens": 2000,
              "cache_creation_input_tokens": 500}
-    assert pricing.normalise_usage("anthropic", usage) == {
-        "input": 30, "output": 12, "cache_read": 2000, "cache_write": 500}
-
-
-def test_normalise_gemini_native_usage():
-    usage = {"promptTokenCount": 100, "candidatesTokenCount": 20, "thoughtsTokenCount": 5,
-             "cachedContentTokenCount": 60}
-    assert pricing.normalise_usage("google", usage) == {
-        "input": 40, "output": 25, "cache_read": 60, "cache_write": 0}
+    out = usage_of(sse.ANTHROPIC, usage)
+    assert out == {"input": 30, "output": 12, "cache_read": 2000, "cache_write": 500}
+    prices = pricing.price_for("claude-sonnet-4-6")
+    assert pricing.cost("claude-sonnet-4-6", out) == pytest.approx(
+        sum(out[f] * prices[f] for f in pricing.FIELDS) / 1e6)
 
 
 @pytest.mark.parametrize("usage", [None, "x", {}, {"prompt_tokens": None, "completion_tokens": "9x"},
                                    {"prompt_tokens": -5, "completion_tokens": 3}])
-def test_normalise_never_raises_on_bad_usage(usage):
-    out = pricing.normalise_usage("openai", usage)
+def test_normalising_never_raises_on_bad_usage(usage):
+    out = usage_of(sse.OPENAI, usage)
     assert set(out) == set(pricing.FIELDS)
     assert all(isinstance(v, int) and v >= 0 for v in out.values())

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tokenpak import metrics, stats
-from tokenpak.accounting import Recorder
+from tokenpak.accounting import Recorder, figures
 from tokenpak.cache import CacheStore
 from tokenpak.errors import ExitStatus, TokenpakError
 
@@ -193,10 +193,9 @@ def parse_metrics(text):
 
 def test_metrics_render_parses_and_counts():
     m = metrics.Metrics()
-    m.observe(row(latency_ms=30.0))
-    m.observe(row(latency_ms=700.0))
-    m.observe(row(cache="hit", latency_ms=0.5))
-    m.observe(row(status=429, usage=None, latency_ms=20.0))
+    for r in (row(latency_ms=30.0), row(latency_ms=700.0), row(cache="hit", latency_ms=0.5),
+              row(status=429, usage=None, latency_ms=20.0)):
+        m.observe(dict(r, **figures(r)))  # priced once, as Recorder.record does
     samples, types = parse_metrics(m.render({"tokenpak_accounting_rows_dropped": ("Rows dropped.", 3)}))
     assert types["tokenpak_requests_total"] == "counter"
     assert types["tokenpak_request_duration_seconds"] == "histogram"
@@ -248,7 +247,8 @@ def test_metrics_observe_never_raises_and_keeps_counting():
     m = metrics.Metrics()
     m.observe({})
     m.observe({"provider": "openai", "model": "gpt-4o", "latency_ms": "slow", "usage": "weird"})
-    m.observe(row(latency_ms=30.0))  # a good request after the malformed ones
+    good = row(latency_ms=30.0)  # a good request after the malformed ones
+    m.observe(dict(good, **figures(good)))
     samples, _ = parse_metrics(m.render())
     base = (("provider", "openai"), ("model", "gpt-4o"))
     # The good request is counted in full; the malformed rows added no tokens, cost or

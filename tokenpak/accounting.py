@@ -1,10 +1,11 @@
 """Per-request accounting: one row per proxied request, written off the hot path.
 
-A handler thread calls `Recorder.record(row)` with a plain dict and goes on; the call only
-puts the dict on a bounded queue (it never blocks and never raises). One writer thread
-drains the queue and writes rows in batches, one transaction per batch, to the `requests`
-table of the shared DB file. Cost is computed there too, from the shipped price table, so
-pricing costs the request nothing.
+A handler thread calls `Recorder.record(row)` with a plain dict and goes on; the call prices
+the row once (`figures`: a memoised price lookup and a few multiplications) and puts it on a
+bounded queue (it never blocks and never raises). The priced row is what the DB stores and
+what /metrics counts: nothing else computes a request's cost. One writer thread drains the
+queue and writes rows in batches, one transaction per batch (`db.Writer`), to the
+`requests` table of the shared DB file.
 
 Rows are never what fails a request: when the DB is locked the batch is retried, when it is
 full, read-only, deleted or corrupt the rows are dropped and counted (`rows_dropped`), the
@@ -12,12 +13,12 @@ problem is logged once, and writing resumes by itself when the DB is usable agai
 
 Row keys (all optional except what you know; missing ones are stored as NULL):
   ts, provider, model, method, path, status, streamed, cache ("hit" | "miss" | "bypass" |
-  "coalesced"), usage (normalised, see pricing.normalise_usage) or input_tokens,
+  "coalesced"), usage (normalised: sse.Usage as a dict) or input_tokens,
   output_tokens, cache_read_tokens, cache_write_tokens; tokens_before, tokens_after,
-  cost_usd, saved_usd, compression_saved_usd (computed when absent), latency_ms, ttfb_ms,
+  cost_usd, saved_usd, compression_saved_usd (FIGURES, computed when absent), latency_ms, ttfb_ms,
   key_id (12 chars of the scope HMAC; longer values are cut), error, complete.
 
-How a row is priced (`price_row`):
+How a row is priced (`figures`):
 - cost: the provider's usage at the model's prices. Zero, not unknown, for what no provider
   bills: a request that is not a POST (model listings, retrievals), the free POST endpoints
   (`FREE_PATHS`: token counting, moderation), an answer served locally, and an error answer
@@ -35,17 +36,18 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
 
-from tokenpak import pricing
-from tokenpak.db import DbFile, Health, classify, close_quietly
+from tokenpak import db, pricing
+from tokenpak.db import DbFile
 
 log = logging.getLogger("tokenpak.accounting")
 
 SCHEMA_VERSION = 2
 SERVED_LOCALLY = ("hit", "coalesced")  # answered without a provider call of their own
+SERVED_LOCALLY_SQL = "(%s)" % ", ".join("'%s'" % c for c in SERVED_LOCALLY)  # for IN
+FIGURES = ("cost_usd", "saved_usd", "compression_saved_usd")  # what a row's price is
 # POST endpoints the providers do not bill: token counting and moderation.
 FREE_PATHS = ("/messages/count_tokens", "/responses/input_tokens", ":countTokens",
               "/moderations")
@@ -71,7 +73,10 @@ COLUMNS = ("ts", "provider", "model", "path", "status", "streamed", "cache", "in
 _INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
 _USAGE_COLUMNS = (("input", "input_tokens"), ("output", "output_tokens"),
                   ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"))
-_BUSY_RETRIES = 5
+
+
+def _insert(conn, records):
+    conn.executemany(_INSERT, records)
 
 
 def row_usage(row: dict):
@@ -108,26 +113,21 @@ def compression_saving(model, usage, before, after, table=None) -> float:
     return (before - after) * price / 1_000_000
 
 
-def price_row(row: dict, table=None):
-    """(cost_usd, saved_usd) of a row; see the module doc for the rules."""
-    return _price(row, table)[:2]
-
-
-def _price(row, table):
-    """(cost_usd, saved_usd, compression_saved_usd)."""
+def figures(row: dict, table=None) -> dict:
+    """{cost_usd, saved_usd, compression_saved_usd} of a row; see the module doc for the rules."""
     usage = row_usage(row)
     model = row.get("model") or ""
     local = row.get("cache") in SERVED_LOCALLY
     status = _as_int(row.get("status"))
     if not local and (is_free(row) or (usage is None and status is not None and status >= 400)):
-        return (0.0, 0.0, 0.0)
+        return dict.fromkeys(FIGURES, 0.0)
     # what the request cost (or, served locally, would have cost) at the provider
     full = pricing.cost(model, usage, table) if usage is not None else None
     compressed = compression_saving(model, usage, row.get("tokens_before"),
                                     row.get("tokens_after"), table)
     if local:
-        return (0.0, compressed + (full or 0.0), compressed)
-    return (full, compressed, compressed)
+        return dict(zip(FIGURES, (0.0, compressed + (full or 0.0), compressed)))
+    return dict(zip(FIGURES, (full, compressed, compressed)))
 
 
 def _as_int(value):
@@ -139,18 +139,13 @@ def _as_int(value):
         return None
 
 
-def to_record(row: dict, table=None) -> tuple:
-    """The INSERT parameters for `row` (see module doc for the keys)."""
+def to_record(row: dict) -> tuple:
+    """The INSERT parameters for a priced `row` (see module doc for the keys)."""
     rec = dict(row)
     usage = row_usage(row)
     if isinstance(row.get("usage"), dict):
         for short, col in _USAGE_COLUMNS:
             rec[col] = usage.get(short, 0)
-    if "cost_usd" not in rec or "saved_usd" not in rec or "compression_saved_usd" not in rec:
-        cost, saved, compressed = _price(row, table)
-        rec.setdefault("cost_usd", cost)
-        rec.setdefault("saved_usd", saved)
-        rec.setdefault("compression_saved_usd", compressed)
     if rec.get("method") is not None:
         rec["method"] = str(rec["method"])[:16]
     rec["ts"] = rec.get("ts") or time.time()
@@ -225,9 +220,10 @@ def _reprice_savings(conn, table):
                      updates)
     # Version 1 left the cost of unbilled requests unknown; they cost nothing.
     conn.execute("UPDATE requests SET cost_usd = 0, saved_usd = COALESCE(saved_usd, 0)"
-                 " WHERE cost_usd IS NULL AND (cache IS NULL OR cache NOT IN ('hit', 'coalesced'))"
+                 " WHERE cost_usd IS NULL AND (cache IS NULL OR cache NOT IN %s)"
                  " AND ((status >= 400 AND input_tokens IS NULL AND output_tokens IS NULL)"
-                 " OR %s)" % " OR ".join("path LIKE '%%%s'" % p for p in FREE_PATHS))
+                 " OR %s)" % (SERVED_LOCALLY_SQL,
+                                " OR ".join("path LIKE '%%%s'" % p for p in FREE_PATHS)))
 
 
 class Recorder:
@@ -239,16 +235,13 @@ class Recorder:
         self.batch_size = max(1, int(batch_size))
         self.flush_interval = flush_interval
         self.prices = prices
-        self.busy_timeout = busy_timeout
         self.rows_written = 0
         self.rows_dropped = 0
         self._queue = queue.Queue(maxsize=max_queue)
         self._drop_lock = threading.Lock()
-        self._health = Health(log, "writing the accounting database %s" % self.db.path)
-        self._conn = None
-        self._retry_at = 0.0
-        self._failures = 0
-        self._next_check = 0.0
+        self._w = db.Writer(self.db, log, "accounting", busy_timeout=busy_timeout,
+                            on_open=lambda conn: migrate(conn, self.prices))
+        self._health = self._w.health
         self._thread = None
         self._stopped = False
 
@@ -259,15 +252,20 @@ class Recorder:
             self._thread.start()
 
     def record(self, row: dict) -> None:
-        """Queue one row; never blocks, never raises. Do not mutate `row` afterwards."""
-        if not isinstance(row, dict) or self._stopped:  # None and Events are the writer's signals
+        """Price `row` (adds FIGURES when any is absent, for the caller's metrics to read
+        too) and queue it; never blocks, never raises. Do not mutate `row` afterwards."""
+        if not isinstance(row, dict):  # None and Events are the writer's signals
             self._dropped(1)
             return
         try:
-            self._queue.put_nowait(row)
-        except queue.Full:
-            self._dropped(1)
-        except Exception:  # fail open, whatever happens
+            if not all(name in row for name in FIGURES):
+                for name, value in figures(row, self.prices).items():
+                    row.setdefault(name, value)
+            if self._stopped:
+                self._dropped(1)
+            else:
+                self._queue.put_nowait(row)
+        except Exception:  # queue.Full, or anything else: fail open
             self._dropped(1)
 
     def _dropped(self, n):
@@ -299,8 +297,7 @@ class Recorder:
                 pass
             self._thread.join(timeout)
         else:
-            close_quietly(self._conn)
-            self._conn = None
+            self._w.close()
 
     # -- writer thread -------------------------------------------------------
 
@@ -308,7 +305,7 @@ class Recorder:
         pending, markers = [], []  # rows taken from the queue, not yet written; flush() waiters
         while True:
             stop = self._collect(pending, markers)
-            self._maintain()
+            self._w.maintain()
             if pending:
                 pending = self._write(pending, final=stop)
             if not pending:
@@ -317,8 +314,7 @@ class Recorder:
                 markers = []
             if stop:
                 break
-        close_quietly(self._conn)
-        self._conn = None
+        self._w.close()
 
     def _collect(self, pending, markers) -> bool:
         """Take rows until a batch is full or `flush_interval` has passed since the first of
@@ -344,79 +340,17 @@ class Recorder:
 
     def _write(self, rows, final=False):
         """Write `rows`; returns the rows to retry (only when the DB is busy)."""
-        conn = self._connection()
-        if conn is None:
-            self._dropped(len(rows))
-            return []
         try:
-            records = [to_record(r, self.prices) for r in rows]
+            records = [to_record(r) for r in rows]
         except Exception:
             log.exception("accounting rows could not be converted; dropping them")
             self._dropped(len(rows))
             return []
-        try:
-            conn.execute("BEGIN IMMEDIATE")  # one transaction per batch: one WAL append
-            conn.executemany(_INSERT, records)
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            return self._failed(exc, rows, final)
-        self.rows_written += len(rows)
-        self._failures = 0
-        self._health.ok()
-        return []
-
-    def _failed(self, exc, rows, final):
-        kind = classify(exc)
-        self._health.failed(kind, exc)
-        self._failures += 1
-        # Another process holding the lock (a `sqlite3` shell, a backup) usually lets go
-        # soon: keep the rows for a few rounds. Anything else will not fix itself by retrying.
-        if kind == "busy" and not final and self._failures <= _BUSY_RETRIES:
+        kind = self._w.write(_insert, records)
+        if kind is None:
+            self.rows_written += len(rows)
+            return []
+        if self._w.should_retry(kind, final):
             return rows
-        if kind == "corrupt":
-            close_quietly(self._conn)
-            self._conn = None
-            self.db.quarantine()
-        elif kind != "busy":  # full, read-only, I/O error: reopen after a back-off
-            close_quietly(self._conn)
-            self._conn = None
-            self._retry_at = time.monotonic() + min(0.25 * 2 ** self._failures, 10.0)
         self._dropped(len(rows))
         return []
-
-    def _connection(self):
-        if self._conn is None and time.monotonic() >= self._retry_at:
-            for attempt in (1, 2):
-                try:
-                    self._conn = self.db.connect_writer(timeout=self.busy_timeout)
-                    migrate(self._conn, self.prices)
-                    break
-                except (sqlite3.Error, OSError) as exc:
-                    corrupt = isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt"
-                    if corrupt and attempt == 1:
-                        self.db.quarantine()
-                        continue
-                    self._health.failed(classify(exc) if isinstance(exc, sqlite3.Error)
-                                        else "unavailable", exc)
-                    self._failures += 1
-                    self._retry_at = time.monotonic() + min(0.25 * 2 ** self._failures, 10.0)
-        return self._conn
-
-    def _maintain(self):
-        """At most once a second: reopen if the file was deleted, replaced or corrupted."""
-        now = time.monotonic()
-        if self._conn is None or now < self._next_check:
-            return
-        self._next_check = now + 1.0
-        state = self.db.check()
-        if state != "ok":
-            log.warning("the accounting database %s was %s; re-creating it", self.db.path,
-                        "corrupted" if state == "corrupt" else "deleted or replaced")
-            close_quietly(self._conn)
-            self._conn = None
-            if state == "corrupt":
-                self.db.quarantine()

@@ -47,6 +47,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from tokenpak import db
 from tokenpak.db import DbFile, Health, classify, close_quietly
 
 log = logging.getLogger("tokenpak.cache")
@@ -60,9 +61,7 @@ MAX_IDLE_READERS = 8
 MAX_PENDING_ENTRIES = 512
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 BATCH_SECONDS = 0.05
-MAINTENANCE_SECONDS = 1.0  # how often the writer checks the file is still there and sane
 PURGE_SECONDS = 60.0
-WRITER_BUSY_TIMEOUT = 2.0  # the writer thread may wait this long for another writer's lock
 
 
 # ---------------------------------------------------------------- keys and scopes
@@ -186,9 +185,15 @@ _PUT = ("INSERT OR REPLACE INTO cache_entries (scope, key, size, accessed, creat
 _TOUCH = "UPDATE cache_entries SET accessed = ? WHERE scope = ? AND key = ? AND accessed < ?"
 
 
+def _apply(conn, rows, touches):
+    """One writer batch: new entries and remembered access times (db.Writer.write)."""
+    conn.executemany(_PUT, rows)
+    conn.executemany(_TOUCH, touches)
+
+
 @dataclass
 class Entry:
-    """One cached upstream answer; `usage` is normalised (see pricing.normalise_usage)."""
+    """One cached upstream answer; `usage` is normalised (sse.Usage as a dict, see pricing)."""
 
     status: int
     headers: list
@@ -215,21 +220,21 @@ class CacheStore:
         self.dropped = 0  # puts not stored: queue full, too big, or the DB failing
         # reads and writes fail separately (a full disk still reads): one log line each
         self._read_health = Health(log, "reading the cache database %s" % self.db.path)
-        self._health = Health(log, "writing the cache database %s" % self.db.path)
+        self._w = db.Writer(self.db, log, "cache", on_open=self._opened)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending, self._queue, self._pending_bytes = {}, deque(), 0
         self._writing = False
         self._touched = {}
-        self._readers, self._gen = [], 0
+        self._readers = []
         self._read_retry_at = 0.0
-        self._writer, self._write_retry_at, self._write_failures = None, 0.0, 0
         self._corrupt_gen = None  # generation on which a reader saw corruption
         self._approx_bytes = None  # total entry size as last counted; None: count again
+        self._vacuum = False  # eviction freed pages: give them back to the file system
         self._next_purge = 0.0
         self._closed = False
         self._wake = threading.Event()
-        self._open_writer()
+        self._w.connection()
         self._thread = threading.Thread(target=self._run, name="tokenpak-cache-writer", daemon=True)
         self._thread.start()
 
@@ -284,14 +289,14 @@ class CacheStore:
             if isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt":
                 self._corrupt_gen = gen  # the writer moves the file aside if still current
             raise
-        if gen == self._gen and len(self._readers) < MAX_IDLE_READERS:
+        if gen == self._w.gen and len(self._readers) < MAX_IDLE_READERS:
             self._readers.append((gen, conn))
         else:
             close_quietly(conn)
         return row
 
     def _take_reader(self):
-        gen = self._gen
+        gen = self._w.gen
         while True:
             try:
                 item = self._readers.pop()  # list.pop/append are atomic: no lock needed
@@ -312,9 +317,8 @@ class CacheStore:
     # -- writer thread -------------------------------------------------------
 
     def _run(self):
-        next_maintenance = 0.0
         while True:
-            self._wake.wait(MAINTENANCE_SECONDS)
+            self._wake.wait(db.CHECK_SECONDS)
             if not self._closed:
                 # Let a burst of puts gather into one transaction: pending entries are
                 # served from memory meanwhile, so waiting costs no hits.
@@ -322,40 +326,45 @@ class CacheStore:
             self._wake.clear()
             stopping = self._closed
             try:
-                self._write_batch()
-                if not stopping and time.monotonic() >= next_maintenance:
+                self._write_batch(final=stopping)
+                if not stopping:
                     self._maintain()
-                    next_maintenance = time.monotonic() + MAINTENANCE_SECONDS
             except Exception:
                 log.exception("cache writer error")
             if stopping:
                 break
-        close_quietly(self._writer)
-        self._writer = None
+        self._w.close()
 
-    def _write_batch(self):
+    def _write_batch(self, final=False):
         with self._lock:
             batch = list(self._queue)
             self._queue.clear()
             self._writing = True
         touched, self._touched = self._touched, {}
+        retry = False
         try:
             if batch or touched:
-                self._commit(batch, touched)
+                retry = self._commit(batch, touched, final)
         finally:
             with self._lock:
-                for scope, key, entry, size in batch:
-                    if self._pending.get((scope, key)) is entry:
+                for item in reversed(batch):
+                    scope, key, entry, size = item
+                    if self._pending.get((scope, key)) is not entry:
+                        self._pending_bytes -= size  # replaced or cleared meanwhile
+                    elif retry:
+                        self._queue.appendleft(item)  # still answered from memory
+                    else:
                         del self._pending[(scope, key)]
-                    self._pending_bytes -= size
+                        self._pending_bytes -= size
                 self._writing = False
                 self._idle.notify_all()
+        if retry:
+            for item, at in touched.items():
+                self._touched.setdefault(item, at)  # access times wait with the batch
+            self._wake.set()
 
-    def _commit(self, batch, touched):
-        conn = self._writer_conn()
-        if conn is None:
-            self.dropped += len(batch)
-            return
+    def _commit(self, batch, touched, final):
+        """Write one batch; True when the DB was busy and the batch should be tried again."""
         now = self.clock()
         rows, added = [], 0
         for scope, key, e, _ in batch:
@@ -365,66 +374,63 @@ class CacheStore:
             added += size
             rows.append((scope, key, size, now, float(e.created), int(e.status),
                          int(bool(e.streamed)), e.model or "", usage, headers, bytes(e.body)))
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_PUT, rows)
-            conn.executemany(_TOUCH, [(t, s, k, t) for (s, k), t in touched.items()])
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback(conn)
+        touches = [(t, s, k, t) for (s, k), t in touched.items()]
+        kind = self._w.write(_apply, rows, touches)
+        if kind is not None:
+            if self._w.should_retry(kind, final):
+                return True
             self.dropped += len(batch)
-            self._write_failed(exc)
-            return
-        self._health.ok()
+            return False
         if self._approx_bytes is not None:
             self._approx_bytes += added
         if self._approx_bytes is None or self._approx_bytes > self.max_bytes:
-            self._evict(conn)
+            if self._w.write(self._evict) is None and self._vacuum:
+                self._vacuum = False
+                try:
+                    self._w.conn.execute("PRAGMA incremental_vacuum")  # outside the transaction
+                except sqlite3.Error as exc:
+                    self._w.failed(exc)
+        return False
 
     def _evict(self, conn):
         """Delete least-recently-used entries until the total is under 90% of the cap."""
-        try:
-            total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM cache_entries").fetchone()[0]
-            if total > self.max_bytes:
-                excess = total - int(self.max_bytes * 0.9)
-                victims, freed = [], 0
-                oldest = conn.execute("SELECT id, size FROM cache_entries ORDER BY accessed, id"
-                                      " LIMIT 10000").fetchall()  # the rest at the next write
-                for rowid, size in oldest:
-                    if freed >= excess:
-                        break
-                    victims.append((rowid,))
-                    freed += size
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("DELETE FROM cache_entries WHERE id = ?", victims)
-                conn.execute("COMMIT")
-                conn.execute("PRAGMA incremental_vacuum")
-                total -= freed
-            self._approx_bytes = total
-        except sqlite3.Error as exc:
-            self._rollback(conn)
-            self._write_failed(exc)
+        total = conn.execute("SELECT COALESCE(SUM(size), 0) FROM cache_entries").fetchone()[0]
+        if total > self.max_bytes:
+            excess = total - int(self.max_bytes * 0.9)
+            victims, freed = [], 0
+            oldest = conn.execute("SELECT id, size FROM cache_entries ORDER BY accessed, id"
+                                  " LIMIT 10000").fetchall()  # the rest at the next write
+            for rowid, size in oldest:
+                if freed >= excess:
+                    break
+                victims.append((rowid,))
+                freed += size
+            conn.executemany("DELETE FROM cache_entries WHERE id = ?", victims)
+            total -= freed
+            self._vacuum = True
+        self._approx_bytes = total
 
     def _maintain(self):
-        """Once a second: notice a deleted/replaced/corrupt file; expire old entries."""
-        reported, self._corrupt_gen = self._corrupt_gen, None
-        state = "corrupt" if reported == self._gen else self.db.check()
-        if state == "corrupt":
-            self._reset(quarantine=True)
-        elif state == "moved" and self._writer is not None:
-            log.warning("the cache database %s was deleted or replaced; re-creating it", self.db.path)
-            self._reset(quarantine=False)
-        conn = self._writer_conn()
-        if conn is None:
+        """Notice a deleted/replaced/corrupt file (db.Writer.maintain); expire old entries."""
+        reported = self._corrupt_gen
+        if not self._w.maintain(corrupt=reported is not None and reported == self._w.gen):
+            return
+        self._corrupt_gen = None
+        if self._w.connection() is None:
             return
         now = time.monotonic()
         if now >= self._next_purge:
             self._next_purge = now + PURGE_SECONDS
             self.purge_expired()
 
+    def _opened(self, conn):
+        """A new writer connection, maybe on a new file: count its size, read it again."""
+        self._approx_bytes = None
+        self._read_retry_at = 0.0
+
     def purge_expired(self) -> int:
         """Delete expired entries now (the writer does this every minute); returns the count."""
-        conn = self._writer_conn() if threading.current_thread() is self._thread else None
+        conn = self._w.connection() if threading.current_thread() is self._thread else None
         own = conn is None
         try:
             if own:
@@ -435,62 +441,11 @@ class CacheStore:
             return max(cur.rowcount, 0)
         except (sqlite3.Error, OSError) as exc:
             if not own:
-                self._write_failed(exc)
+                self._w.failed(exc)
             return 0
         finally:
             if own:
                 close_quietly(conn)
-
-    def _writer_conn(self):
-        if self._writer is None and time.monotonic() >= self._write_retry_at:
-            self._open_writer()
-        return self._writer
-
-    def _open_writer(self):
-        for attempt in (1, 2):
-            previous = self.db.identity
-            try:
-                self._writer = self.db.connect_writer(timeout=WRITER_BUSY_TIMEOUT)
-                if self.db.identity != previous:
-                    self._gen += 1  # a new file: pooled readers must reconnect
-                self._write_failures = 0
-                self._health.ok()
-                return
-            except (sqlite3.Error, OSError) as exc:
-                if attempt == 1 and isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt":
-                    self.db.quarantine()
-                    continue
-                self._write_failed(exc)
-                return
-
-    def _write_failed(self, exc):
-        kind = classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable"
-        self._health.failed(kind, exc)
-        if kind == "corrupt":
-            self._reset(quarantine=True)
-        elif kind != "busy":  # full, read-only, I/O error, missing table: reopen later
-            close_quietly(self._writer)
-            self._writer = None
-            self._write_failures += 1
-            self._write_retry_at = time.monotonic() + min(0.5 * 2 ** self._write_failures, 10.0)
-
-    def _reset(self, quarantine):
-        close_quietly(self._writer)
-        self._writer = None
-        if quarantine:
-            self.db.quarantine()
-        self._gen += 1  # pooled readers let go of the old file
-        self._approx_bytes = None
-        self._write_retry_at = 0.0
-        self._read_retry_at = 0.0
-        self._open_writer()
-
-    @staticmethod
-    def _rollback(conn):
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
     # -- management (CLI) ----------------------------------------------------
 
@@ -545,7 +500,7 @@ class CacheStore:
             self._approx_bytes = None
             return max(n, 0) + pending
         except (sqlite3.Error, OSError) as exc:
-            self._health.failed(classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable", exc)
+            self._w.health.failed(classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable", exc)
             return pending
         finally:
             close_quietly(conn)
@@ -558,6 +513,6 @@ class CacheStore:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=5.0)
-        self._gen += 1
+        self._w.gen += 1
         while self._readers:
             close_quietly(self._readers.pop()[1])

@@ -15,7 +15,6 @@ from . import __version__
 from . import config as configmod
 from .errors import ExitStatus, TokenpakError
 
-MODES = ("strict", "hybrid", "balanced", "aggressive")
 APIS = ("openai", "anthropic", "responses")  # the request shapes `compress` knows
 # What the Debian package's system service uses (packaging/systemd/tokenpak.service sets
 # the same variables): `tokenpak --system ...` acts on that installation.
@@ -59,7 +58,7 @@ def build_parser():
     serve.add_argument("--host", help="address to listen on (proxy.host, default 127.0.0.1)")
     serve.add_argument("--port", type=config_value("proxy.port"),
                        help="port to listen on (proxy.port, default 8766)")
-    serve.add_argument("--mode", choices=MODES,
+    serve.add_argument("--mode", choices=configmod.LEVEL_NAMES,
                        help="compression level (compression.level, default hybrid)")
     serve.add_argument("--daemon", action="store_true",
                        help="detach and run in the background (pid file, log file)")
@@ -98,7 +97,7 @@ def build_parser():
     compress = commands.add_parser(
         "compress", help="dry run: what compression does to a request body")
     compress.add_argument("file", metavar="FILE", help="a JSON request body, or - for stdin")
-    compress.add_argument("--mode", choices=MODES, help="compression level (default: config)")
+    compress.add_argument("--mode", choices=configmod.LEVEL_NAMES, help="compression level (default: config)")
     compress.add_argument("--api", choices=APIS,
                           help="body shape (default: guessed from the body)")
     compress.add_argument("--output", metavar="FILE", help="write the compressed body here")

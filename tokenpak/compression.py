@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from . import tokens
+from .config import LEVEL_ALIASES, LEVELS
 from .transforms import (CODE, JSON, LISTING, TEXT, collapse_listing,
                          collapse_redraws, collapse_repeats, ditto_listing, ditto_timestamps,
                          dumps_compact, elide_middle, final_state, group_search_output,
@@ -53,8 +54,6 @@ from .transforms import (CODE, JSON, LISTING, TEXT, collapse_listing,
                          parse_json_text, path_text, split_segments, strip_ansi, tabulate_json,
                          tabulate_value)
 
-LEVELS = ("strict", "hybrid", "aggressive")
-LEVEL_ALIASES = {"balanced": "hybrid"}
 MIN_REF_CHARS = 400        # a back-reference costs ~35 tokens: only replace bigger blocks
 MEMO_ENTRIES = 8192
 MEMO_CHARS = 16 << 20      # bound on memoised output text (characters)

@@ -20,7 +20,12 @@ import tempfile
 
 from .errors import ExitStatus, TokenpakError
 
-LEVELS = ("strict", "hybrid", "balanced", "aggressive")
+# The compression levels, mildest first, and other names for them. Defined here, not in
+# compression.py (which imports them), so reading a config does not load the compressor.
+LEVELS = ("strict", "hybrid", "aggressive")
+LEVEL_ALIASES = {"balanced": "hybrid"}
+LEVEL_NAMES = tuple(name for level in LEVELS for name in
+                    (level,) + tuple(a for a, to in LEVEL_ALIASES.items() if to == level))
 
 
 class Key:
@@ -93,7 +98,7 @@ _KEYS = [
         env="TOKENPAK_COMPACT"),
     Key("compression.level", "choice", "hybrid",
         "strict (lossless), hybrid (= balanced; adds references), aggressive (adds elision)",
-        env="TOKENPAK_MODE", choices=LEVELS),
+        env="TOKENPAK_MODE", choices=LEVEL_NAMES),
     Key("compression.threshold_tokens", "int", 4500,
         "strict and hybrid leave prompts below this many tokens untouched",
         env="TOKENPAK_COMPACT_THRESHOLD_TOKENS", high=10 ** 9),

@@ -11,6 +11,11 @@ kind once and the recovery once, and `DbFile` notices a deleted, replaced or cor
 (`check()`), moves a corrupt one aside as `<db>.corrupt-<ts>` (`quarantine()`) and creates
 a fresh one on the owner's next `connect_writer()`, all without a restart.
 
+`Writer` is that lifecycle for one store's writer thread, written once for both stores:
+open (moving a corrupt file aside), one transaction per batch with rollback, classify a
+failure, keep a busy batch for a few retries, back off and reopen after anything else,
+notice a deleted, replaced or corrupt file. Each store only says how to apply its batch.
+
 The same-process lock trap: sqlite's locks are POSIX advisory locks, which belong to the
 process, not the descriptor, and closing *any* descriptor of the file drops all of them.
 So an existing DB file is never open()ed and close()d from Python (`DbFile._prepare` only
@@ -182,3 +187,135 @@ def close_quietly(conn) -> None:
             conn.close()
         except Exception:
             pass
+
+
+BUSY_TIMEOUT = 2.0  # seconds a writer waits for another connection's write lock
+CHECK_SECONDS = 1.0  # how often a writer checks its file is still there and sane
+BACKOFF_SECONDS, BACKOFF_MAX = 0.25, 10.0  # reopen after 0.5 s, 1 s, 2 s ... at most 10 s
+BUSY_RETRIES = 5  # busy writes in a row after which a batch is dropped
+
+
+class Writer:
+    """The write connection of one store's writer thread (the cache's, accounting's), and
+    its fail-open lifecycle, written once for both.
+
+    `write(apply, *args)` runs `apply(conn, *args)` in one BEGIN IMMEDIATE transaction and
+    returns None when it committed, else the kind of failure (see `classify`) after rolling
+    back: "busy" leaves the connection open (the owner may retry), "corrupt" moves the file
+    aside, anything else (full, read-only, I/O error, missing table) closes the connection
+    and reopens it after a growing back-off. `maintain()` notices a deleted, replaced or
+    corrupt file. Each failure kind is logged once, and the recovery once (`Health`).
+    `gen` grows whenever the connection may be on another file: pooled readers reconnect.
+    """
+
+    def __init__(self, db: DbFile, logger, what: str, on_open=None, busy_timeout=None):
+        self.db, self.log, self.what = db, logger, what
+        self.health = Health(logger, "writing the %s database %s" % (what, db.path))
+        self.on_open = on_open  # runs on every new connection (a migration, a recount)
+        self.busy_timeout = busy_timeout  # None: BUSY_TIMEOUT
+        self.conn = None
+        self.gen = 0
+        self.failures = 0  # consecutive failed writes or opens; 0 after a success
+        self._retry_at = 0.0
+        self._next_check = 0.0
+
+    def connection(self):
+        """The open connection, opened now if the back-off allows; None while unusable."""
+        if self.conn is None and time.monotonic() >= self._retry_at:
+            self._open()
+        return self.conn
+
+    def _open(self):
+        for attempt in (1, 2):
+            previous = self.db.identity
+            conn = None
+            try:
+                timeout = BUSY_TIMEOUT if self.busy_timeout is None else self.busy_timeout
+                conn = self.db.connect_writer(timeout=timeout)
+                if self.on_open is not None:
+                    self.on_open(conn)
+            except (sqlite3.Error, OSError) as exc:
+                close_quietly(conn)
+                if attempt == 1 and isinstance(exc, sqlite3.Error) and classify(exc) == "corrupt":
+                    self.db.quarantine()
+                    continue
+                self._back_off(exc)
+                return
+            if self.db.identity != previous:
+                self.gen += 1
+            self.conn = conn
+            return
+
+    def write(self, apply, *args):
+        """Run `apply(conn, *args)` in one transaction: None on commit, else the failure kind."""
+        conn = self.connection()
+        if conn is None:
+            return "unavailable"
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # one transaction per batch: one WAL append
+            apply(conn, *args)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return self.failed(exc)
+        self.failures = 0
+        self.health.ok()
+        return None
+
+    def failed(self, exc) -> str:
+        """Log and act on a failed write (see the class doc); returns its kind."""
+        kind = classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable"
+        if kind == "corrupt":
+            self.health.failed(kind, exc)
+            self.failures += 1
+            self.reset(quarantine=True)
+        elif kind == "busy":
+            self.health.failed(kind, exc)
+            self.failures += 1
+        else:
+            self._back_off(exc)
+        return kind
+
+    def should_retry(self, kind, final=False) -> bool:
+        """Whether a batch that failed with `kind` is worth another try: another process
+        holding the lock (a `sqlite3` shell, a backup) usually lets go soon, so a busy
+        batch is kept for a few rounds; nothing else fixes itself by retrying."""
+        return kind == "busy" and not final and self.failures <= BUSY_RETRIES
+
+    def _back_off(self, exc):
+        self.health.failed(classify(exc) if isinstance(exc, sqlite3.Error) else "unavailable", exc)
+        close_quietly(self.conn)
+        self.conn = None
+        self.failures += 1
+        self._retry_at = time.monotonic() + min(BACKOFF_SECONDS * 2 ** self.failures, BACKOFF_MAX)
+
+    def reset(self, quarantine: bool) -> None:
+        """Let go of the file (moving it aside if corrupt); the next write opens a fresh one."""
+        close_quietly(self.conn)
+        self.conn = None
+        if quarantine:
+            self.db.quarantine()
+        self.gen += 1
+        self._retry_at = 0.0
+
+    def maintain(self, corrupt: bool = False) -> bool:
+        """At most once per CHECK_SECONDS: let go of a deleted or replaced file, move a corrupt
+        one aside (`corrupt`: a reader already saw it is). True when the check ran."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + CHECK_SECONDS
+        state = "corrupt" if corrupt else self.db.check()
+        if state == "corrupt" or (state == "moved" and self.conn is not None):
+            if state == "moved":
+                self.log.warning("the %s database %s was deleted or replaced; re-creating it",
+                                 self.what, self.db.path)
+            self.reset(quarantine=state == "corrupt")
+        return True
+
+    def close(self) -> None:
+        close_quietly(self.conn)
+        self.conn = None

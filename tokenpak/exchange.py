@@ -35,7 +35,7 @@ import threading
 import time
 
 from . import footer, sse
-from .accounting import price_row
+from .accounting import SERVED_LOCALLY, figures
 from .cache import Entry, cache_key, scope_id
 from .coalesce import Flight, FlightFailed
 from .compression import compress_request
@@ -382,6 +382,17 @@ def relay_stream(out, rt, ex, response, headers, flight):
         if flight is None or flight.leader_left(stop):
             stop()
 
+    def answered():
+        # Our client left once the final event reached it: the answer is whole (see
+        # got_final_event), so it is cached and shared like one that ended normally.
+        if not got_final_event(ex, rewriter):
+            return False
+        if record and size <= MAX_CACHED_BODY:
+            store(rt, ex, headers, flight.body(), streamed=True)
+        if flight is not None:
+            flight.finish(True)  # after store: a later arrival finds one or the other
+        return True
+
     out.start(ex.status, headers + footer_headers(ex))
     unwatch = out.watch(abort)
     try:
@@ -396,7 +407,7 @@ def relay_stream(out, rt, ex, response, headers, flight):
                         break
     except Exception as exc:  # the upstream broke mid-stream (reset, timeout, bad framing)
         ex.complete = False
-        if gone.is_set() and answered(ex, rewriter, flight):
+        if gone.is_set() and answered():
             return
         if not gone.is_set():
             ex.error = "upstream stream failed: %s" % exc.__class__.__name__
@@ -410,7 +421,7 @@ def relay_stream(out, rt, ex, response, headers, flight):
     finally:
         unwatch()
     if gone.is_set():
-        if answered(ex, rewriter, flight):
+        if answered():
             return
         ex.complete, ex.error = False, ex.error or "client disconnected mid-stream"
         if flight is not None:
@@ -435,7 +446,7 @@ def relay_stream(out, rt, ex, response, headers, flight):
         store(rt, ex, headers, flight.body(), streamed=True)
 
 
-def answered(ex, rewriter, flight):
+def got_final_event(ex, rewriter):
     """A client that hung up once the final event reached it got the whole answer: Codex
     closes its connection at response.completed, before the chunked body's end. Then the
     call is complete and accounted with the usage that went through, not a lost stream."""
@@ -443,8 +454,6 @@ def answered(ex, rewriter, flight):
         return False
     ex.usage, ex.complete = rewriter.watcher.usage, True
     ex.model = rewriter.watcher.model or ex.model
-    if flight is not None:
-        flight.finish(False)  # the upstream read was cut: nothing complete to share or store
     return True
 
 
@@ -499,12 +508,12 @@ def token_counts(ex, usage):
 def footer_line(rt, ex, usage):
     """The footer for this answer: the same cost and savings its accounting row gets."""
     before, after = token_counts(ex, usage)
-    cost, saved = price_row({
+    priced = figures({
         "model": ex.model, "cache": ex.cache, "method": ex.method, "path": ex.path,
         "status": ex.status, "usage": _usage_dict(usage) if usage is not None else None,
         "tokens_before": before, "tokens_after": after}, rt.prices)
-    return footer.format_line(before, after, "hit" if ex.cache in ("hit", "coalesced")
-                              else ex.cache, cost, saved)
+    return footer.format_line(before, after, "hit" if ex.cache in SERVED_LOCALLY else ex.cache,
+                              priced["cost_usd"], priced["saved_usd"])
 
 
 def footer_headers(ex):

@@ -14,7 +14,7 @@ import threading
 import time
 
 from tokenpak import __version__
-from tokenpak.accounting import SERVED_LOCALLY, price_row, row_usage
+from tokenpak.accounting import SERVED_LOCALLY, row_usage
 from tokenpak.pricing import FIELDS
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -63,10 +63,7 @@ class Metrics:
             model = str(row.get("model") or "")
             status = str(row.get("status") if row.get("status") is not None else "error")
             cache = str(row.get("cache") or "")
-            if "cost_usd" in row:
-                cost, saved = row.get("cost_usd"), row.get("saved_usd")
-            else:
-                cost, saved = price_row(row, self.prices)
+            cost, saved = row.get("cost_usd"), row.get("saved_usd")  # priced by Recorder.record
             usage = None if cache in SERVED_LOCALLY else row_usage(row)  # billed tokens only
             latency = row.get("latency_ms")
             with self._lock:

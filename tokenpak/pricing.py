@@ -1,4 +1,4 @@
-"""What a request cost: the shipped price table, model-name matching and usage normalisation.
+"""What a request cost: the shipped price table and model-name matching.
 
 Prices live in `data/prices.json` (USD per 1M tokens, dated, with the providers' pricing
 pages as source) so that a price change is a data edit, not a code change, and users can
@@ -7,7 +7,7 @@ override any figure with `pricing.<model>.<field>` in the config.
 Cost is only as good as the token counts fed to it, and the providers count differently:
 OpenAI's `prompt_tokens` *includes* the cached tokens, Anthropic's `input_tokens`
 *excludes* cache reads and writes. Everything in tokenpak therefore works on one normalised
-shape, produced by `normalise_usage()`:
+shape, produced once, where the answer is read (`sse.Usage`, as a dict in rows and entries):
 
     {"input": uncached prompt tokens, "output": completion tokens,
      "cache_read": prompt tokens read from the provider's cache,
@@ -154,49 +154,3 @@ def cost(model: str, usage: dict, table=None) -> float | None:
         if tokens > 0:
             total += tokens * prices[field]
     return total / 1_000_000
-
-
-def _int(value) -> int:
-    try:
-        return max(int(value or 0), 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def normalise_usage(api: str, usage) -> dict:
-    """Convert a provider's usage object to {"input", "output", "cache_read", "cache_write"}.
-
-    api "openai" (chat completions, also Anthropic's and Gemini's OpenAI-compatible
-    endpoints, and the Responses API's input_tokens/output_tokens names): the prompt count
-    includes cached tokens, so they are subtracted. api "anthropic": input_tokens already
-    excludes cache_read_input_tokens and cache_creation_input_tokens; pass the merged usage
-    of message_start and message_delta for a stream. api "google" (native usageMetadata):
-    promptTokenCount includes cachedContentTokenCount; thinking tokens bill as output.
-    Missing or malformed values count as 0.
-    """
-    out = {"input": 0, "output": 0, "cache_read": 0, "cache_write": 0}
-    if not isinstance(usage, dict):
-        return out
-    if api == "anthropic":
-        out["input"] = _int(usage.get("input_tokens"))
-        out["output"] = _int(usage.get("output_tokens"))
-        out["cache_read"] = _int(usage.get("cache_read_input_tokens"))
-        out["cache_write"] = _int(usage.get("cache_creation_input_tokens"))
-    elif api in ("google", "gemini") and "promptTokenCount" in usage:
-        cached = _int(usage.get("cachedContentTokenCount"))
-        out["input"] = max(_int(usage.get("promptTokenCount")) - cached, 0)
-        out["output"] = _int(usage.get("candidatesTokenCount")) + _int(usage.get("thoughtsTokenCount"))
-        out["cache_read"] = cached
-    else:
-        if "prompt_tokens" in usage or "completion_tokens" in usage:
-            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            details = usage.get("prompt_tokens_details")
-        else:  # Responses API names
-            prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
-            details = usage.get("input_tokens_details")
-        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-        # OpenAI bills no cache writes: cache_write stays 0 and its price is the input price
-        out["input"] = max(_int(prompt) - cached, 0)
-        out["output"] = _int(completion)
-        out["cache_read"] = cached
-    return out

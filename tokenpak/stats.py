@@ -28,10 +28,11 @@ import sqlite3
 import time
 import urllib.parse
 
+from tokenpak.accounting import SERVED_LOCALLY_SQL
 from tokenpak.errors import ExitStatus, TokenpakError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_LOCAL = "cache IN ('hit', 'coalesced')"
+_LOCAL = "cache IN %s" % SERVED_LOCALLY_SQL
 _PROMPT = "COALESCE(input_tokens, 0) + COALESCE(cache_read_tokens, 0) + COALESCE(cache_write_tokens, 0)"
 # One pass over the rows of a group. Requests answered locally ("hit", "coalesced") paid no
 # provider, so their tokens count as "cached" and not as input/output; a NULL cost with
