@@ -134,7 +134,7 @@ def accounting_cost(n, chunk=10000):
     from tokenpak.metrics import Metrics
     ex = realistic_exchange()
     prices = pricing.load_prices(None)
-    metrics = Metrics(prices)
+    metrics = Metrics()
     db = os.path.join(tempfile.mkdtemp(prefix="tokenpak-bench-acct-"), "tokenpak.db")
     hot = writer = 0.0
     done = 0

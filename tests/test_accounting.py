@@ -10,7 +10,7 @@ import time
 import pytest
 
 from helpers import wait_for
-from tokenpak import accounting, cache, stats
+from tokenpak import accounting, stats
 from tokenpak.accounting import Recorder, figures
 from tokenpak.cache import CacheStore, Entry, load_secret, scope_id
 from tokenpak import db as dbmod

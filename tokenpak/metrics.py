@@ -45,8 +45,7 @@ def _number(value):
 class Metrics:
     """In-memory counters for GET /metrics (Prometheus text exposition format 0.0.4)."""
 
-    def __init__(self, prices=None):
-        self.prices = prices
+    def __init__(self):
         self.started = time.time()
         self._lock = threading.Lock()
         self._requests = {}

@@ -106,7 +106,7 @@ class App:
         changed nothing; returns the changed settings that only a restart applies, or None."""
         new = runtime.build(config, self._open_cache)
         old, self.runtime = self.runtime, new
-        self.recorder.prices = self.metrics.prices = new.prices
+        self.recorder.prices = new.prices
         store = new.cache.store
         if store is not None:
             store.ttl = float(config.get("cache.ttl_seconds"))
