@@ -34,8 +34,8 @@ How a row is priced (`figures`):
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 import time
 
@@ -237,7 +237,9 @@ class Recorder:
         self.prices = prices
         self.rows_written = 0
         self.rows_dropped = 0
-        self._queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._queue = collections.deque()  # rows, and the writer's signals (None, Events)
+        self._ready = threading.Condition(threading.Lock())
         self._drop_lock = threading.Lock()
         self._w = db.Writer(self.db, log, "accounting", busy_timeout=busy_timeout,
                             on_open=lambda conn: migrate(conn, self.prices))
@@ -261,12 +263,23 @@ class Recorder:
             if not all(name in row for name in FIGURES):
                 for name, value in figures(row, self.prices).items():
                     row.setdefault(name, value)
-            if self._stopped:
+            if self._stopped or len(self._queue) >= self.max_queue:
                 self._dropped(1)
-            else:
-                self._queue.put_nowait(row)
-        except Exception:  # queue.Full, or anything else: fail open
+                return
+            self._queue.append(row)  # atomic; the writer takes rows on its own schedule
+            if len(self._queue) >= self.batch_size:
+                self._wake()
+        except Exception:  # anything: fail open
             self._dropped(1)
+
+    def _wake(self):
+        with self._ready:
+            self._ready.notify()
+
+    def _signal(self, item):
+        """Queue a signal for the writer (None: stop; an Event: flush) and wake it now."""
+        self._queue.append(item)
+        self._wake()
 
     def _dropped(self, n):
         with self._drop_lock:
@@ -275,26 +288,20 @@ class Recorder:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every row recorded before this call is written (or dropped)."""
         if self._thread is None or not self._thread.is_alive():
-            return self._queue.empty()
+            return not self._queue
         marker = threading.Event()
-        try:
-            self._queue.put(marker, timeout=timeout)
-        except queue.Full:
-            return False
+        self._signal(marker)
         return marker.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop the writer thread and close the DB."""
         if self._stopped:
             return
-        if self._thread is None and not self._queue.empty():
+        if self._thread is None and self._queue:
             self.start()  # never started: still write what was recorded
         self._stopped = True
         if self._thread is not None and self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                pass
+            self._signal(None)
             self._thread.join(timeout)
         else:
             self._w.close()
@@ -321,13 +328,16 @@ class Recorder:
         them (fewer, larger transactions), or until flush()/close() ask; True on close()."""
         deadline = None
         while len(pending) < self.batch_size:
-            timeout = self.flush_interval if deadline is None else deadline - time.monotonic()
-            if timeout <= 0:
-                return False
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                return False
+            if not self._queue:
+                timeout = self.flush_interval if deadline is None else deadline - time.monotonic()
+                if timeout <= 0:
+                    return False
+                with self._ready:
+                    if not self._queue:
+                        self._ready.wait(timeout)
+                if not self._queue:
+                    return False
+            item = self._queue.popleft()
             if item is None:
                 return True
             if isinstance(item, threading.Event):

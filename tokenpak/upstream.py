@@ -10,6 +10,12 @@ keep-alive connection the provider had already closed, which urllib3 detects bef
 is retried; a failure after the request went out is retried only for idempotent methods.
 A POST to /v1/chat/completions is therefore never re-sent: it may have been billed.
 
+Each call goes straight to the mounted adapter with a request prepared here, not through
+`Session.request`: that path merges environment settings, cookies and hooks on every call
+and stores the provider's cookies in the session, then sends them with every other
+client's requests. A transparent proxy wants none of it, and the saved work is a sixth of
+a small request's CPU. The adapter still does the pooling, retries and TLS checks.
+
 Responses are always opened with `stream=True` and handed to the caller undecoded
 (`Content-Encoding` passes through as it came), so the proxy decides per response whether to
 relay chunk by chunk or read it whole.
@@ -64,8 +70,9 @@ class Upstream:
         `headers` is a dict of the headers to forward (hop-by-hop ones already removed).
         Raises UpstreamError when there is no response to relay."""
         try:
-            return self.session.request(method, url, data=body, headers=headers, stream=True,
-                                        timeout=self.timeout, allow_redirects=False)
+            prepared = prepare(method, url, headers, body)
+            return self.session.get_adapter(url).send(prepared, stream=True,
+                                                      timeout=self.timeout, verify=True)
         except requests.exceptions.ConnectTimeout:
             raise UpstreamError(504, "timed out connecting to %s" % _origin(url))
         except requests.exceptions.ReadTimeout:
@@ -78,6 +85,19 @@ class Upstream:
 
     def close(self):
         self.session.close()
+
+
+def prepare(method, url, headers, body):
+    """The request as `requests` would prepare it (URL checked and quoted, Content-Length
+    set from the body, credentials in the URL turned into a header), without its cookie jar
+    and hooks. Raises requests' own errors for a bad URL, as Session.request would."""
+    prepared = requests.PreparedRequest()
+    prepared.prepare_method(method)
+    prepared.prepare_url(url, None)
+    prepared.prepare_headers(headers)
+    prepared.prepare_body(body, None)
+    prepared.prepare_auth(None, url)
+    return prepared
 
 
 def iter_body(response):
