@@ -134,7 +134,8 @@ class App:
         """"ok", or "degraded" when the database cannot be written: requests are still
         served, but their accounting (and the cache) would be lost silently."""
         body = {"status": "ok", "version": __version__,
-                "uptime_s": round(time.time() - self.started, 3), "requests": self.requests}
+                "uptime_s": round(time.time() - self.started, 3), "requests": self.requests,
+                "pid": os.getpid()}  # with proxy.workers > 1: the worker that answered
         problem = db_path_problem(self.db_path)
         if problem:
             body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
