@@ -168,3 +168,37 @@ def test_workers_flag_is_validated():
     result = subprocess.run([sys.executable, "-m", "tokenpak", "serve", "--workers", "0"],
                             cwd=str(REPO), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--workers: expected a whole number from 1" in result.stderr
+
+
+ACTIVATE = r"""
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)  # as systemd does: the socket as fd 3, LISTEN_PID = the pid that execs
+os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.executable, [sys.executable, "-m", "tokenpak"] + sys.argv[2:])
+"""
+
+
+def test_socket_activation_hands_the_socket_to_every_worker(fake, isolated_env):
+    import socket
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        url = "http://127.0.0.1:%d" % listener.getsockname()[1]
+        unused = free_port()  # what the config says; the activated socket wins
+        process = subprocess.Popen(
+            [sys.executable, "-c", ACTIVATE, str(listener.fileno()), "serve", "--workers", "2",
+             "--port", str(unused)],
+            pass_fds=(listener.fileno(),), env=tokenpak_env(fake.url, isolated_env),
+            cwd=str(REPO), stderr=subprocess.PIPE)
+        try:
+            wait_healthy(url, process=process)
+            workers = wait_for(lambda: len(children(process.pid)) == 2
+                               and children(process.pid))
+            assert workers and answering_pids(url, workers) == workers
+            assert ask(url, "activated").startswith("Echo: activated")
+        finally:
+            process.terminate()
+            assert process.wait(30) == 0
+        assert "127.0.0.1:%d" % unused not in process.stderr.read().decode()
