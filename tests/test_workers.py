@@ -202,3 +202,38 @@ def test_socket_activation_hands_the_socket_to_every_worker(fake, isolated_env):
             process.terminate()
             assert process.wait(30) == 0
         assert "127.0.0.1:%d" % unused not in process.stderr.read().decode()
+
+
+def requests_total(text):
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("tokenpak_requests_total{"))
+
+
+def test_metrics_count_the_requests_of_every_worker(spawn_tokenpak, isolated_env):
+    process = spawn_tokenpak("serve", "--workers", "2")
+    sent = []
+
+    def per_worker():
+        """Each worker's own published count, from the files /metrics adds up."""
+        counts = {}
+        for path in isolated_env.glob(".tokenpak/.tokenpak-metrics-*/*.prom"):
+            counts[path.name] = requests_total(path.read_text())
+        return counts
+
+    def both_served():
+        sent.append(ask(process.url, "m%d" % len(sent)))
+        counts = per_worker()
+        return len(counts) == 2 and all(counts.values())
+    assert wait_for(both_served, interval=0)
+
+    def scrape():
+        with urllib.request.urlopen(process.url + "/metrics", timeout=WAIT) as response:
+            return response.read().decode()
+    # whichever worker answers the scrape, it adds the other's figures: the instance's total
+    assert wait_for(lambda: all(requests_total(scrape()) == len(sent) for _ in range(6)))
+    text = scrape()
+    assert text.count("# TYPE tokenpak_requests_total counter") == 1
+    assert "tokenpak_up 1\n" in text
+    process.terminate()
+    assert process.wait(30) == 0
+    assert not list(isolated_env.glob(".tokenpak/.tokenpak-metrics-*"))  # cleaned up

@@ -145,7 +145,14 @@ class App:
         self.recorder.flush(2.0)
         return stats.summary(self.db_path)
 
+    peers = None  # with proxy.workers > 1: the other workers' figures (workers.Peers)
+
     def render_metrics(self):
+        text = self.metrics_text()
+        return text if self.peers is None else self.peers.merged(text)
+
+    def metrics_text(self):
+        """This process's own figures."""
         return self.metrics.render({
             "tokenpak_in_flight_requests": ("Requests being proxied right now.", self.active),
             "tokenpak_uptime_seconds": ("Seconds since this tokenpak started.",

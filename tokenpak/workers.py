@@ -28,13 +28,16 @@ import select
 import signal
 import socket
 import threading
+import shutil
+import tempfile
 import time
 
-from tokenpak import systemd
+from tokenpak import metrics, systemd
 from tokenpak.errors import TokenpakError
 
 log = logging.getLogger("tokenpak")
 
+PUBLISH_SECONDS = 1.0  # how often a worker writes its /metrics figures for the others
 KILL_MARGIN = 5.0  # seconds past the grace before a draining worker is killed
 START_TIMEOUT = 60.0  # every worker must listen within this after its fork
 BACKLOG = 256  # ProxyServer.request_queue_size: the same accept queue as one process
@@ -76,6 +79,7 @@ class Supervisor:
         self.ready_r, self.ready_w = os.pipe()
         self.stop_signal = None
         self.hangup = False
+        self.metrics_dir = _metrics_dir(config.get("db.path"))
         self.forced = False
 
     # -- workers ---------------------------------------------------------------------------
@@ -106,7 +110,11 @@ class Supervisor:
         parent = os.getppid()
         ready_w = self.ready_w
 
+        metrics_dir = self.metrics_dir
+
         def on_ready(server):
+            if metrics_dir is not None:
+                server.app.peers = Peers(metrics_dir, server.app)
             os.write(ready_w, b"%d\n" % os.getpid())
             os.close(ready_w)
             _watch_parent(parent)
@@ -127,6 +135,8 @@ class Supervisor:
             if pid in self.pids:
                 self.pids.discard(pid)
                 lost.append(pid)
+                if self.metrics_dir is not None:  # its counters leave with it
+                    _remove(os.path.join(self.metrics_dir, "%d.prom" % pid))
                 if self.stop_signal is None:
                     log.warning("worker %d exited (%s); starting another", pid,
                                 _describe(status))
@@ -179,6 +189,8 @@ class Supervisor:
             if failed or self.stop_signal is not None or time.monotonic() > deadline:
                 self._signal_all(signal.SIGKILL)
                 self._wait(5.0)
+                if self.metrics_dir is not None:
+                    shutil.rmtree(self.metrics_dir, ignore_errors=True)
                 raise TokenpakError("the workers did not all start; see the log above")
             while len(self.pids) < self.count:  # one died after it listened: replace it
                 self.spawn()
@@ -216,6 +228,8 @@ class Supervisor:
             self._signal_all(signal.SIGKILL)
             self._wait(5.0)
         self.sock.close()
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("tokenpak stopped")
         return 1 if self.forced else 0
 
@@ -243,6 +257,69 @@ class Supervisor:
         signal.signal(signal.SIGINT, stop)
         if self.reload is not None:
             signal.signal(signal.SIGHUP, hangup)
+
+
+class Peers:
+    """/metrics for the whole instance: every worker writes its exposition to
+    `<dir>/<pid>.prom` each PUBLISH_SECONDS, and the one that answers a scrape adds its own
+    fresh figures to the others' files (metrics.merge). The others' figures are at most
+    PUBLISH_SECONDS old; a worker that died takes its counters with it (the sum drops, which
+    Prometheus reads as a counter reset)."""
+
+    def __init__(self, directory, app):
+        self.directory = directory
+        self.app = app
+        self.own = os.path.join(directory, "%d.prom" % os.getpid())
+        threading.Thread(target=self._publish, name="tokenpak-metrics-publish",
+                         daemon=True).start()
+
+    def _publish(self):
+        while True:
+            try:
+                text = self.app.metrics_text()
+                temp = self.own + ".tmp"
+                with open(temp, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.replace(temp, self.own)
+            except Exception as exc:  # a full disk must not take the worker down
+                log.debug("metrics publish failed: %s", exc)
+            time.sleep(PUBLISH_SECONDS)
+
+    def merged(self, own_text):
+        texts = [own_text]
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            names = []
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if name.endswith(".prom") and path != self.own:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        texts.append(f.read())
+                except OSError:
+                    pass  # its worker exited and the parent removed it
+        return metrics.merge(texts)
+
+
+def _metrics_dir(db_path):
+    """A private directory next to the database (writable wherever the database is, also
+    under the units' ProtectSystem=strict) for the workers' /metrics files; None if it cannot
+    be made: then each worker's /metrics shows its own figures only."""
+    try:
+        parent = os.path.dirname(os.path.abspath(db_path))
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=".tokenpak-metrics-", dir=parent)
+    except OSError as exc:
+        log.warning("/metrics will show one worker at a time: %s", exc)
+        return None
+
+
+def _remove(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _watch_parent(parent):
