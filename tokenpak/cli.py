@@ -60,6 +60,8 @@ def build_parser():
                        help="port to listen on (proxy.port, default 8766)")
     serve.add_argument("--mode", choices=configmod.LEVEL_NAMES,
                        help="compression level (compression.level, default hybrid)")
+    serve.add_argument("--workers", type=config_value("proxy.workers"),
+                       help="worker processes sharing the socket (proxy.workers, default 1)")
     serve.add_argument("--daemon", action="store_true",
                        help="detach and run in the background (pid file, log file)")
     serve.set_defaults(func=cmd_serve)
@@ -161,6 +163,8 @@ def serve_overrides(args):
         overrides["proxy.host"] = args.host
     if args.port is not None:
         overrides["proxy.port"] = args.port
+    if args.workers is not None:
+        overrides["proxy.workers"] = args.workers
     if args.mode:
         overrides["compression.level"] = args.mode
     return overrides

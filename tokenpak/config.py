@@ -91,6 +91,9 @@ _KEYS = [
     Key("proxy.shutdown_grace_seconds", "float", 30.0,
         "on SIGTERM, how long in-flight requests and streams may finish (a duration: 30s)",
         unit="seconds", high=86400),
+    Key("proxy.workers", "int", 1,
+        "worker processes sharing the listening socket (1: one process; 2+: pre-forked "
+        "workers, one per core uses every core)", env="TOKENPAK_WORKERS", low=1, high=1024),
     Key("proxy.pid_file", "path", "~/.tokenpak/tokenpak.pid", "pid file of `serve --daemon`"),
     Key("proxy.log_file", "path", "~/.tokenpak/tokenpak.log",
         "log file of `serve --daemon` (rotated)"),

@@ -13,7 +13,9 @@ this module decides how the process lives:
 - systemd (systemd.py speaks the protocol): READY=1 once listening, RELOADING=1 and READY=1
   around every reload, failed or not, STOPPING=1, watchdog pings while the accept loop runs,
   and a socket systemd already bound (socket activation);
-- `--daemon` (daemon.py): fork, pid file, the parent waiting until the child listens.
+- `--daemon` (daemon.py): fork, pid file, the parent waiting until the child listens;
+- proxy.workers > 1 (workers.py): the same process becomes a supervisor of N forked
+  workers, each of which runs `serve()` below on the shared socket.
 """
 
 import logging
@@ -24,7 +26,7 @@ import sys
 import threading
 import time
 
-from tokenpak import __version__, daemon, doctor, runtime, systemd
+from tokenpak import __version__, daemon, doctor, runtime, systemd, workers
 from tokenpak import config as configmod
 from tokenpak.errors import TokenpakError
 from tokenpak.providers import redact
@@ -49,18 +51,24 @@ def run(overrides, detach=False):
     if not detach:
         setup_logging(None, level, journal=systemd.under_journal())
         sockets = systemd.listen_sockets()
-        return serve(config, listen_socket=sockets[0] if sockets else None, reload=load)
+        listen_socket = sockets[0] if sockets else None
+        if config.get("proxy.workers") > 1:
+            return workers.run(config, serve, reload=load, listen_socket=listen_socket)
+        return serve(config, listen_socket=listen_socket, reload=load)
     log_file = config.get("proxy.log_file")
     pid_file = os.path.abspath(config.get("proxy.pid_file"))
 
     def run_daemon(ready):
         setup_logging(log_file, level, journal=False)
 
-        def on_ready(server):
+        def on_ready(address):
             # status and stop find the daemon where it listens, whatever the config says
-            daemon.record_address(pid_file, daemon.base_url(*server.server_address[:2]))
+            daemon.record_address(pid_file, daemon.base_url(*address[:2]))
             ready()
-        return serve(config, on_ready=on_ready, reload=load)
+        if config.get("proxy.workers") > 1:
+            return workers.run(config, serve, reload=load, on_ready=on_ready)
+        return serve(config, on_ready=lambda server: on_ready(server.server_address),
+                     reload=load)
 
     return daemon.start(pid_file, log_file, run_daemon)
 

@@ -150,3 +150,47 @@ class Metrics:
         out.append("%s_bucket%s %d" % (name, _labels(("provider", "cache", "le"), key + ("+Inf",)), hist[-1]))
         out.append("%s_sum%s %s" % (name, _labels(("provider", "cache"), key), _number(hist[-2])))
         out.append("%s_count%s %d" % (name, _labels(("provider", "cache"), key), hist[-1]))
+
+
+# Gauges that are not a sum over worker processes (proxy.workers > 1): the earliest start,
+# the longest uptime; every other gauge (in-flight requests, "up", build info) and every
+# counter and histogram series adds up across workers.
+_MERGE_MIN = ("tokenpak_start_time_seconds",)
+_MERGE_MAX = ("tokenpak_uptime_seconds", "tokenpak_up", "tokenpak_build_info")
+
+
+def merge(texts) -> str:
+    """One exposition from several workers' expositions (proxy.workers > 1): the same series
+    added up (or the min/max for the gauges above), families kept in their first order."""
+    families, order = {}, []
+    for text in texts:
+        name = None
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                name = line.split(" ", 3)[2]
+                if name not in families:
+                    families[name] = ([], {})
+                    order.append(name)
+                header, _ = families[name]
+                if line not in header:
+                    header.append(line)
+                continue
+            if not line or line.startswith("#") or name is None:
+                continue
+            series, _, value = line.rpartition(" ")
+            samples = families[name][1]
+            number = int(value) if value.lstrip("-").isdigit() else float(value)
+            if series not in samples:
+                samples[series] = number
+            elif name in _MERGE_MIN:
+                samples[series] = min(samples[series], number)
+            elif name in _MERGE_MAX:
+                samples[series] = max(samples[series], number)
+            else:
+                samples[series] += number
+    out = []
+    for name in order:
+        header, samples = families[name]
+        out += header
+        out += ["%s %s" % (series, _number(v)) for series, v in samples.items()]
+    return "\n".join(out) + "\n"

@@ -134,7 +134,8 @@ class App:
         """"ok", or "degraded" when the database cannot be written: requests are still
         served, but their accounting (and the cache) would be lost silently."""
         body = {"status": "ok", "version": __version__,
-                "uptime_s": round(time.time() - self.started, 3), "requests": self.requests}
+                "uptime_s": round(time.time() - self.started, 3), "requests": self.requests,
+                "pid": os.getpid()}  # with proxy.workers > 1: the worker that answered
         problem = db_path_problem(self.db_path)
         if problem:
             body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
@@ -144,7 +145,14 @@ class App:
         self.recorder.flush(2.0)
         return stats.summary(self.db_path)
 
+    peers = None  # with proxy.workers > 1: the other workers' figures (workers.Peers)
+
     def render_metrics(self):
+        text = self.metrics_text()
+        return text if self.peers is None else self.peers.merged(text)
+
+    def metrics_text(self):
+        """This process's own figures."""
         return self.metrics.render({
             "tokenpak_in_flight_requests": ("Requests being proxied right now.", self.active),
             "tokenpak_uptime_seconds": ("Seconds since this tokenpak started.",

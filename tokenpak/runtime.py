@@ -19,6 +19,7 @@ from .providers import Router
 
 # Settings that only a restart applies (SIGHUP says so when they change).
 RESTART_KEYS = ("proxy.host", "proxy.port", "db.path", "proxy.pid_file", "proxy.log_file",
+                "proxy.workers",
                 "proxy.connect_timeout", "proxy.read_timeout")
 
 # The cache as one request sees it: `store` None when the cache is off (or failed to open),

@@ -48,6 +48,8 @@ def user_unit_text(exe_argv: list, environment: dict | None = None) -> str:
         # notify: started means listening; tokenpak stays in the foreground (never --daemon)
         "Type=notify\n"
         "NotifyAccess=main\n"
+        # SIGTERM to the main process only: with proxy.workers > 1 it drains its workers
+        "KillMode=mixed\n"
         "ExecStart=%s\n"
         "%s"
         "ExecReload=/bin/kill -HUP $MAINPID\n"
