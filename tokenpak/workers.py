@@ -33,6 +33,7 @@ import tempfile
 import time
 
 from tokenpak import metrics, systemd
+from tokenpak.proxy import ProxyServer
 from tokenpak.errors import TokenpakError
 
 log = logging.getLogger("tokenpak")
@@ -40,7 +41,7 @@ log = logging.getLogger("tokenpak")
 PUBLISH_SECONDS = 1.0  # how often a worker writes its /metrics figures for the others
 KILL_MARGIN = 5.0  # seconds past the grace before a draining worker is killed
 START_TIMEOUT = 60.0  # every worker must listen within this after its fork
-BACKLOG = 256  # ProxyServer.request_queue_size: the same accept queue as one process
+BACKLOG = ProxyServer.request_queue_size  # the same accept queue as one process
 
 
 def bind(config):
