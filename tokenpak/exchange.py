@@ -402,7 +402,11 @@ def relay_stream(out, rt, ex, response, headers, flight):
 
     def abort():
         # Our client hung up: stop now, or once the last follower reading it has gone too.
-        if flight is None or flight.leader_left(stop):
+        # After the final event the answer is whole (clients hang up right there): cut the
+        # upstream's tail but keep the flight open to arrivals, which answered() then
+        # finishes with the whole answer and caches.
+        if (rewriter is not None and rewriter.watcher.complete) or flight is None \
+                or flight.leader_left(stop):
             stop()
 
     def answered():
@@ -462,11 +466,14 @@ def relay_stream(out, rt, ex, response, headers, flight):
                                      "the answer is incomplete"))
         ex.usage, ex.complete = watcher.usage, watcher.complete
         ex.model = watcher.model or ex.model
-    out.end()
-    if flight is not None:
-        flight.finish(ex.complete)
+    # Stored before the client sees the body's end, and the flight finished after that: an
+    # identical request the client sends the moment this one ends finds the entry queued
+    # (read-your-writes), or the flight, never neither.
     if record and ex.complete and rewriter is not None and size <= MAX_CACHED_BODY:
         store(rt, ex, headers, flight.body(), streamed=True)
+    if flight is not None:
+        flight.finish(ex.complete)
+    out.end()
 
 
 def got_final_event(ex, rewriter):
