@@ -34,25 +34,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BODY = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+# Every stream's prompt differs, as real conversations do: identical bodies in flight at
+# the same time would be coalesced onto one upstream call (coalesce.py), another benchmark.
+BODY = b'{"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "%s"}]}'
 SAMPLE = 0.5  # seconds between samples of the counters and tokenpak's RSS
 # the shared counters each client process adds to: opened, held now, ended well, errors
 OPENED, HELD, DONE, ERRORS = range(4)
 
 
-def stream_request(address, events, interval):
+def stream_request(address, events, interval, name):
+    body = BODY % name.encode()
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%d\r\n"
             b"Authorization: Bearer sk-bench\r\nContent-Type: application/json\r\n"
             b"x-fake-events: %d\r\nx-fake-interval: %s\r\nContent-Length: %d\r\n\r\n%s"
-            % (address[0].encode(), address[1], events, str(interval).encode(), len(BODY), BODY))
+            % (address[0].encode(), address[1], events, str(interval).encode(), len(body), body))
 
 
-def drive(address, count, concurrency, events, interval, deadline, counters):
+def drive(address, count, concurrency, events, interval, deadline, counters, prefix):
     """One client process: open `count` streams, at most `concurrency` still opening at a
     time, and read each to its end. Adds to `counters` as streams open, end and fail."""
     selector = selectors.DefaultSelector()
-    request = stream_request(address, events, interval)
-    state = {}  # socket -> [bytes read, held?]
+    state = {}  # socket -> [bytes read, held?, its number]
     started = opening = 0
 
     def add(index, n=1):
@@ -60,7 +62,7 @@ def drive(address, count, concurrency, events, interval, deadline, counters):
             counters[index] += n
 
     def finish(sock, ok):
-        buf, held = state.pop(sock)
+        held = state.pop(sock)[1]
         selector.unregister(sock)
         sock.close()
         add(DONE if ok else ERRORS)
@@ -82,7 +84,7 @@ def drive(address, count, concurrency, events, interval, deadline, counters):
                 started += 1
                 continue
             selector.register(sock, selectors.EVENT_WRITE)
-            state[sock] = [b"", False]
+            state[sock] = [b"", False, started]
             started += 1
             opening += 1
             add(OPENED)
@@ -90,7 +92,9 @@ def drive(address, count, concurrency, events, interval, deadline, counters):
             sock = key.fileobj
             if mask & selectors.EVENT_WRITE:
                 try:
-                    sock.sendall(request)  # small: fits the fresh socket's buffer
+                    # small: fits the fresh socket's buffer
+                    sock.sendall(stream_request(address, events, interval,
+                                                "%s stream %d" % (prefix, state[sock][2])))
                 except OSError:
                     opening -= finish(sock, False)
                     continue
@@ -151,7 +155,8 @@ def measure(url, streams, events, interval, concurrency, clients, pid=None):
     shares = [streams // clients + (1 if i < streams % clients else 0) for i in range(clients)]
     per = max(1, concurrency // clients)
     workers = [multiprocessing.Process(target=drive, args=(
-        address, share, per, events, interval, deadline, counters)) for share in shares]
+        address, share, per, events, interval, deadline, counters, "%s client %d" % (url, i)))
+        for i, share in enumerate(shares)]
     started = time.monotonic()
     for worker in workers:
         worker.start()
