@@ -21,6 +21,7 @@ this module decides how the process lives:
 import logging
 import logging.handlers
 import os
+import resource
 import signal
 import sys
 import threading
@@ -34,6 +35,8 @@ from tokenpak.proxy import create_server
 
 log = logging.getLogger("tokenpak")
 
+# Open files wanted when the hard limit is unlimited: a stream holds two (client, upstream).
+NOFILE_WANTED = 65536
 LOG_MAX_BYTES = 10 * 1024 * 1024  # rotate the daemon's log at 10 MiB...
 LOG_BACKUPS = 5  # ...keeping five old files
 _JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
@@ -44,6 +47,7 @@ _LIBRARY_LOGGERS = ("urllib3.connectionpool", "urllib3.util.retry", "urllib3.poo
 def run(overrides, detach=False):
     """`tokenpak serve`: load the config, then serve in the foreground (a terminal, systemd)
     or as a daemon; returns the exit code. Raises TokenpakError before anything started."""
+    raise_open_files_limit()
     config = configmod.load(overrides)
     load = lambda: configmod.load(overrides)  # noqa: E731  (SIGHUP keeps the CLI flags)
     level = config.get("log.level")
@@ -71,6 +75,20 @@ def run(overrides, detach=False):
                      reload=load)
 
     return daemon.start(pid_file, log_file, run_daemon)
+
+
+def raise_open_files_limit():
+    """Raise the soft limit on open files to the hard one, as a server holding thousands of
+    streams needs (two descriptors each). The usual soft limit, 1024, would stop accepting
+    at about 500 streams. Under systemd, LimitNOFILE= in the unit sets both limits and the
+    syscall filter refuses setrlimit, so a refusal is quietly kept as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = NOFILE_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError):
+            pass
 
 
 def serve(config, on_ready=None, listen_socket=None, reload=None):

@@ -58,6 +58,8 @@ def user_unit_text(exe_argv: list, environment: dict | None = None) -> str:
         "WatchdogSec=%d\n"
         # the default 30 s shutdown grace period plus a margin to flush accounting
         "TimeoutStopSec=45\n"
+        # room for thousands of streams, two descriptors each (setrlimit is filtered below)
+        "LimitNOFILE=65536\n"
         # Sandboxing a user manager can apply without privileges or user namespaces (the
         # mount-namespace options need PrivateUsers=, unavailable on some kernels): files
         # private to the user, no privilege gain, only the syscalls and sockets a network
