@@ -97,6 +97,25 @@ def open_stream(proxy, scenario, text="w " * 30, headers=None):
     return sock, data
 
 
+def stream_until_final_event(proxy, messages, key=ANTHROPIC_KEY):
+    """A streamed Anthropic request on a raw socket that hangs up as soon as message_stop
+    arrives, before the chunked body's end, as Codex and the SDKs do; the fake's `linger`
+    scenario holds its stream open meanwhile. Returns the bytes received."""
+    body = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 50, "stream": True,
+                       "messages": messages}).encode()
+    head = ("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "x-api-key: %s\r\nanthropic-version: 2023-06-01\r\nx-fake: linger\r\n"
+            "Content-Length: %d\r\n\r\n" % (key, len(body))).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        received = b""
+        while b"message_stop" not in received:
+            data = sock.recv(65536)
+            assert data, "stream ended before message_stop"
+            received += data
+    return received
+
+
 def assert_healthy(proxy):
     status, _, body = proxy.get("/health")
     assert status == 200 and json.loads(body)["status"] == "ok"

@@ -1,14 +1,14 @@
 """Accounting through a real tokenpak: the DB rows, /stats, /metrics and `tokenpak stats`."""
 
 import json
-import socket
 
 from pathlib import Path
 
 import pytest
 
 from fakeprovider import usage_for
-from helpers import ANTHROPIC_KEY, accounting_rows, anthropic_client, openai_client
+from helpers import (accounting_rows, anthropic_client, openai_client,
+                     stream_until_final_event)
 from tokenpak import cli
 
 
@@ -184,18 +184,7 @@ def test_client_leaving_right_after_the_final_event_is_accounted(proxy, fake):
     """Codex closes its connection as soon as response.completed arrives, before the chunked
     body's end: the provider answered (and billed) in full, so the row is complete with the
     usage, not a lost stream. The fake holds the stream open after message_stop meanwhile."""
-    body = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 50, "stream": True,
-                       "messages": MESSAGES}).encode()
-    head = ("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            "x-api-key: %s\r\nanthropic-version: 2023-06-01\r\nx-fake: linger\r\n"
-            "Content-Length: %d\r\n\r\n" % (ANTHROPIC_KEY, len(body))).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(head + body)
-        received = b""
-        while b"message_stop" not in received:
-            data = sock.recv(65536)
-            assert data, "stream ended before message_stop"
-            received += data
+    stream_until_final_event(proxy, MESSAGES)
     row = accounting_rows(proxy)[-1]
     assert row["complete"] == 1 and row["error"] is None
     assert row["input_tokens"] == usage_for({"messages": MESSAGES})

@@ -1,14 +1,13 @@
 """The cache and coalescing through a real tokenpak, real SDKs and the fake provider."""
 
-import json
-import socket
 import sqlite3
 import threading
 
 import openai
 import pytest
 
-from helpers import ALL_KEYS, ANTHROPIC_KEY, anthropic_client, openai_client
+from helpers import (ALL_KEYS, anthropic_client, openai_client,
+                     stream_until_final_event)
 from tokenpak import exchange
 
 
@@ -292,21 +291,8 @@ def test_an_answer_whose_client_left_at_the_final_event_is_cached(cached, fake):
     """Codex hangs up as soon as the final event arrives, before the chunked body's end
     (the fake holds the stream open after message_stop meanwhile): the answer is whole,
     so the identical request sent next is answered from the cache."""
-    body = json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 50, "stream": True,
-                       "messages": [{"role": "user", "content": "leave early"}]}).encode()
-    head = ("POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            "x-api-key: %s\r\nanthropic-version: 2023-06-01\r\nx-fake: linger\r\n"
-            "Content-Length: %d\r\n\r\n" % (ANTHROPIC_KEY, len(body))).encode()
-    answers = []
-    for _ in range(2):
-        with socket.create_connection(("127.0.0.1", cached.port), timeout=10) as sock:
-            sock.sendall(head + body)
-            received = b""
-            while b"message_stop" not in received:
-                data = sock.recv(65536)
-                assert data, "stream ended before message_stop"
-                received += data
-        answers.append(received)
+    answers = [stream_until_final_event(cached, [{"role": "user", "content": "leave early"}])
+               for _ in range(2)]
     assert fake.count("/v1/messages") == 1
     assert b"x-tokenpak-cache: miss" in answers[0].lower()
     assert b"x-tokenpak-cache: hit" in answers[1].lower()
