@@ -126,6 +126,26 @@ def test_compression_savings_priced_at_cache_read_when_the_provider_caches(make_
     assert stats["compression_saved_usd"] == pytest.approx(stats["saved_usd"])
 
 
+def test_a_footered_answer_is_priced_once(make_proxy, fake, monkeypatch):
+    """The footer and the accounting row show one figure, computed once: the row reuses
+    what the footer priced instead of pricing the same request again."""
+    from tokenpak import accounting, exchange
+    calls, price = [], accounting.figures
+
+    def counted(row, table=None):
+        calls.append(row["path"])
+        return price(row, table)
+
+    monkeypatch.setattr(exchange, "figures", counted)
+    monkeypatch.setattr(accounting, "figures", counted)
+    proxy = make_proxy(footer__enabled=True)
+    answer = openai_client(proxy).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    row = accounting_rows(proxy, 1)[-1]
+    assert "[tokenpak]" in answer.choices[0].message.content
+    assert row["cost_usd"] > 0 and "$%.4f" % row["cost_usd"] in answer.choices[0].message.content
+    assert calls == ["/v1/chat/completions"]
+
+
 def test_cache_hits_are_recorded_as_savings(make_proxy, fake):
     proxy = make_proxy(cache__enabled=True)
     client = openai_client(proxy)

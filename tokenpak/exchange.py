@@ -64,7 +64,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "local", "_json")
+                 "no_store", "no_cache", "local", "priced", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -90,6 +90,7 @@ class Exchange:
         self.drop_usage = False
         self.no_store = self.no_cache = False
         self.local = False              # a local endpoint's answer: logged, not recorded
+        self.priced = None              # (price inputs, figures) the footer computed
         self._json = False              # not parsed yet
 
     def json_body(self):
@@ -537,12 +538,11 @@ def token_counts(ex, usage):
 
 def footer_line(rt, ex, usage):
     """The footer for this answer: the same cost and savings its accounting row gets."""
-    before, after = token_counts(ex, usage)
-    priced = figures({
-        "model": ex.model, "cache": ex.cache, "method": ex.method, "path": ex.path,
-        "status": ex.status, "usage": _usage_dict(usage) if usage is not None else None,
-        "tokens_before": before, "tokens_after": after}, rt.prices)
-    return footer.format_line(before, after, "hit" if ex.cache in SERVED_LOCALLY else ex.cache,
+    accounted = row(ex, usage)
+    priced = figures(accounted, rt.prices)
+    ex.priced = (_price_inputs(accounted), priced)  # row() reuses them: priced once
+    return footer.format_line(accounted["tokens_before"] or 0, accounted["tokens_after"] or 0,
+                              "hit" if ex.cache in SERVED_LOCALLY else ex.cache,
                               priced["cost_usd"], priced["saved_usd"])
 
 
@@ -573,13 +573,14 @@ def record(app, rt, ex):
         log.exception("accounting failed for one request")
 
 
-def row(ex):
-    """The accounting row for a finished exchange (see accounting.py for the columns)."""
-    usage = ex.usage
+def row(ex, usage=None):
+    """The accounting row for a finished exchange (see accounting.py for the columns),
+    priced already when the footer priced the same figures; `usage` defaults to ex.usage."""
+    usage = ex.usage if usage is None else usage
     before = after = None
     if ex.request is not None:
         before, after = token_counts(ex, usage)
-    return {
+    accounted = {
         "ts": time.time(), "provider": ex.route.provider if ex.route else None,
         "model": ex.model, "method": ex.method, "path": ex.path.split("?", 1)[0],
         "status": ex.status,
@@ -591,6 +592,15 @@ def row(ex):
         "key_id": ex.scope[:12] if ex.scope else None,
         "error": ex.error, "complete": ex.complete,
     }
+    if ex.priced is not None and ex.priced[0] == _price_inputs(accounted):
+        accounted.update(ex.priced[1])
+    return accounted
+
+
+def _price_inputs(accounted):
+    """What a row's price depends on (accounting.figures reads these fields only)."""
+    return tuple(accounted[name] for name in ("model", "cache", "method", "path", "status",
+                                               "usage", "tokens_before", "tokens_after"))
 
 
 def _usage_dict(usage):
