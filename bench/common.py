@@ -47,8 +47,13 @@ def start_fake():
 
 
 def start_tokenpak(fake_url, state_dir, extra_env=None, args=()):
-    """`python -m tokenpak serve` pointed at the fake provider; returns (process, url)."""
+    """`python -m tokenpak serve` pointed at the fake provider; returns (process, url).
+
+    One process unless `args` says --workers: the per-request figures (CPU from
+    /proc/<pid>/stat, RSS) are one process's, and proxy.workers defaults to one per core."""
     port = free_port()
+    if "--workers" not in args:
+        args = ("--workers", "1") + tuple(args)
     env = dict(os.environ, PYTHONPATH=REPO, HOME=state_dir,
                TOKENPAK_CONFIG=os.path.join(state_dir, "config.json"),
                TOKENPAK_DB=os.path.join(state_dir, "tokenpak.db"),
@@ -70,11 +75,24 @@ def start_tokenpak(fake_url, state_dir, extra_env=None, args=()):
     return process, url
 
 
-def cpu_seconds(pid):
-    """utime + stime of a process, from /proc/<pid>/stat."""
+def cpu_seconds(pid, children=False):
+    """utime + stime of a process, from /proc/<pid>/stat; with `children`, plus those of
+    its live child processes (the workers of `serve --workers N`)."""
     with open("/proc/%d/stat" % pid) as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if children:
+        try:
+            with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+                kids = [int(k) for k in handle.read().split()]
+        except OSError:
+            kids = []
+        for kid in kids:
+            try:
+                total += cpu_seconds(kid)
+            except OSError:
+                pass  # exited meanwhile
+    return total
 
 
 def rss_mb(pid):

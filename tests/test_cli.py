@@ -77,8 +77,10 @@ def test_every_numeric_key_has_a_range(name):
             configmod.parse_value(name, str(bad))
         assert caught.value.status == ExitStatus.USAGE
     assert configmod.parse_value(name, str(key.high)) == key.high
-    if key.default is not None:
+    if key.default is not None and key.default not in (key.choices or ()):
         assert key.low <= key.default <= key.high
+    for word in key.choices or ():  # a number that may also be a word: proxy.workers auto
+        assert configmod.parse_value(name, word.upper()) == word
 
 
 @pytest.mark.parametrize("name, text, value", [

@@ -23,7 +23,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tokenpak import cli, daemon, doctor, lifecycle, service
+from tokenpak import cli, daemon, doctor, lifecycle, service, workers
 from tokenpak.errors import ExitStatus
 
 from conftest import free_port
@@ -137,6 +137,7 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
     paths += [str(files), str(files / "missing.json"), str(files / "a_file" / "below"),
               str(files / "out.json")]
     monkeypatch.setattr(lifecycle, "serve", lambda *a, **k: 0)
+    monkeypatch.setattr(workers, "run", lambda *a, **k: 0)  # proxy.workers auto: 2+ cores
     # serve would point the "tokenpak" logger at this test's captured stderr, which is
     # closed once the test ends: later tests would log into a closed file
     monkeypatch.setattr(lifecycle, "setup_logging", lambda *a, **k: None)

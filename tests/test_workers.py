@@ -2,7 +2,7 @@
 
 The parent binds and supervises, two forked workers serve on the shared socket. Each test
 drives the real CLI and observes what a user would: answers from both workers (/health
-names the worker's pid), a killed worker replaced, SIGHUP reaching every worker, SIGTERM
+names the worker that answered in worker_pid), a killed worker replaced, SIGHUP reaching every worker, SIGTERM
 draining a stream, READY=1 to systemd only from the parent and only once all listen.
 """
 
@@ -37,7 +37,7 @@ def answering_pids(url, want):
     seen = set()
 
     def done():
-        seen.add(health(url)["pid"])
+        seen.add(health(url)["worker_pid"])
         return want <= seen
     wait_for(done, interval=0)
     return seen
@@ -237,3 +237,68 @@ def test_metrics_count_the_requests_of_every_worker(spawn_tokenpak, isolated_env
     process.terminate()
     assert process.wait(30) == 0
     assert not list(isolated_env.glob(".tokenpak/.tokenpak-metrics-*"))  # cleaned up
+
+
+def test_health_answers_for_the_whole_instance(spawn_tokenpak):
+    process = spawn_tokenpak("serve", "--workers", "2")
+    workers = wait_for(lambda: len(children(process.pid)) == 2 and children(process.pid))
+    assert answering_pids(process.url, workers) == workers
+    for i in range(8):
+        ask(process.url, "h%d" % i)
+
+    def instance_wide():
+        """Every answer, whichever worker gives it, counts every worker's requests."""
+        bodies = [health(process.url) for _ in range(6)]
+        return all(b["workers"] == 2 and b["pid"] == process.pid
+                   and b["requests"] >= 8 for b in bodies) and bodies
+    bodies = wait_for(instance_wide)
+    assert {b["worker_pid"] for b in bodies} <= workers
+    process.terminate()
+    assert process.wait(30) == 0
+
+
+def test_a_worker_that_cannot_start_fails_the_start_with_its_own_reason(isolated_env):
+    """As one process would: the worker's message and hint, not a pointer to a log."""
+    import pytest
+    from tokenpak import config as configmod, workers
+    from tokenpak.errors import TokenpakError
+
+    def serve(config, **kwargs):
+        raise TokenpakError("cannot open the thing", hint="fix the thing")
+    config = configmod.load({"proxy.workers": "2", "proxy.port": "0",
+                             "db.path": str(isolated_env / "t.db")})
+    sock = workers.bind(config)
+    handlers = {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
+    try:
+        with pytest.raises(TokenpakError) as caught:
+            workers.Supervisor(config, sock, serve, None).run()
+    finally:
+        sock.close()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert (caught.value.message, caught.value.hint) == ("cannot open the thing", "fix the thing")
+
+
+def test_a_repeat_sent_after_the_answer_is_a_hit_in_whichever_worker_takes_it(
+        spawn_tokenpak, fake):
+    """Each request on a new connection, so the kernel picks the worker: the cached answer
+    must be in the database, not only in the memory of the worker that stored it."""
+    process = spawn_tokenpak("serve", "--workers", "2")
+    workers = wait_for(lambda: len(children(process.pid)) == 2 and children(process.pid))
+    assert answering_pids(process.url, workers) == workers
+    for i in range(12):
+        body = json.dumps({"model": "gpt-4o",
+                           "messages": [{"role": "user", "content": "repeat %d" % i}]})
+        verdicts = []
+        for _ in range(2):
+            request = urllib.request.Request(
+                process.url + "/v1/chat/completions", body.encode(),
+                {"Authorization": "Bearer sk-test-repeat", "Content-Type": "application/json",
+                 "Connection": "close"})
+            with urllib.request.urlopen(request, timeout=WAIT) as response:
+                verdicts.append(response.headers["X-TokenPak-Cache"])
+                response.read()
+        assert verdicts == ["miss", "hit"], i
+    assert len([r for r in fake.requests if b"repeat" in r.body]) == 12
+    process.terminate()
+    assert process.wait(30) == 0

@@ -61,6 +61,7 @@ MAX_IDLE_READERS = 8
 MAX_PENDING_ENTRIES = 512
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 BATCH_SECONDS = 0.05
+COMMIT_WAIT_SECONDS = 1.0  # how long a put waits for its commit when workers share the DB
 PURGE_SECONDS = 60.0
 
 
@@ -218,6 +219,10 @@ class CacheStore:
         self.max_bytes = int(float(max_mb) * 1024 * 1024)
         self.clock = clock
         self.dropped = 0  # puts not stored: queue full, too big, or the DB failing
+        # With proxy.workers > 1 another process may get the repeat: a put then returns
+        # once the entry is in the database, not only in this process's memory.
+        self.wait_for_commit = False
+        self._waiters = 0
         # reads and writes fail separately (a full disk still reads): one log line each
         self._read_health = Health(log, "reading the cache database %s" % self.db.path)
         self._w = db.Writer(self.db, log, "cache", on_open=self._opened)
@@ -276,9 +281,27 @@ class CacheStore:
                 self._pending[(scope, key)] = entry
                 self._queue.append((scope, key, entry, size))
                 self._pending_bytes += size
+                waits = self.wait_for_commit
+                self._waiters += waits  # before the wake: the writer must not dawdle
             self._wake.set()
+            if waits:
+                self._await_commit(scope, key, entry)
         except Exception:
             log.exception("cache put failed; the answer is not cached")
+
+    def _await_commit(self, scope, key, entry):
+        """Wait until the writer committed `entry` (or gave up on it), at most
+        COMMIT_WAIT_SECONDS: a repeat sent once this answer ended finds it in any worker."""
+        deadline = time.monotonic() + COMMIT_WAIT_SECONDS
+        with self._lock:
+            try:
+                while self._pending.get((scope, key)) is entry and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self._idle.wait(left)
+            finally:
+                self._waiters -= 1
 
     def _select(self, scope, key):
         gen, conn = self._take_reader()
@@ -319,9 +342,10 @@ class CacheStore:
     def _run(self):
         while True:
             self._wake.wait(db.CHECK_SECONDS)
-            if not self._closed:
+            if not self._closed and not self._waiters:
                 # Let a burst of puts gather into one transaction: pending entries are
-                # served from memory meanwhile, so waiting costs no hits.
+                # served from memory meanwhile, so waiting costs no hits. A put waiting
+                # for its commit (workers share the DB) is not kept waiting.
                 time.sleep(BATCH_SECONDS)
             self._wake.clear()
             stopping = self._closed

@@ -61,7 +61,8 @@ def build_parser():
     serve.add_argument("--mode", choices=configmod.LEVEL_NAMES,
                        help="compression level (compression.level, default hybrid)")
     serve.add_argument("--workers", type=config_value("proxy.workers"),
-                       help="worker processes sharing the socket (proxy.workers, default 1)")
+                       help="worker processes sharing the socket "
+                            "(proxy.workers; default auto: one per core)")
     serve.add_argument("--daemon", action="store_true",
                        help="detach and run in the background (pid file, log file)")
     serve.set_defaults(func=cmd_serve)

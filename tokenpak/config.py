@@ -91,9 +91,10 @@ _KEYS = [
     Key("proxy.shutdown_grace_seconds", "float", 30.0,
         "on SIGTERM, how long in-flight requests and streams may finish (a duration: 30s)",
         unit="seconds", high=86400),
-    Key("proxy.workers", "int", 1,
-        "worker processes sharing the listening socket (1: one process; 2+: pre-forked "
-        "workers, one per core uses every core)", env="TOKENPAK_WORKERS", low=1, high=1024),
+    Key("proxy.workers", "int", "auto",
+        "worker processes sharing the listening socket (auto: one per usable core; 1: one "
+        "process; 2+: pre-forked workers)", env="TOKENPAK_WORKERS", choices=("auto",),
+        low=1, high=1024),
     Key("proxy.pid_file", "path", "~/.tokenpak/tokenpak.pid", "pid file of `serve --daemon`"),
     Key("proxy.log_file", "path", "~/.tokenpak/tokenpak.log",
         "log file of `serve --daemon` (rotated)"),
@@ -252,7 +253,14 @@ def _convert(key, value):
             return False
         raise ValueError("expected true/false (or 1/0), got %r" % (value,))
     if kind in ("int", "float"):
-        return _number(key, value)
+        if key.choices and str(value).strip().lower() in key.choices:
+            return str(value).strip().lower()  # a word the number may also be: "auto"
+        try:
+            return _number(key, value)
+        except ValueError as exc:
+            if key.choices:
+                raise ValueError("%s, or %s" % (exc, " or ".join(key.choices))) from None
+            raise
     if kind == "choice":
         text = str(value).strip().lower()
         if text not in key.choices:
@@ -469,6 +477,18 @@ class Config:
             if match:
                 prices.setdefault(match.group(1), {})[match.group(2)] = value
         return prices
+
+
+def worker_count(config):
+    """How many processes serve: proxy.workers, with "auto" one per core this process may
+    run on (its CPU affinity, which taskset and systemd's CPUAffinity= narrow)."""
+    value = config.get("proxy.workers")
+    if value != "auto":
+        return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def load(overrides=None, environ=None, path=None):

@@ -56,7 +56,7 @@ def run(overrides, detach=False):
         setup_logging(None, level, journal=systemd.under_journal())
         sockets = systemd.listen_sockets()
         listen_socket = sockets[0] if sockets else None
-        if config.get("proxy.workers") > 1:
+        if configmod.worker_count(config) > 1:
             return workers.run(config, serve, reload=load, listen_socket=listen_socket)
         return serve(config, listen_socket=listen_socket, reload=load)
     log_file = config.get("proxy.log_file")
@@ -69,7 +69,7 @@ def run(overrides, detach=False):
             # status and stop find the daemon where it listens, whatever the config says
             daemon.record_address(pid_file, daemon.base_url(*address[:2]))
             ready()
-        if config.get("proxy.workers") > 1:
+        if configmod.worker_count(config) > 1:
             return workers.run(config, serve, reload=load, on_ready=on_ready)
         return serve(config, on_ready=lambda server: on_ready(server.server_address),
                      reload=load)

@@ -37,6 +37,7 @@ from http import HTTPStatus
 from . import __version__, exchange, framing, runtime, stats
 from .accounting import Recorder
 from .cache import CacheStore, load_secret
+from .config import worker_count
 from .coalesce import Coalescer
 from .doctor import db_path_problem
 from .errors import TokenpakError
@@ -122,8 +123,10 @@ class App:
         if self._cache is None:
             try:
                 secret = load_secret(os.path.join(os.path.dirname(self.db_path), "secret"))
-                self._cache = (CacheStore(self.db_path, config.get("cache.ttl_seconds"),
-                                          config.get("cache.max_mb")), secret)
+                store = CacheStore(self.db_path, config.get("cache.ttl_seconds"),
+                                   config.get("cache.max_mb"))
+                store.wait_for_commit = worker_count(config) > 1
+                self._cache = (store, secret)
             except Exception as exc:
                 log.warning("cache disabled: cannot open %s (%s)", self.db_path, exc)
                 return None, None
@@ -132,14 +135,20 @@ class App:
     # -- local endpoints -----------------------------------------------------------------
     def health(self):
         """"ok", or "degraded" when the database cannot be written: requests are still
-        served, but their accounting (and the cache) would be lost silently."""
+        served, but their accounting (and the cache) would be lost silently. With
+        proxy.workers > 1 the figures are the whole instance's (workers.Peers)."""
         body = {"status": "ok", "version": __version__,
                 "uptime_s": round(time.time() - self.started, 3), "requests": self.requests,
-                "pid": os.getpid()}  # with proxy.workers > 1: the worker that answered
+                "in_flight": self.active, "pid": os.getpid(), "worker_pid": os.getpid(),
+                "workers": 1}
         problem = db_path_problem(self.db_path)
         if problem:
             body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
-        return body
+        return body if self.peers is None else self.peers.health(body)
+
+    def counters(self):
+        """What this process adds to an instance-wide /health."""
+        return {"requests": self.requests, "in_flight": self.active}
 
     def stats(self):
         self.recorder.flush(2.0)

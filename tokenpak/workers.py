@@ -22,6 +22,7 @@ parent vanished (kill -9) drains and exits by itself.
 """
 
 import errno
+import json
 import logging
 import os
 import select
@@ -32,7 +33,7 @@ import shutil
 import tempfile
 import time
 
-from tokenpak import metrics, systemd
+from tokenpak import config as configmod, metrics, systemd
 from tokenpak.proxy import ProxyServer
 from tokenpak.errors import TokenpakError
 
@@ -73,15 +74,17 @@ class Supervisor:
         sock.setblocking(False)
         self.serve = serve  # lifecycle.serve: what a worker runs
         self.reload = reload
-        self.count = int(config.get("proxy.workers"))
+        self.count = configmod.worker_count(config)
         self.pids = set()
         self.ready = set()  # workers that said they listen (their pid, on the pipe)
+        self.start_error = None  # (message, hint) from a worker that could not start
         self._partial = b""
         self.ready_r, self.ready_w = os.pipe()
         self.stop_signal = None
         self.hangup = False
         self.metrics_dir = _metrics_dir(config.get("db.path"))
         self.forced = False
+        self.started = time.time()
 
     # -- workers ---------------------------------------------------------------------------
     def spawn(self):
@@ -94,11 +97,21 @@ class Supervisor:
             code = self._worker()
         except TokenpakError as exc:
             log.error("worker %d: %s", os.getpid(), exc.message)
+            self._tell_parent(exc)
         except BaseException:
             log.exception("worker %d failed", os.getpid())
         finally:
             logging.shutdown()
             os._exit(code)
+
+    def _tell_parent(self, exc):
+        """A worker that cannot start says why on the ready pipe (if it still has it), so
+        the parent fails with the worker's own message and hint, as one process would."""
+        line = json.dumps({"message": exc.message, "hint": exc.hint})
+        try:
+            os.write(self.ready_w, b"!" + line.encode() + b"\n")
+        except OSError:
+            pass  # it listened already and closed the pipe: the log line above says it
 
     def _worker(self):
         """In the child: forget the parent's role, serve until SIGTERM, return the exit code."""
@@ -111,11 +124,11 @@ class Supervisor:
         parent = os.getppid()
         ready_w = self.ready_w
 
-        metrics_dir = self.metrics_dir
+        metrics_dir, started = self.metrics_dir, self.started
 
         def on_ready(server):
             if metrics_dir is not None:
-                server.app.peers = Peers(metrics_dir, server.app)
+                server.app.peers = Peers(metrics_dir, server.app, parent, started)
             os.write(ready_w, b"%d\n" % os.getpid())
             os.close(ready_w)
             _watch_parent(parent)
@@ -137,7 +150,8 @@ class Supervisor:
                 self.pids.discard(pid)
                 lost.append(pid)
                 if self.metrics_dir is not None:  # its counters leave with it
-                    _remove(os.path.join(self.metrics_dir, "%d.prom" % pid))
+                    for suffix in (".prom", ".json"):
+                        _remove(os.path.join(self.metrics_dir, "%d%s" % (pid, suffix)))
                 if self.stop_signal is None:
                     log.warning("worker %d exited (%s); starting another", pid,
                                 _describe(status))
@@ -192,7 +206,11 @@ class Supervisor:
                 self._wait(5.0)
                 if self.metrics_dir is not None:
                     shutil.rmtree(self.metrics_dir, ignore_errors=True)
-                raise TokenpakError("the workers did not all start; see the log above")
+                self._read_ready(0)  # the failed worker's reason, if it wrote one
+                if self.start_error is not None:
+                    raise TokenpakError(*self.start_error)
+                raise TokenpakError("the workers did not all start",
+                                    hint="see the log above, or run `tokenpak doctor`")
             while len(self.pids) < self.count:  # one died after it listened: replace it
                 self.spawn()
             self._read_ready(0.2)
@@ -202,7 +220,12 @@ class Supervisor:
         if select.select([self.ready_r], [], [], timeout)[0]:
             data = self._partial + os.read(self.ready_r, 4096)
             *lines, self._partial = data.split(b"\n")
-            self.ready.update(int(line) for line in lines if line)
+            for line in lines:
+                if line.startswith(b"!"):
+                    said = json.loads(line[1:])
+                    self.start_error = (said["message"], said["hint"])
+                elif line:
+                    self.ready.add(int(line))
 
     def _reload(self):
         systemd.reloading()
@@ -220,8 +243,8 @@ class Supervisor:
     def _stop(self):
         systemd.stopping()
         name = signal.Signals(self.stop_signal).name
-        log.info("%s: stopping %d workers (in-flight requests finish first)", name,
-                 len(self.pids))
+        log.info("%s: stopping %d workers (in-flight requests finish first; press Ctrl-C "
+                 "again to exit at once)", name, len(self.pids))
         self._signal_all(signal.SIGTERM)
         grace = float(self.config.get("proxy.shutdown_grace_seconds")) + KILL_MARGIN
         if not self._wait(grace):
@@ -246,6 +269,8 @@ class Supervisor:
     def _install_signals(self):
         def stop(signum, frame):
             if self.stop_signal is not None:  # a second Ctrl-C: do not wait for the streams
+                log.warning("%s again: exiting now, without waiting for in-flight requests",
+                            signal.Signals(signum).name)
                 self.forced = True
                 self._signal_all(signal.SIGKILL)
                 return
@@ -261,46 +286,73 @@ class Supervisor:
 
 
 class Peers:
-    """/metrics for the whole instance: every worker writes its exposition to
-    `<dir>/<pid>.prom` each PUBLISH_SECONDS, and the one that answers a scrape adds its own
-    fresh figures to the others' files (metrics.merge). The others' figures are at most
-    PUBLISH_SECONDS old; a worker that died takes its counters with it (the sum drops, which
-    Prometheus reads as a counter reset)."""
+    """/metrics and /health for the whole instance: every worker writes its figures to
+    `<dir>/<pid>.prom` (its exposition) and `<dir>/<pid>.json` (its /health counters) each
+    PUBLISH_SECONDS, and the one that answers adds its own fresh figures to the others'.
+    The others' figures are at most PUBLISH_SECONDS old; a worker that died takes its
+    counters with it (the sum drops, which Prometheus reads as a counter reset)."""
 
-    def __init__(self, directory, app):
+    def __init__(self, directory, app, instance_pid, started):
         self.directory = directory
         self.app = app
-        self.own = os.path.join(directory, "%d.prom" % os.getpid())
+        self.instance_pid = instance_pid  # the supervisor: what the pid file and systemd name
+        self.started = started
+        self.own = os.path.join(directory, "%d" % os.getpid())
         threading.Thread(target=self._publish, name="tokenpak-metrics-publish",
                          daemon=True).start()
 
     def _publish(self):
         while True:
             try:
-                text = self.app.metrics_text()
-                temp = self.own + ".tmp"
-                with open(temp, "w", encoding="utf-8") as f:
-                    f.write(text)
-                os.replace(temp, self.own)
+                _write(self.own + ".prom", self.app.metrics_text())
+                _write(self.own + ".json", json.dumps(self.app.counters()))
             except Exception as exc:  # a full disk must not take the worker down
                 log.debug("metrics publish failed: %s", exc)
             time.sleep(PUBLISH_SECONDS)
 
-    def merged(self, own_text):
-        texts = [own_text]
+    def _others(self, suffix):
+        """The other live workers' published texts ending in `suffix`."""
         try:
             names = sorted(os.listdir(self.directory))
         except OSError:
             names = []
+        texts = []
         for name in names:
             path = os.path.join(self.directory, name)
-            if name.endswith(".prom") and path != self.own:
+            if name.endswith(suffix) and path != self.own + suffix:
                 try:
                     with open(path, encoding="utf-8") as f:
                         texts.append(f.read())
                 except OSError:
                     pass  # its worker exited and the parent removed it
-        return metrics.merge(texts)
+        return texts
+
+    def merged(self, own_text):
+        return metrics.merge([own_text] + self._others(".prom"))
+
+    def health(self, body):
+        """`body` (this worker's /health) made the instance's: the supervisor's pid and
+        start, every worker's requests added up, how many workers published lately."""
+        workers = 1
+        for text in self._others(".json"):
+            try:
+                counters = json.loads(text)
+            except ValueError:
+                continue  # caught mid-write by an older kernel's rename: skip this once
+            workers += 1
+            for name in ("requests", "in_flight"):
+                body[name] = body.get(name, 0) + int(counters.get(name, 0))
+        body.update(pid=self.instance_pid, workers=workers,
+                    uptime_s=round(time.time() - self.started, 3))
+        return body
+
+
+def _write(path, text):
+    """Replace `path` by `text` atomically: a reader sees the old figures or the new."""
+    temp = path + ".tmp"
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temp, path)
 
 
 def _metrics_dir(db_path):
