@@ -31,6 +31,7 @@ relay chunk by chunk or read it whole.
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) belong to one connection, never forwarded.
@@ -200,6 +201,20 @@ class _Adapter(HTTPAdapter):
                     self._pools.clear()
                 self._pools[origin] = pool
         return pool
+
+    def build_response(self, req, resp):
+        """requests' Response for a urllib3 one, without parsing its Set-Cookie headers into
+        a cookie jar nobody reads: they reach the client as headers, like any other."""
+        response = requests.Response()
+        response.status_code = resp.status
+        response.headers = CaseInsensitiveDict(resp.headers)
+        response.encoding = None  # tokenpak relays bytes; it never decodes response.text
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url
+        response.request = req
+        response.connection = self
+        return response
 
 
 def iter_body(response):
