@@ -30,7 +30,7 @@ relay chunk by chunk or read it whole.
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
+from requests.adapters import HTTPAdapter, TimeoutSauce
 from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
@@ -62,6 +62,8 @@ class Upstream:
 
     def __init__(self, connect_timeout=10.0, read_timeout=600.0, pool_size=64):
         self.timeout = (connect_timeout, read_timeout)
+        # Built once: given a tuple, the adapter would build this on every call.
+        self._timeout = TimeoutSauce(connect=connect_timeout, read=read_timeout)
         self.session = requests.Session()
         # Forward exactly what the client sent: no default User-Agent/Accept headers, no
         # proxy or netrc lookups from the environment on every request.
@@ -83,7 +85,7 @@ class Upstream:
         try:
             prepared = prepare(method, url, headers, body)
             return self.session.get_adapter(url).send(prepared, stream=True,
-                                                      timeout=self.timeout, verify=True)
+                                                      timeout=self._timeout, verify=True)
         except requests.exceptions.ConnectTimeout:
             raise UpstreamError(504, "timed out connecting to %s" % _origin(url))
         except requests.exceptions.ReadTimeout:
