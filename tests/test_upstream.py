@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from tokenpak import upstream as upstream_module
 from tokenpak.upstream import Upstream, UpstreamError
 
 
@@ -66,3 +67,94 @@ def test_a_refused_connection_is_a_502_without_headers():
     assert caught.value.status == 502
     assert "sk-secret" not in caught.value.message
     upstream.close()
+
+
+def _sends(monkeypatch):
+    """Every write the pooled connections make, as the bytes given to one send."""
+    sent = []
+    original = upstream_module._HTTPConnection.send
+
+    def send(self, data):
+        sent.append(bytes(data))
+        return original(self, data)
+
+    monkeypatch.setattr(upstream_module._HTTPConnection, "send", send)
+    return sent
+
+
+def test_a_small_request_goes_out_in_one_send(provider, monkeypatch):
+    sent = _sends(monkeypatch)
+    upstream = Upstream()
+    try:
+        for body in (b'{"model":"gpt-4o"}', b'{"model":"gpt-4o","n":2}'):
+            response = upstream.send("POST", provider + "/v1/chat/completions",
+                                     {"Content-Type": "application/json"}, body)
+            assert response.raw.read(decode_content=False) == b"ok"
+            response.close()
+    finally:
+        upstream.close()
+    # Head and body in one write each time (a pooled connection, then the same one reused).
+    assert len(sent) == 2
+    assert sent[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert sent[0].endswith(b"\r\n\r\n" + b'{"model":"gpt-4o"}')
+    assert b"Content-Length: 18\r\n" in sent[0]
+    assert [body for _, body in _Provider.seen] == [b'{"model":"gpt-4o"}',
+                                                    b'{"model":"gpt-4o","n":2}']
+
+
+def test_a_large_body_and_a_bodiless_request_still_arrive_whole(provider, monkeypatch):
+    sent = _sends(monkeypatch)
+    large = b'{"x":"' + b"a" * (upstream_module.JOIN_MAX + 10) + b'"}'
+    upstream = Upstream()
+    try:
+        response = upstream.send("POST", provider + "/v1/x", {}, large)
+        response.raw.read(decode_content=False)
+        response.close()
+        response = upstream.send("POST", provider + "/v1/y", {}, None)
+        response.raw.read(decode_content=False)
+        response.close()
+    finally:
+        upstream.close()
+    assert [body for _, body in _Provider.seen] == [large, b""]
+    assert sent[1] == large  # past JOIN_MAX: the body is its own write, not copied
+    assert _Provider.seen[1][0]["Content-Length"] == "0"
+
+
+def test_prepared_urls_are_remembered_only_without_query_or_credentials(provider):
+    upstream_module._URLS.clear()
+    upstream = Upstream()
+    try:
+        for path in ("/v1/a", "/v1/a", "/v1/b?key=AIzaSecret"):
+            upstream.send("POST", provider + path, {}, b"{}").close()
+        response = upstream.send("POST", provider.replace("//", "//user:pw@") + "/v1/c", {},
+                                 b"{}")
+        response.close()
+    finally:
+        upstream.close()
+    assert list(upstream_module._URLS) == [provider + "/v1/a"]
+    assert [headers.get("Authorization") for headers, _ in _Provider.seen] == \
+        [None, None, None, "Basic dXNlcjpwdw=="]
+
+
+def test_more_origins_than_pools_keep_working():
+    """Origins past pool_connections evict the oldest pools (urllib3 1.26 closes them): a
+    remembered pool must never be one that refuses requests (a 502)."""
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Provider) for _ in range(10)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Provider.seen = []
+    upstream = Upstream()
+    try:
+        for _ in range(2):
+            for server in servers:
+                response = upstream.send("POST", "http://127.0.0.1:%d/v1/x"
+                                         % server.server_address[1], {}, b"{}")
+                assert response.status_code == 200
+                response.raw.read(decode_content=False)
+                response.close()
+    finally:
+        upstream.close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert len(_Provider.seen) == 20

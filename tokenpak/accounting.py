@@ -160,7 +160,7 @@ def to_record(row: dict) -> tuple:
     for col in ("status", "input_tokens", "output_tokens", "cache_read_tokens",
                 "cache_write_tokens", "tokens_before", "tokens_after"):
         rec[col] = _as_int(rec.get(col))
-    return tuple(rec.get(col) for col in COLUMNS)
+    return tuple(map(rec.get, COLUMNS))
 
 
 def migrate(conn, table=None) -> None:

@@ -519,7 +519,10 @@ def finish_body(rt, ex, body, parsed):
         return body
     if not footer.append_to_response(ex.route.api, parsed, footer_line(rt, ex, ex.usage)):
         return body
-    return json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    return _ANSWER_ENCODER.encode(parsed).encode("utf-8")
+
+
+_ANSWER_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps makes one per call
 
 
 def token_counts(ex, usage):
