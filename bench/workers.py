@@ -13,10 +13,14 @@ bench/fakeserver.py (one epoll thread, a canned answer), the load is `wrk` (C, f
 a Lua script makes every body unique), one wrk thread. `--load python` uses
 bench/overhead.py's client processes instead (when wrk is missing; they cost far more CPU).
 Each line also says how many cores each party used during tokenpak's runs, which is what
-decides the scaling on a small machine: N workers can only use what the others leave.
+decides the scaling on a small machine: N workers can only use what the others leave; and
+how much more work N pure-Python CPU-bound processes do than one on this machine at that
+moment, the ceiling for any N-process server (a VM's vCPUs may share a physical core, or
+be taken by the host: /proc/stat's steal column).
 """
 
 import argparse
+import multiprocessing
 import os
 import re
 import shutil
@@ -45,6 +49,31 @@ function request()
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer sk-bench"}, body)
 end
 """
+
+
+def burn(seconds, queue):
+    """Pure-Python work for `seconds`; puts how many loops it did."""
+    deadline, loops = time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        for _ in range(10000):
+            pass
+        loops += 1
+    queue.put(loops)
+
+
+def machine_scaling(processes, seconds=3.0):
+    """How much more pure-Python work `processes` processes do than one, on this machine
+    now: the ceiling for N workers (a VM's cores may share a physical core or be stolen)."""
+    def run(n):
+        queue = multiprocessing.Queue()
+        procs = [multiprocessing.Process(target=burn, args=(seconds, queue)) for _ in range(n)]
+        for proc in procs:
+            proc.start()
+        total = sum(queue.get() for _ in procs)
+        for proc in procs:
+            proc.join()
+        return total
+    return run(processes) / run(1)
 
 
 def start_lean_fake():
@@ -119,10 +148,11 @@ def main():
             direct = load(fake_url, args.seconds, args, script)[0]
             one = measure(fake, fake_url, 1, args, script)
             many = measure(fake, fake_url, args.workers, args, script)
+            ceiling = machine_scaling(args.workers)
             print("round %d: direct %.0f req/s | 1 worker %.0f req/s (%d errors) | %d workers "
-                  "%.0f req/s (%d errors): %.2fx" % (r + 1, direct, one[0], one[1],
-                                                      args.workers, many[0], many[1],
-                                                      many[0] / one[0]), flush=True)
+                  "%.0f req/s (%d errors): %.2fx; %d CPU-bound processes here do %.2fx one's "
+                  "work" % (r + 1, direct, one[0], one[1], args.workers, many[0], many[1],
+                            many[0] / one[0], args.workers, ceiling), flush=True)
             for name, result in (("1 worker", one), ("%d workers" % args.workers, many)):
                 print("  cores used with %s: tokenpak %.2f, fake provider %.2f, load %.2f"
                       % ((name,) + result[2]), flush=True)
