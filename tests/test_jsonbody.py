@@ -189,3 +189,28 @@ def test_prepare_keys_a_changed_message_apart_and_forwards_the_same_value():
     assert _prepare(SPELLINGS["compact"](dict(body, max_tokens=7))).key != first.key
     # No cache: the same body is forwarded.
     assert _prepare(raw, cache=False).forward_body == first.forward_body
+
+
+def test_a_remembered_value_is_reused_only_where_the_body_holds_all_of_it():
+    """Big values are remembered by their first characters: a body that starts a value the
+    same way but goes on differently gets its own value, never the remembered one."""
+    long = "x" * (jsonbody.KNOWN_MIN_CHARS + 10)
+    first = {"role": "user", "content": [{"type": "text", "text": long}]}
+    bodies = [
+        {"messages": [first], "system": long},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": long + "y"}]}],
+         "system": long + "z"},
+        {"messages": [dict(first, extra=1)], "system": long[:-1]},
+        {"messages": [first, first], "system": long},
+    ]
+    for body in bodies + bodies:
+        for spelling in ("python", "compact"):
+            raw = SPELLINGS[spelling](body)
+            parsed = jsonbody.parse(raw)
+            assert parsed.value == body
+            assert jsonbody.fields_of(parsed) == [
+                (name, raw[start:end]) for name, (start, end) in parsed.fields.items()]
+            items = [parsed.raw(span) for span in parsed.items["messages"]]
+            assert [json.loads(item) for item in items] == body["messages"]
+    again = jsonbody.parse(SPELLINGS["compact"](bodies[0])).value
+    assert again["system"] is jsonbody.parse(SPELLINGS["compact"](bodies[3])).value["system"]

@@ -17,11 +17,23 @@ the body is serialised twice.
 Anything this parser does not follow (a top-level array, invalid JSON, a non-UTF-8
 encoding) falls back to `json.loads`, which then accepts or rejects the body as before; such
 a body has no spans and is dumped whole when it changes.
+
+Values an agent resends every turn (its system prompt, tool definitions, every earlier
+message) are not parsed again: big objects, arrays and strings are memoised by their text
+(`_known`). A candidate is found by the value's first characters and taken only if the
+body holds its whole text at that place; such a value is self-delimiting, so the scanner
+would have read exactly that text and made an equal value. The value is then the same
+object for every request that sends it, which is safe because nothing in tokenpak changes
+a request in place (compression and footer stripping copy on write), and its UTF-8 bytes
+are at hand for forwarding and hashing without encoding them again.
 """
 
 import json
 import re
+import sys
 from json.decoder import scanstring
+
+from .tokens import LRU
 
 # The fields whose list items get spans of their own: the conversation.
 ITEM_FIELDS = ("messages", "input")
@@ -30,6 +42,9 @@ _DECODER = json.JSONDecoder()
 _scan = _DECODER.scan_once  # the C scanner json.loads uses: same values, same errors
 _SPACE = re.compile(r"[ \t\n\r]*")
 _ERRORS = (ValueError, IndexError, StopIteration, RecursionError, UnicodeDecodeError)
+KNOWN_MIN_CHARS = 2048      # smaller values parse faster than they are looked up
+KNOWN_PROBE = 160           # how many first characters find a candidate
+_known = LRU(4096, max_weight=16 << 20)  # bytes of text held  # {first characters: (text, value, UTF-8 bytes)}
 
 
 class Body:
@@ -39,14 +54,17 @@ class Body:
     end)]} of each item of a top-level conversation list. Offsets index `text` (a str).
     """
 
-    __slots__ = ("value", "text", "fields", "items")
+    __slots__ = ("value", "text", "fields", "items", "encoded")
 
-    def __init__(self, value, text=None, fields=None, items=None):
+    def __init__(self, value, text=None, fields=None, items=None, encoded=None):
         self.value, self.text, self.fields, self.items = value, text, fields, items or {}
+        self.encoded = encoded or {}  # {start: UTF-8 bytes} of remembered values
 
     def raw(self, span):
         start, end = span
-        return self.text[start:end].encode("utf-8", "surrogatepass")
+        data = self.encoded.get(start)
+        return data if data is not None else \
+            self.text[start:end].encode("utf-8", "surrogatepass")
 
 
 def parse(raw: bytes) -> Body:
@@ -55,12 +73,12 @@ def parse(raw: bytes) -> Body:
         text = raw.decode("utf-8", "surrogatepass")  # what json.loads does for UTF-8 bytes
         if text.startswith("\ufeff"):
             raise ValueError("BOM")  # json.loads has its own rules for those: leave it to it
-        return _top(text)
+        return _top(text, {})
     except _ERRORS:
         return Body(json.loads(raw))
 
 
-def _top(text):
+def _top(text, encoded):
     i = _SPACE.match(text).end()
     if text[i] != "{":
         raise ValueError("not an object")
@@ -78,9 +96,9 @@ def _top(text):
                 raise ValueError("expected ':'")
             start = i = _SPACE.match(text, i + 1).end()
             if name in ITEM_FIELDS and text[i] == "[":
-                value[name], items[name], i = _array(text, i)
+                value[name], items[name], i = _array(text, i, encoded)
             else:
-                value[name], i = _scan(text, i)
+                value[name], i = _value(text, i, encoded)
                 items.pop(name, None)  # a repeated name: the last value wins, as in json
             fields[name] = (start, i)
             i = _SPACE.match(text, i).end()
@@ -93,10 +111,28 @@ def _top(text):
                 raise ValueError("expected ',' or '}'")
     if _SPACE.match(text, i).end() != len(text):
         raise ValueError("extra data")
-    return Body(value, text, fields, items)
+    return Body(value, text, fields, items, encoded)
 
 
-def _array(text, i):
+def _value(text, i, encoded):
+    """(value, end) of the JSON value at text[i], remembered if big (see the docstring)."""
+    if text[i] not in '{["':
+        return _scan(text, i)
+    probe = text[i:i + KNOWN_PROBE]
+    known = _known.get(probe)
+    if known is not None and text.startswith(known[0], i):
+        encoded[i] = known[2]
+        return known[1], i + len(known[0])
+    value, end = _scan(text, i)
+    if end - i >= KNOWN_MIN_CHARS:
+        raw = text[i:end]
+        data = raw.encode("utf-8", "surrogatepass")
+        encoded[i] = data
+        _known.put(probe, (raw, value, data), sys.getsizeof(raw) + len(data))
+    return value, end
+
+
+def _array(text, i, encoded):
     """(list, [(start, end)] of its items, end offset) of the array at text[i] == "["."""
     values, spans = [], []
     i = _SPACE.match(text, i + 1).end()
@@ -104,7 +140,7 @@ def _array(text, i):
         return values, spans, i + 1
     while True:
         start = i
-        value, i = _scan(text, i)
+        value, i = _value(text, i, encoded)
         values.append(value)
         spans.append((start, i))
         i = _SPACE.match(text, i).end()
