@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenpak import compression as C
 from tokenpak import exchange, footer, jsonbody
@@ -38,7 +40,7 @@ def _api(case):
 def _forward(api, raw, settings):
     """(what tokenpak forwards now, what the old code forwarded: json.dumps of the body)."""
     parsed = jsonbody.parse(raw)
-    assert parsed.text is not None  # the span parser took it, no fallback
+    assert parsed.data is not None  # the span parser took it, no fallback
     assert parsed.value == json.loads(raw)
     body = footer.strip_history(api, parsed.value, raw)
     body = C.compress_request(api, body, settings).body
@@ -98,6 +100,9 @@ def test_unchanged_parts_are_the_clients_own_text():
 
 
 @pytest.mark.parametrize("raw", [
+    ('{"messages": [{"c": "%s"}], "s": "%s", "n": [%s]}' % (
+        "é🤖\\\" ]}{" * 300, "x" * 254 + "é", "1" * 300)).encode("utf-8"),
+    ('{"s": "%s"}' % ("a" * 253 + "é")).encode("utf-8"),
     b'{"a": 1, "a": 2}', b'{"messages": [1], "messages": "x"}', b'{"messages": [1, 2], "x": 1}',
     b' {} ', b'{"messages": []}', b'{"s": "\\ud800"}', b'{"n": NaN, "i": -Infinity}',
 ])
@@ -109,7 +114,10 @@ def test_parse_gives_what_json_loads_gives(raw):
 
 
 @pytest.mark.parametrize("raw", [b'{"a": 1', b'{"a": 1} x', b'{"a" 1}', b'{"a": [1,]}',
-                                 b'{"messages": [1 2]}', b"[1]", b'{"a": "\x01"}'])
+                                 b'{"messages": [1 2]}', b"[1]", b'{"a": "\x01"}',
+                                 b'\xef\xbb\xbf{"a": 1}', '{"a": 1}'.encode("utf-16"),
+                                 b'{"a": "' + b"x" * 600 + b'}', b'{"a": [' + b"[" * 400 + b"]",
+                                 b'{"a": "' + b"x" * 600 + b'\x01"}', b'{"a": "\xff"}'])
 def test_parse_rejects_or_falls_back_like_json_loads(raw):
     try:
         expected = json.loads(raw)
@@ -192,9 +200,9 @@ def test_prepare_keys_a_changed_message_apart_and_forwards_the_same_value():
 
 
 def test_a_remembered_value_is_reused_only_where_the_body_holds_all_of_it():
-    """Big values are remembered by their first characters: a body that starts a value the
+    """Big values are remembered by their first bytes: a body that starts a value the
     same way but goes on differently gets its own value, never the remembered one."""
-    long = "x" * (jsonbody.KNOWN_MIN_CHARS + 10)
+    long = "x" * (jsonbody.KNOWN_MIN_BYTES + 10)
     first = {"role": "user", "content": [{"type": "text", "text": long}]}
     bodies = [
         {"messages": [first], "system": long},
@@ -214,3 +222,27 @@ def test_a_remembered_value_is_reused_only_where_the_body_holds_all_of_it():
             assert [json.loads(item) for item in items] == body["messages"]
     again = jsonbody.parse(SPELLINGS["compact"](bodies[0])).value
     assert again["system"] is jsonbody.parse(SPELLINGS["compact"](bodies[3])).value["system"]
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+    | st.sampled_from(["]}[{\\\"", "é🤖" * 90, "x" * 300]),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=5), children, max_size=5),
+    max_leaves=30)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["messages", "input", "model", "tools", "x"]), _JSON,
+                       max_size=5),
+       st.sampled_from(sorted(SPELLINGS)))
+def test_parse_agrees_with_json_loads(body, spelling):
+    raw = SPELLINGS[spelling](body)
+    parsed = jsonbody.parse(raw)
+    assert parsed.data is not None
+    assert json.dumps(parsed.value) == json.dumps(json.loads(raw))
+    for name, span in parsed.fields.items():
+        assert json.dumps(json.loads(parsed.raw(span))) == json.dumps(parsed.value[name])
+    for name, spans in parsed.items.items():
+        assert [json.loads(parsed.raw(span)) for span in spans] == parsed.value[name]

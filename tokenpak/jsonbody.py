@@ -18,138 +18,181 @@ Anything this parser does not follow (a top-level array, invalid JSON, a non-UTF
 encoding) falls back to `json.loads`, which then accepts or rejects the body as before; such
 a body has no spans and is dumped whole when it changes.
 
-Values an agent resends every turn (its system prompt, tool definitions, every earlier
-message) are not parsed again: big objects, arrays and strings are memoised by their text
-(`_known`). A candidate is found by the value's first characters and taken only if the
-body holds its whole text at that place; such a value is self-delimiting, so the scanner
-would have read exactly that text and made an equal value. The value is then the same
-object for every request that sends it, which is safe because nothing in tokenpak changes
-a request in place (compression and footer stripping copy on write), and its UTF-8 bytes
-are at hand for forwarding and hashing without encoding them again.
+The parser walks the bytes, not a decoded copy: decoding a 250 kB body that holds one
+emoji (Claude Code's own system prompt does) makes a 1 MB UCS-4 string and costs more than
+anything else here. Only values it has not seen are decoded, each exactly (its end found
+first: a short value in a small window, a long one by a C-speed scan of its strings and
+brackets), and handed to the same C scanner json.loads uses. Values an agent resends every
+turn (its system prompt, tool definitions, every earlier message) are not decoded or
+parsed again: big objects, arrays and strings are remembered by their bytes (`_known`). A
+candidate is found by the value's first bytes and taken only if the body holds its whole
+text at that place; such a value is self-delimiting, so the scanner would have read
+exactly that text and made an equal value. It is then the same object for every request
+that sends it, which is safe because nothing in tokenpak changes a request in place
+(compression and footer stripping copy on write).
 """
 
 import json
 import re
-import sys
-from json.decoder import scanstring
 
 from .tokens import LRU
 
 # The fields whose list items get spans of their own: the conversation.
 ITEM_FIELDS = ("messages", "input")
 
-_DECODER = json.JSONDecoder()
-_scan = _DECODER.scan_once  # the C scanner json.loads uses: same values, same errors
-_SPACE = re.compile(r"[ \t\n\r]*")
+_scan = json.JSONDecoder().scan_once  # the C scanner json.loads uses: same values, errors
+_SPACE = re.compile(rb"[ \t\n\r]*")
+# A JSON string (unrolled, so it runs at C speed and cannot backtrack), or a bracket.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
 _ERRORS = (ValueError, IndexError, StopIteration, RecursionError, UnicodeDecodeError)
-KNOWN_MIN_CHARS = 2048      # smaller values parse faster than they are looked up
-KNOWN_PROBE = 160           # how many first characters find a candidate
-_known = LRU(4096, max_weight=16 << 20)  # bytes of text held  # {first characters: (text, value, UTF-8 bytes)}
+_OPEN, _CLOSE, _QUOTE = frozenset(b"[{"), frozenset(b"]}"), ord('"')
+SMALL_WINDOW = 256          # bytes decoded first for a value not seen before
+KNOWN_MIN_BYTES = 2048      # smaller values parse faster than they are looked up
+KNOWN_PROBE = 160           # how many first bytes find a candidate
+_known = LRU(4096, max_weight=16 << 20)  # {first bytes: (bytes, value)}, weighed in bytes
 
 
 class Body:
-    """A parsed JSON object and, when known, the spans of its parts in `text`.
+    """A parsed JSON object and, when known, where its parts are in `data` (the raw body).
 
     `fields`: {name: (start, end)} of each top-level value; `items`: {field name: [(start,
-    end)]} of each item of a top-level conversation list. Offsets index `text` (a str).
+    end)]} of each item of a top-level conversation list; byte offsets. No `data` (the
+    body went through json.loads): no spans.
     """
 
-    __slots__ = ("value", "text", "fields", "items", "encoded")
+    __slots__ = ("value", "data", "fields", "items")
 
-    def __init__(self, value, text=None, fields=None, items=None, encoded=None):
-        self.value, self.text, self.fields, self.items = value, text, fields, items or {}
-        self.encoded = encoded or {}  # {start: UTF-8 bytes} of remembered values
+    def __init__(self, value, data=None, fields=None, items=None):
+        self.value, self.data, self.fields, self.items = value, data, fields or {}, items or {}
 
     def raw(self, span):
-        start, end = span
-        data = self.encoded.get(start)
-        return data if data is not None else \
-            self.text[start:end].encode("utf-8", "surrogatepass")
+        return self.data[span[0]:span[1]]
 
 
 def parse(raw: bytes) -> Body:
     """The body's JSON value with spans; raises as json.loads does on invalid JSON."""
     try:
-        text = raw.decode("utf-8", "surrogatepass")  # what json.loads does for UTF-8 bytes
-        if text.startswith("\ufeff"):
-            raise ValueError("BOM")  # json.loads has its own rules for those: leave it to it
-        return _top(text, {})
+        if json.detect_encoding(raw) != "utf-8":
+            raise ValueError("not plain UTF-8")  # a BOM, UTF-16/32: json.loads' own rules
+        return _top(raw)
     except _ERRORS:
         return Body(json.loads(raw))
 
 
-def _top(text, encoded):
-    i = _SPACE.match(text).end()
-    if text[i] != "{":
+def _top(raw):
+    i = _SPACE.match(raw).end()
+    if raw[i] != ord("{"):
         raise ValueError("not an object")
     value, fields, items = {}, {}, {}
-    i = _SPACE.match(text, i + 1).end()
-    if text[i] == "}":
+    i = _SPACE.match(raw, i + 1).end()
+    if raw[i] == ord("}"):
         i += 1
     else:
         while True:
-            if text[i] != '"':
+            if raw[i] != _QUOTE:
                 raise ValueError("expected a name")
-            name, i = scanstring(text, i + 1)
-            i = _SPACE.match(text, i).end()
-            if text[i] != ":":
+            name, i = _decode(raw, i)
+            i = _SPACE.match(raw, i).end()
+            if raw[i] != ord(":"):
                 raise ValueError("expected ':'")
-            start = i = _SPACE.match(text, i + 1).end()
-            if name in ITEM_FIELDS and text[i] == "[":
-                value[name], items[name], i = _array(text, i, encoded)
+            start = i = _SPACE.match(raw, i + 1).end()
+            if name in ITEM_FIELDS and raw[i] == ord("["):
+                value[name], items[name], i = _array(raw, i)
             else:
-                value[name], i = _value(text, i, encoded)
+                value[name], i = _value(raw, i)
                 items.pop(name, None)  # a repeated name: the last value wins, as in json
             fields[name] = (start, i)
-            i = _SPACE.match(text, i).end()
-            if text[i] == ",":
-                i = _SPACE.match(text, i + 1).end()
-            elif text[i] == "}":
+            i = _SPACE.match(raw, i).end()
+            if raw[i] == ord(","):
+                i = _SPACE.match(raw, i + 1).end()
+            elif raw[i] == ord("}"):
                 i += 1
                 break
             else:
                 raise ValueError("expected ',' or '}'")
-    if _SPACE.match(text, i).end() != len(text):
+    if _SPACE.match(raw, i).end() != len(raw):
         raise ValueError("extra data")
-    return Body(value, text, fields, items, encoded)
+    return Body(value, raw, fields, items)
 
 
-def _value(text, i, encoded):
-    """(value, end) of the JSON value at text[i], remembered if big (see the docstring)."""
-    if text[i] not in '{["':
-        return _scan(text, i)
-    probe = text[i:i + KNOWN_PROBE]
-    known = _known.get(probe)
-    if known is not None and text.startswith(known[0], i):
-        encoded[i] = known[2]
-        return known[1], i + len(known[0])
-    value, end = _scan(text, i)
-    if end - i >= KNOWN_MIN_CHARS:
-        raw = text[i:end]
-        data = raw.encode("utf-8", "surrogatepass")
-        encoded[i] = data
-        _known.put(probe, (raw, value, data), sys.getsizeof(raw) + len(data))
-    return value, end
-
-
-def _array(text, i, encoded):
-    """(list, [(start, end)] of its items, end offset) of the array at text[i] == "["."""
+def _array(raw, i):
+    """(list, [(start, end)] of its items, end offset) of the array at raw[i] == "["."""
     values, spans = [], []
-    i = _SPACE.match(text, i + 1).end()
-    if text[i] == "]":
+    i = _SPACE.match(raw, i + 1).end()
+    if raw[i] == ord("]"):
         return values, spans, i + 1
     while True:
         start = i
-        value, i = _value(text, i, encoded)
+        value, i = _value(raw, i)
         values.append(value)
         spans.append((start, i))
-        i = _SPACE.match(text, i).end()
-        if text[i] == ",":
-            i = _SPACE.match(text, i + 1).end()
-        elif text[i] == "]":
+        i = _SPACE.match(raw, i).end()
+        if raw[i] == ord(","):
+            i = _SPACE.match(raw, i + 1).end()
+        elif raw[i] == ord("]"):
             return values, spans, i + 1
         else:
             raise ValueError("expected ',' or ']'")
+
+
+def _value(raw, i):
+    """(value, end) of the JSON value at raw[i], remembered if big (see the docstring)."""
+    if raw[i] not in _OPEN and raw[i] != _QUOTE:
+        return _decode(raw, i)
+    probe = raw[i:i + KNOWN_PROBE]
+    known = _known.get(probe)
+    if known is not None and raw.startswith(known[0], i):
+        return known[1], i + len(known[0])
+    value, end = _decode(raw, i)
+    if end - i >= KNOWN_MIN_BYTES:
+        _known.put(probe, (raw[i:end], value), end - i)
+    return value, end
+
+
+def _decode(raw, i):
+    """(value, end) of the JSON value at raw[i], decoding only its own bytes."""
+    stop = min(len(raw), i + SMALL_WINDOW)
+    while stop < len(raw) and 0x80 <= raw[stop] < 0xC0:
+        stop -= 1  # never cut a UTF-8 sequence
+    text = raw[i:stop].decode("utf-8", "surrogatepass")
+    try:
+        value, end = _scan(text, 0)
+        if end < len(text) or stop == len(raw):
+            return value, i + (end if text.isascii() else
+                               len(text[:end].encode("utf-8", "surrogatepass")))
+    except (StopIteration, ValueError):
+        if stop == len(raw):
+            raise ValueError("invalid JSON value")
+    # Longer than the window: find its end in the bytes, then decode exactly that.
+    stop = _end(raw, i)
+    text = raw[i:stop].decode("utf-8", "surrogatepass")
+    value, end = _scan(text, 0)
+    if end != len(text):
+        raise ValueError("value ends early")
+    return value, stop
+
+
+def _end(raw, i):
+    """End offset of the string, object or array starting at raw[i] (not validated: the
+    scanner does that)."""
+    if raw[i] == _QUOTE:
+        match = _STRING.match(raw, i)
+        if match is None:
+            raise ValueError("unterminated string")
+        return match.end()
+    if raw[i] not in _OPEN:
+        raise ValueError("a long number or literal")
+    depth = 0
+    for match in _TOKEN.finditer(raw, i):
+        token = match.group()
+        if token[0] in _OPEN:
+            depth += 1
+        elif token[0] in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    raise ValueError("unterminated value")
 
 
 def dump(value) -> bytes:
@@ -168,7 +211,7 @@ def serialise(body: Body, new: dict):
     fields = []
     old = body.value
     for name, value in new.items():
-        span = body.fields.get(name) if body.text is not None else None
+        span = body.fields.get(name) if body.data is not None else None
         if span is None:
             piece = dump(value)
         elif value is old.get(name):
@@ -195,6 +238,6 @@ def _items(body, old, spans, new):
 
 def fields_of(body: Body):
     """[(field name, its bytes)] of an unchanged body, for the cache key."""
-    if body.text is None:
+    if body.data is None:
         return [(name, dump(value)) for name, value in body.value.items()]
     return [(name, body.raw(body.fields[name])) for name in body.value]
