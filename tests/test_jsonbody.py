@@ -43,11 +43,17 @@ def _forward(api, raw, settings):
     assert parsed.data is not None  # the span parser took it, no fallback
     assert parsed.value == json.loads(raw)
     body = footer.strip_history(api, parsed.value, raw)
-    body = C.compress_request(api, body, settings).body
+    result = C.compress_request(api, body, settings)
+    body = result.body
     if body is parsed.value:
         return raw, raw
     old = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return jsonbody.serialise(parsed, body)[0], old
+    new = jsonbody.serialise(parsed, body)[0]
+    ex = exchange.Exchange("POST", "/", [], raw)
+    ex.compressed = result
+    for _ in range(2):  # the dumps of edited messages, remembered, then reused
+        assert jsonbody.serialise(parsed, body, exchange.edits(ex, parsed.value))[0] == new
+    return new, old
 
 
 @pytest.mark.parametrize("spelling", sorted(SPELLINGS))

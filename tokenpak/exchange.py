@@ -147,7 +147,7 @@ def prepare(rt, ex):
             body = dict(body, stream_options=options)
             ex.drop_usage = True
     if body is not request:
-        ex.forward_body, fields = jsonbody.serialise(ex.parsed, body)
+        ex.forward_body, fields = jsonbody.serialise(ex.parsed, body, edits(ex, request))
     else:
         fields = None
     if rt.cache.store is not None and not ex.no_store:
@@ -164,6 +164,18 @@ def prepare(rt, ex):
         except Exception:
             log.exception("cache key failed; not caching this request")
             ex.key = None
+
+
+def edits(ex, request):
+    """{message index: ((path, new text), ...)}: compression's changes per message, when
+    they are all that changed in it (no footer was stripped first), for jsonbody.serialise."""
+    result = ex.compressed
+    if result is None or not result.changed or result.original is not request:
+        return None
+    out = {}
+    for unit, text, _ in result.changes:
+        out.setdefault(unit.msg, []).append((unit.path, text))
+    return {msg: tuple(changes) for msg, changes in out.items()}
 
 
 def known_shape(api, request):

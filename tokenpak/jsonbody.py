@@ -61,10 +61,11 @@ class Body:
     body went through json.loads): no spans.
     """
 
-    __slots__ = ("value", "data", "fields", "items")
+    __slots__ = ("value", "data", "fields", "items", "known")
 
-    def __init__(self, value, data=None, fields=None, items=None):
+    def __init__(self, value, data=None, fields=None, items=None, known=None):
         self.value, self.data, self.fields, self.items = value, data, fields or {}, items or {}
+        self.known = known or {}  # {start: the remembered bytes object of the value there}
 
     def raw(self, span):
         return self.data[span[0]:span[1]]
@@ -75,12 +76,12 @@ def parse(raw: bytes) -> Body:
     try:
         if json.detect_encoding(raw) != "utf-8":
             raise ValueError("not plain UTF-8")  # a BOM, UTF-16/32: json.loads' own rules
-        return _top(raw)
+        return _top(raw, {})
     except _ERRORS:
         return Body(json.loads(raw))
 
 
-def _top(raw):
+def _top(raw, known):
     i = _SPACE.match(raw).end()
     if raw[i] != ord("{"):
         raise ValueError("not an object")
@@ -98,9 +99,9 @@ def _top(raw):
                 raise ValueError("expected ':'")
             start = i = _SPACE.match(raw, i + 1).end()
             if name in ITEM_FIELDS and raw[i] == ord("["):
-                value[name], items[name], i = _array(raw, i)
+                value[name], items[name], i = _array(raw, i, known)
             else:
-                value[name], i = _value(raw, i)
+                value[name], i = _value(raw, i, known)
                 items.pop(name, None)  # a repeated name: the last value wins, as in json
             fields[name] = (start, i)
             i = _SPACE.match(raw, i).end()
@@ -113,10 +114,10 @@ def _top(raw):
                 raise ValueError("expected ',' or '}'")
     if _SPACE.match(raw, i).end() != len(raw):
         raise ValueError("extra data")
-    return Body(value, raw, fields, items)
+    return Body(value, raw, fields, items, known)
 
 
-def _array(raw, i):
+def _array(raw, i, known):
     """(list, [(start, end)] of its items, end offset) of the array at raw[i] == "["."""
     values, spans = [], []
     i = _SPACE.match(raw, i + 1).end()
@@ -124,7 +125,7 @@ def _array(raw, i):
         return values, spans, i + 1
     while True:
         start = i
-        value, i = _value(raw, i)
+        value, i = _value(raw, i, known)
         values.append(value)
         spans.append((start, i))
         i = _SPACE.match(raw, i).end()
@@ -136,17 +137,20 @@ def _array(raw, i):
             raise ValueError("expected ',' or ']'")
 
 
-def _value(raw, i):
-    """(value, end) of the JSON value at raw[i], remembered if big (see the docstring)."""
+def _value(raw, i, known):
+    """(value, end) of the JSON value at raw[i], remembered if big (see the docstring);
+    known[i] is then the remembered bytes, one object however often it is sent."""
     if raw[i] not in _OPEN and raw[i] != _QUOTE:
         return _decode(raw, i)
     probe = raw[i:i + KNOWN_PROBE]
-    known = _known.get(probe)
-    if known is not None and raw.startswith(known[0], i):
-        return known[1], i + len(known[0])
+    hit = _known.get(probe)
+    if hit is not None and raw.startswith(hit[0], i):
+        known[i] = hit[0]
+        return hit[1], i + len(hit[0])
     value, end = _decode(raw, i)
     if end - i >= KNOWN_MIN_BYTES:
-        _known.put(probe, (raw[i:end], value), end - i)
+        known[i] = raw[i:end]
+        _known.put(probe, (known[i], value), end - i)
     return value, end
 
 
@@ -204,10 +208,15 @@ def dump(value) -> bytes:
         return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
-def serialise(body: Body, new: dict):
+def serialise(body: Body, new: dict, edits=None):
     """(bytes to forward, [(field name, its bytes)]) for `new`, a copy-on-write change of
     body.value: every part of `new` that is still the parsed object itself is the client's
-    text again; only what changed is dumped."""
+    text again; only what changed is dumped.
+
+    `edits` ({item index: ((path, new text), ...)}) may say that a conversation item of
+    `new` is the parsed one with exactly those strings replaced (compression's changes):
+    then its dump is remembered by (the item's remembered bytes, the edits), so a message
+    compressed in every turn is not dumped again every turn either."""
     fields = []
     old = body.value
     for name, value in new.items():
@@ -217,7 +226,7 @@ def serialise(body: Body, new: dict):
         elif value is old.get(name):
             piece = body.raw(span)
         elif name in body.items and isinstance(value, list):
-            piece = _items(body, old[name], body.items[name], value)
+            piece = _items(body, old[name], body.items[name], value, edits or {})
         else:
             piece = dump(value)
         fields.append((name, piece))
@@ -225,15 +234,29 @@ def serialise(body: Body, new: dict):
     return b"{" + out + b"}", fields
 
 
-def _items(body, old, spans, new):
+def _items(body, old, spans, new, edits):
     """A changed conversation list: unchanged items (same index, same object) as sent."""
     out = []
     for i, item in enumerate(new):
         if i < len(old) and item is old[i]:
             out.append(body.raw(spans[i]))
-        else:
+            continue
+        source = body.known.get(spans[i][0]) if i < len(old) and i in edits else None
+        if source is None:
             out.append(dump(item))
+            continue
+        # Keyed by objects the memos hand out again each turn (the remembered bytes, the
+        # compressed texts): their hashes are cached, so a hit costs no pass over the text.
+        key = (source, edits[i])
+        data = _dumped.get(key)
+        if data is None:
+            data = dump(item)
+            _dumped.put(key, data, len(data) + len(source))
+        out.append(data)
     return b"[" + b",".join(out) + b"]"
+
+
+_dumped = LRU(4096, max_weight=16 << 20)  # {(item bytes, edits): its new JSON bytes}
 
 
 def fields_of(body: Body):
