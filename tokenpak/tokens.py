@@ -40,6 +40,7 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import threading
 
@@ -295,7 +296,8 @@ def estimate(text: str) -> int:
 
 # ---------------------------------------------------------------- counting
 
-_count_memo = LRU(MEMO_ENTRIES)
+_count_memo = LRU(MEMO_ENTRIES, max_weight=16 << 20)  # {text: count}, weighed in bytes held
+_tools_memo = LRU(64)
 _estimate_memo = LRU(MEMO_ENTRIES)
 ESTIMATE_MEMO_CHARS = 4096  # below this an estimate costs about what its hash does
 
@@ -314,15 +316,33 @@ def count(text: str) -> int:
 
 
 def count_block(text: str) -> int:
-    """`count(text)` memoised by content hash, so a resent block is tokenised once."""
+    """`count(text)` memoised by the text itself, so a resent block is tokenised once.
+
+    Keyed by the string, not a digest: a str caches its hash, and a resent history's
+    strings are the very objects of the last turn (jsonbody remembers them), so a memoised
+    count costs a dict lookup. A SHA-256 of a big block would also release the GIL, and a
+    counting thread that drops the GIL for every block makes the request threads wait
+    for it (up to the 5 ms switch interval each time). Bounded by the memory held."""
     if len(text) < MEMO_MIN_CHARS:
         return count(text)
-    key = digest(text)
-    cached = _count_memo.get(key)
+    cached = _count_memo.get(text)
     if cached is None:
         cached = count(text)
-        _count_memo.put(key, cached)
+        _count_memo.put(text, cached, sys.getsizeof(text))
     return cached
+
+
+def _tools_text(tools):
+    """The tool definitions as the model reads them (compact JSON), dumped once per list
+    object: a resent list is the same object each turn (jsonbody), and dumping 80 kB of
+    Claude Code's tool schemas for every count was most of what counting a turn cost. The
+    list is held with its text, so its id cannot be reused while the entry lives."""
+    hit = _tools_memo.get(id(tools))
+    if hit is not None and hit[0] is tools:
+        return hit[1]
+    text = _dump(tools)
+    _tools_memo.put(id(tools), (tools, text))
+    return text
 
 
 def _dump(value):
@@ -398,7 +418,7 @@ def request_texts(api: str, body: dict):
         for block in system if isinstance(system, list) else [system]:
             yield from _block_texts(block)
     if body.get("tools"):
-        yield _dump(body["tools"])
+        yield _tools_text(body["tools"])
     messages = body.get("messages")
     for message in messages if isinstance(messages, list) else ():
         yield from message_texts(message)
@@ -410,7 +430,7 @@ def _responses_texts(body):
     if isinstance(instructions, str):
         yield instructions
     if body.get("tools"):
-        yield _dump(body["tools"])
+        yield _tools_text(body["tools"])
     items = body.get("input")
     if isinstance(items, str):
         yield items
