@@ -66,8 +66,9 @@ O200K_SPECIAL_TOKENS = {"<|endoftext|>": 199999, "<|endofprompt|>": 200018}
 # OpenAI's documented chat overhead: ~3 tokens framing each message, 3 priming the reply.
 MESSAGE_OVERHEAD = 3
 REPLY_PRIMING = 3
-# Blocks shorter than this are counted directly: hashing them costs as much as counting.
-MEMO_MIN_CHARS = 256
+# Blocks shorter than this are counted directly; for anything longer a dict lookup by the
+# string (count_block) is cheaper than tokenising it.
+MEMO_MIN_CHARS = 16
 MEMO_ENTRIES = 65536
 
 _MEDIA_TYPES = frozenset({"image", "image_url", "input_image", "document", "input_audio", "file",
@@ -298,6 +299,7 @@ def estimate(text: str) -> int:
 
 _count_memo = LRU(MEMO_ENTRIES, max_weight=16 << 20)  # {text: count}, weighed in bytes held
 _tools_memo = LRU(64)
+_items_memo = LRU(512)
 _estimate_memo = LRU(MEMO_ENTRIES)
 ESTIMATE_MEMO_CHARS = 4096  # below this an estimate costs about what its hash does
 
@@ -406,12 +408,13 @@ def message_texts(message):
             yield function.get("arguments") or ""
 
 
-def request_texts(api: str, body: dict):
-    """Yield every piece of prompt text in a request body (system, tools, messages)."""
+def request_texts(api: str, body: dict, items: bool = True):
+    """Yield every piece of prompt text in a request body (system, tools, messages);
+    without `items`, leave out the conversation items (count_request counts them apart)."""
     if not isinstance(body, dict):
         return
     if api == "responses":
-        yield from _responses_texts(body)
+        yield from _responses_texts(body, items)
         return
     system = body.get("system")
     if system is not None:
@@ -419,22 +422,22 @@ def request_texts(api: str, body: dict):
             yield from _block_texts(block)
     if body.get("tools"):
         yield _tools_text(body["tools"])
-    messages = body.get("messages")
+    messages = body.get("messages") if items else None
     for message in messages if isinstance(messages, list) else ():
         yield from message_texts(message)
 
 
-def _responses_texts(body):
+def _responses_texts(body, items=True):
     """OpenAI Responses: instructions, tool definitions, then `input` (a string or items)."""
     instructions = body.get("instructions")
     if isinstance(instructions, str):
         yield instructions
     if body.get("tools"):
         yield _tools_text(body["tools"])
-    items = body.get("input")
-    if isinstance(items, str):
-        yield items
-    for item in items if isinstance(items, list) else ():
+    conversation = body.get("input")
+    if isinstance(conversation, str):
+        yield conversation
+    for item in conversation if isinstance(conversation, list) and items else ():
         yield from message_texts(item)
 
 
@@ -452,9 +455,29 @@ def count_request(api: str, body: dict) -> int:
     OpenAI's documented per-message framing; images and documents count 0.
     """
     total = _overhead(body)
-    for text in request_texts(api, body):
+    for text in request_texts(api, body, items=False):
         if isinstance(text, str) and text:
             total += count_block(text)
+    field = "input" if api == "responses" else "messages"
+    conversation = body.get(field) if isinstance(body, dict) else None
+    for item in conversation if isinstance(conversation, list) else ():
+        total += _item_count(item)
+    return total
+
+
+def _item_count(item):
+    """Tokens of one conversation item, memoised per item object: a resent message is the
+    same object each turn (jsonbody), so a memoised history is one lookup per message
+    rather than a walk of its blocks. The item is held with its count, so its id cannot be
+    reused while the entry lives."""
+    hit = _items_memo.get(id(item))
+    if hit is not None and hit[0] is item:
+        return hit[1]
+    total = 0
+    for text in message_texts(item):
+        if isinstance(text, str) and text:
+            total += count_block(text)
+    _items_memo.put(id(item), (item, total))
     return total
 
 
