@@ -11,13 +11,19 @@ is a cache hit while the whole history is memoised ("memoised turn"). Direct and
 requests are interleaved one by one so both see the same machine state; with `--before`,
 a second tokenpak runs from that source tree (e.g. `git worktree add /tmp/main main`) and
 its requests are interleaved too: direct, before, after, direct, before, after...
-tokenpak's CPU per request is read from /proc (one worker, so one process holds it all).
+tokenpak's CPU per request is read from /proc (one worker, so one process holds it all),
+in clock ticks: on a loaded machine that figure is coarse. `--inprocess` measures the part
+this bench is about precisely instead: the process CPU (all threads) of exchange.prepare
+(parse, footer strip, compression, forwarded bytes, cache key) and the exact token counts
+the accounting row reads, per memoised turn, run in a fresh interpreter for each source
+tree, rounds interleaved.
 """
 
 import argparse
 import glob
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +59,18 @@ class Target:
         return elapsed, used
 
 
+def start_from(src, fake_url, state):
+    """tokenpak from the source tree `src`. `python -m` puts the working directory first on
+    sys.path, so it must start in `src`: from anywhere inside another checkout it would run
+    that checkout's code whatever PYTHONPATH says."""
+    here = os.getcwd()
+    os.chdir(src)
+    try:
+        return common.start_tokenpak(fake_url, state, {"PYTHONPATH": src}, args=("--workers", "1"))
+    finally:
+        os.chdir(here)
+
+
 def run(corpora, n, before_src=None):
     fake, fake_url = common.start_fake()
     started, targets = [], []
@@ -61,8 +79,7 @@ def run(corpora, n, before_src=None):
         trees = ([("before", before_src)] if before_src else []) + [("after", common.REPO)]
         for name, src in trees:
             state = tempfile.mkdtemp(prefix="tokenpak-bench-")
-            process, url = common.start_tokenpak(fake_url, state, {"PYTHONPATH": src},
-                                                 args=("--workers", "1"))
+            process, url = start_from(src, fake_url, state)
             started.append(process)
             targets.append(Target(name, url, process))
         sizes = []
@@ -109,12 +126,69 @@ def rows(targets, sizes, n):
     return out, sizes
 
 
+INPROCESS = r"""
+import collections, json, sys, time
+from tokenpak import compression, exchange
+from tokenpak.providers import Route
+from tokenpak.runtime import CachePolicy
+sys.path.insert(0, %(bench)r)
+from bigrequest import encode
+rt = collections.namedtuple("Rt", "compression cache")(
+    compression.Settings(), CachePolicy(object(), b"s" * 32, False, False))
+out = []
+for corpus in %(corpora)r:
+    case = json.load(open(corpus))
+    def turn(body):
+        ex = exchange.Exchange("POST", case["path"], [("x-api-key", "sk-ant-bench"),
+                               ("anthropic-version", "2023-06-01")], body)
+        ex.route = Route("anthropic", "http://upstream" + case["path"], "upstream", "anthropic")
+        started = time.process_time()
+        exchange.prepare(rt, ex)
+        if ex.compressed is not None:
+            ex.compressed.tokens_before, ex.compressed.tokens_after
+        return time.process_time() - started
+    turn(encode(case["previous"], 900))
+    turn(encode(case["body"], 901))
+    times = sorted(turn(encode(case["body"], 1000 + i)) for i in range(%(n)d))
+    out.append(times[len(times) // 2])
+print(json.dumps(out))
+"""
+
+
+def inprocess(corpora, n, trees, rounds=3):
+    """{tree name: [median process CPU per memoised turn, per case, per round]}."""
+    results = {name: [] for name, _ in trees}
+    for _ in range(rounds):
+        for name, src in trees:
+            code = INPROCESS % {"bench": os.path.dirname(os.path.abspath(__file__)),
+                                "corpora": [os.path.abspath(c) for c in corpora], "n": n}
+            # In `src`: `python -c` puts the working directory first on sys.path.
+            done = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True,
+                                  env=dict(os.environ, PYTHONPATH=src), text=True, check=True)
+            results[name].append(json.loads(done.stdout))
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=60, help="memoised turns per case")
     parser.add_argument("--corpus", nargs="*", default=AGENTS)
     parser.add_argument("--before", help="another source tree to compare, interleaved")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="CPU of prepare and counting in-process, not through HTTP")
     args = parser.parse_args()
+    if args.inprocess:
+        trees = ([("before", args.before)] if args.before else []) + [("after", common.REPO)]
+        results = inprocess(args.corpus, args.requests, trees)
+        names = [os.path.basename(c)[:3] for c in args.corpus]
+        table = []
+        for name, rounds in results.items():
+            for r, medians in enumerate(rounds):
+                table.append(("%s, round %d" % (name, r + 1),) + tuple(
+                    "%.2f ms" % (m * 1000) for m in medians))
+        print(common.markdown("prepare + counts, process CPU per memoised turn (%s)"
+                              % common.machine(), ["tree"] + names, table))
+        return
     table, sizes = run(args.corpus, args.requests, args.before)
     title = "Big agent request, %d cases of %d-%d kB (%s)" % (
         len(sizes), min(sizes) // 1024, max(sizes) // 1024, common.machine())
