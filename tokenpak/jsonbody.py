@@ -19,8 +19,8 @@ encoding) falls back to `json.loads`, which then accepts or rejects the body as 
 a body has no spans and is dumped whole when it changes.
 
 The parser walks the bytes, not a decoded copy: decoding a 250 kB body that holds one
-emoji (Claude Code's own system prompt does) makes a 1 MB UCS-4 string and costs more than
-anything else here. Only values it has not seen are decoded, each exactly (its end found
+emoji (the Claude Code requests in tests/corpus/agents do) makes a 1 MB UCS-4 string,
+and cost more than anything else here. Only values it has not seen are decoded, each exactly (its end found
 first: a short value in a small window, a long one by a C-speed scan of its strings and
 brackets), and handed to the same C scanner json.loads uses. Values an agent resends every
 turn (its system prompt, tool definitions, every earlier message) are not decoded or
