@@ -20,9 +20,9 @@ a body has no spans and is dumped whole when it changes.
 
 The parser walks the bytes, not a decoded copy: decoding a 250 kB body that holds one
 emoji (the Claude Code requests in tests/corpus/agents do) makes a 1 MB UCS-4 string,
-and cost more than anything else here. Only values it has not seen are decoded, each exactly (its end found
-first: a short value in a small window, a long one by a C-speed scan of its strings and
-brackets), and handed to the same C scanner json.loads uses. Values an agent resends every
+and cost more than anything else here. Only values it has not seen are decoded, each
+exactly (its end found first: a short value in a small window, a long one by a C-speed
+scan of its strings and brackets), and handed to the same C scanner json.loads uses. Values an agent resends every
 turn (its system prompt, tool definitions, every earlier message) are not decoded or
 parsed again: big objects, arrays and strings are remembered by their bytes (`_known`). A
 candidate is found by the value's first bytes and taken only if the body holds its whole
