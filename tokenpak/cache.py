@@ -5,8 +5,9 @@ Why it is built this way:
   that can change the answer (temperature, top_p, max_tokens, ... all count; as
   forwarded: the proxy hashes the bytes it sends, see key_from_fields, rather than dump a
   300 kB agent request once more) and the request headers that can change it
-  (`KEY_HEADERS`). Body fields are in unless listed in `IGNORED_FIELDS`, so a changed parameter is a miss, never a wrong answer; headers are out
-  unless listed, because clients send fresh ids on every call and would never hit.
+  (`KEY_HEADERS`). Body fields are in unless listed in `IGNORED_FIELDS`, so a changed
+  parameter is a miss, never a wrong answer; headers are out unless listed, because
+  clients send fresh ids on every call and would never hit.
 - Headers in the key, from the providers' documentation: `anthropic-beta` turns features
   on (1M context, new tools, output formats), `anthropic-version` selects the API version,
   `openai-beta` selects beta API behaviour. Not in the key: per-call ids (`x-request-id`,
