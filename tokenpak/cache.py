@@ -1,11 +1,13 @@
 """The response cache: keys, per-credential scopes and a fail-open sqlite3 store.
 
 Why it is built this way:
-- The key is a SHA-256 over a canonical JSON form of the provider, the path, every body
-  field that can change the answer (temperature, top_p, max_tokens, ... all count) and the
-  request headers that can change it (`KEY_HEADERS`). Body fields are in unless listed in
-  `IGNORED_FIELDS`, so a changed parameter is a miss, never a wrong answer; headers are out
-  unless listed, because clients send fresh ids on every call and would never hit.
+- The key is a SHA-256 over the provider, the path, the JSON text of every body field
+  that can change the answer (temperature, top_p, max_tokens, ... all count; as
+  forwarded: the proxy hashes the bytes it sends, see key_from_fields, rather than dump a
+  300 kB agent request once more) and the request headers that can change it
+  (`KEY_HEADERS`). Body fields are in unless listed in `IGNORED_FIELDS`, so a changed
+  parameter is a miss, never a wrong answer; headers are out unless listed, because
+  clients send fresh ids on every call and would never hit.
 - Headers in the key, from the providers' documentation: `anthropic-beta` turns features
   on (1M context, new tools, output formats), `anthropic-version` selects the API version,
   `openai-beta` selects beta API behaviour. Not in the key: per-call ids (`x-request-id`,
@@ -70,16 +72,35 @@ PURGE_SECONDS = 60.0
 def cache_key(provider: str, path: str, body: dict, headers=None) -> str:
     """SHA-256 hex of provider, path, every answer-changing field of `body` and the
     answer-changing request `headers` ({lower-case name: value}; see KEY_HEADERS)."""
-    fields = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
-    parts = [provider, path, fields]
-    key_headers = key_header_values(headers)
-    if key_headers:  # absent: the same key as before headers counted, so old entries stay
-        parts.append(key_headers)
     # ensure_ascii=True is as canonical as False and ~40% faster on a 120 KB agent prompt
     # (escaping keeps the str narrow); it also copes with lone surrogates from "\ud800".
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True, check_circular=False)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    fields = [(name, json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                                check_circular=False).encode("ascii"))
+              for name, value in body.items() if name not in IGNORED_FIELDS]
+    return key_from_fields(provider, path, fields, headers)
+
+
+def key_from_fields(provider: str, path: str, fields, headers=None) -> str:
+    """The cache key from each body field's JSON bytes as they are at hand: [(name, bytes)].
+
+    The proxy passes the bytes it forwards (jsonbody.serialise: mostly the client's own
+    text), so a 300 kB request is hashed once and dumped never. Every byte of every field
+    not in IGNORED_FIELDS counts, fields in name order, each framed by its length: a
+    changed value is a changed key; the same request (same bytes) is the same key. Two
+    spellings of one value (whitespace, escapes, key order inside a field) may differ.
+    """
+    head = [provider, path]
+    key_headers = key_header_values(headers)
+    if key_headers:
+        head.append(key_headers)
+    digest = hashlib.sha256(json.dumps(head, sort_keys=True, ensure_ascii=True).encode("ascii"))
+    for name, data in sorted(fields, key=lambda field: field[0]):
+        if name in IGNORED_FIELDS:
+            continue
+        label = name.encode("utf-8", "surrogatepass")
+        digest.update(b"\n%d:%s%d:" % (len(label), label, len(data)))
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def key_header_values(headers) -> dict:

@@ -182,20 +182,35 @@ _memo = tokens.LRU(MEMO_ENTRIES, max_weight=MEMO_CHARS)
 
 # ------------------------------------------------------------------ request walking
 
-@dataclass(frozen=True)
 class _Unit:
     """One replaceable text in a request, at messages[msg][path[0]][path[1]]...
 
     `path` is a tuple of keys and indexes inside the message (or Responses input item),
-    ending at the string itself.
+    ending at the string itself. `name` says how a back-reference names the block: ("text",
+    role) or ("tool", call, call id, id field). The words themselves (`label`, `short`) are
+    only made for a block that is referenced: a resent history makes one _Unit per block
+    every turn, and formatting labels for all of them (a tool input dumped per result) cost
+    more than the memoised compression itself.
     """
 
-    msg: int
-    path: tuple
-    text: str
-    is_tool: bool
-    label: str      # how a back-reference names this block to the model
-    short: str      # the same without the tool input, for element references
+    __slots__ = ("msg", "path", "text", "is_tool", "name")
+
+    def __init__(self, msg, path, text, is_tool, name):
+        self.msg, self.path, self.text, self.is_tool, self.name = msg, path, text, is_tool, name
+
+    @property
+    def label(self):
+        """How a back-reference names this block to the model."""
+        if self.name[0] == "text":
+            return _text_label(self.name[1], self.text)
+        return _tool_labels(*self.name[1:])[0]
+
+    @property
+    def short(self):
+        """The label without the tool input, for element references."""
+        if self.name[0] == "text":
+            return _text_label(self.name[1], self.text)
+        return _tool_labels(*self.name[1:])[1]
 
 
 # Blocks with any other field (citations, ...) are left alone. `cache_control` is not
@@ -284,11 +299,10 @@ def _units(api, messages):
             continue
         role, content = message["role"], message.get("content")
         tool_msg = role in ("tool", "function")
-        labels = (_tool_labels(calls.get(message.get("tool_call_id")), message.get("tool_call_id"),
-                               "tool_call_id") if tool_msg else None)
+        name = (("tool", calls.get(message.get("tool_call_id")), message.get("tool_call_id"),
+                 "tool_call_id") if tool_msg else ("text", role))
         if isinstance(content, str):
-            yield _Unit(i, ("content",), content, tool_msg,
-                        *(labels or (_text_label(role, content),) * 2))
+            yield _Unit(i, ("content",), content, tool_msg, name)
             continue
         if not isinstance(content, list):
             continue
@@ -296,19 +310,18 @@ def _units(api, messages):
             continue  # thinking signatures cover the turn: leave it whole
         for j, block in enumerate(content):
             if _plain_text(block):
-                yield _Unit(i, ("content", j, "text"), block["text"], tool_msg,
-                            *(labels or (_text_label(role, block["text"]),) * 2))
+                yield _Unit(i, ("content", j, "text"), block["text"], tool_msg, name)
             elif (api == "anthropic" and isinstance(block, dict)
                   and block.get("type") == "tool_result" and _TOOL_RESULT_KEYS.issuperset(block)):
                 tool_id = block.get("tool_use_id")
-                tool_labels = _tool_labels(calls.get(tool_id), tool_id, "tool_use_id")
+                tool = ("tool", calls.get(tool_id), tool_id, "tool_use_id")
                 inner = block.get("content")
                 if isinstance(inner, str):
-                    yield _Unit(i, ("content", j, "content"), inner, True, *tool_labels)
+                    yield _Unit(i, ("content", j, "content"), inner, True, tool)
                 for k, item in enumerate(inner if isinstance(inner, list) else ()):
                     if _plain_text(item):
                         yield _Unit(i, ("content", j, "content", k, "text"), item["text"], True,
-                                    *tool_labels)
+                                    tool)
 
 
 def _responses_units(items):
@@ -325,22 +338,21 @@ def _responses_units(items):
         kind = item.get("type")
         if kind in _RESPONSES_OUTPUTS and _RESPONSES_OUTPUT_KEYS.issuperset(item):
             call_id = item.get("call_id")
-            labels = _tool_labels(calls.get(call_id), call_id, "call_id")
+            tool = ("tool", calls.get(call_id), call_id, "call_id")
             output = item.get("output")
             if isinstance(output, str):
-                yield _Unit(i, ("output",), output, True, *labels)
+                yield _Unit(i, ("output",), output, True, tool)
             for k, part in enumerate(output if isinstance(output, list) else ()):
                 if _input_text(part):
-                    yield _Unit(i, ("output", k, "text"), part["text"], True, *labels)
+                    yield _Unit(i, ("output", k, "text"), part["text"], True, tool)
         elif (kind in ("message", None) and item.get("role") == "user"
               and _RESPONSES_MESSAGE_KEYS.issuperset(item)):
             content = item.get("content")
             if isinstance(content, str):
-                yield _Unit(i, ("content",), content, False, *(_text_label("user", content),) * 2)
+                yield _Unit(i, ("content",), content, False, ("text", "user"))
             for k, part in enumerate(content if isinstance(content, list) else ()):
                 if _input_text(part):
-                    yield _Unit(i, ("content", k, "text"), part["text"], False,
-                                *(_text_label("user", part["text"]),) * 2)
+                    yield _Unit(i, ("content", k, "text"), part["text"], False, ("text", "user"))
 
 
 def _input_text(part):
@@ -389,9 +401,9 @@ def _element_refs(unit, key, seen):
             continue  # inside an element already replaced
         first = seen.get(element_key)
         if first is None:
-            seen[element_key] = (path, unit.short)  # formatted only if ever referenced
+            seen[element_key] = (path, unit)  # named only if ever referenced
             continue
-        ref = "[tokenpak: same as %s of %s]" % (path_text(first[0]), first[1])
+        ref = "[tokenpak: same as %s of %s]" % (path_text(first[0]), first[1].short)
         if len(ref) + 4 < size:
             refs[path], skip = ref, path
     return refs
@@ -427,10 +439,10 @@ def _compress_messages(api, messages, settings):
             # Same output, or the same raw text (so a compressed copy matches its original).
             first = seen.get(out_key) or seen.get(key)
             if first is not None:
-                out, how = reference_text(first), "backref"
+                out, how = reference_text(first.label), "backref"
             else:
-                seen.setdefault(out_key, unit.label)
-                seen.setdefault(key, unit.label)
+                seen.setdefault(out_key, unit)  # labelled only if ever referenced
+                seen.setdefault(key, unit)
         if hybrid and how != "backref" and not settings.preserve_json:
             refs = _element_refs(unit, key, seen_elements)
             if refs:

@@ -35,9 +35,9 @@ import logging
 import threading
 import time
 
-from . import footer, sse
+from . import footer, jsonbody, sse
 from .accounting import SERVED_LOCALLY, figures
-from .cache import Entry, cache_key, scope_id
+from .cache import Entry, key_from_fields, scope_id
 from .coalesce import Flight, FlightFailed
 from .compression import compress_request
 from .hangup import shutdown_upstream
@@ -64,7 +64,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "local", "priced", "_json")
+                 "no_store", "no_cache", "local", "priced", "_json", "parsed")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -92,6 +92,7 @@ class Exchange:
         self.local = False              # a local endpoint's answer: logged, not recorded
         self.priced = None              # (price inputs, figures) the footer computed
         self._json = False              # not parsed yet
+        self.parsed = None              # jsonbody.Body: the JSON value and its spans
 
     def json_body(self):
         """The body as a JSON value, or None; parsed at most once per request."""
@@ -99,7 +100,8 @@ class Exchange:
             self._json = None
             if self.body and self.body.lstrip()[:1] == b"{":
                 try:
-                    self._json = json.loads(self.body)
+                    self.parsed = jsonbody.parse(self.body)
+                    self._json = self.parsed.value
                 except (ValueError, UnicodeDecodeError, RecursionError):
                     pass
         return self._json
@@ -145,11 +147,14 @@ def prepare(rt, ex):
             body = dict(body, stream_options=options)
             ex.drop_usage = True
     if body is not request:
-        ex.forward_body = json.dumps(body, ensure_ascii=False,
-                                     separators=(",", ":")).encode("utf-8")
+        ex.forward_body, fields = jsonbody.serialise(ex.parsed, body, edits(ex, request))
+    else:
+        fields = None
     if rt.cache.store is not None and not ex.no_store:
         try:
-            ex.key = cache_key(ex.route.provider, ex.path, body, ex.lower) + (
+            if fields is None:
+                fields = jsonbody.fields_of(ex.parsed)
+            ex.key = key_from_fields(ex.route.provider, ex.path, fields, ex.lower) + (
                 ":sse" if ex.streamed else ":json")
             ex.scope = cache_scope(rt.cache, credential(ex.lower, ex.path))
             if ex.scope is None:
@@ -159,6 +164,18 @@ def prepare(rt, ex):
         except Exception:
             log.exception("cache key failed; not caching this request")
             ex.key = None
+
+
+def edits(ex, request):
+    """{message index: ((path, new text), ...)}: compression's changes per message, when
+    they are all that changed in it (no footer was stripped first), for jsonbody.serialise."""
+    result = ex.compressed
+    if result is None or not result.changed or result.original is not request:
+        return None
+    out = {}
+    for unit, text, _ in result.changes:
+        out.setdefault(unit.msg, []).append((unit.path, text))
+    return {msg: tuple(changes) for msg, changes in out.items()}
 
 
 def known_shape(api, request):
