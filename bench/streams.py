@@ -1,12 +1,12 @@
 """Many long streams at once: does one tokenpak instance hold them, and what do they cost?
 
     python bench/streams.py [--streams 5000] [--events 30] [--interval 1.0] [--open 32]
-                            [--clients 4] [--quick]
+                            [--clients 4] [--workers 1,2] [--quick]
 
 Slow OpenAI streams (one event every --interval seconds, --events of them: ~30 s each) are
 opened --open at a time (a new one as soon as one in the opening state has its first event)
 until --streams are open together, first straight to the fake provider, then through
-tokenpak, in the same run. All along, a probe sends small non-stream requests, each on a
+tokenpak with each --workers count (`proxy.workers`), in the same run. All along, a probe sends small non-stream requests, each on a
 new connection, one after another; those sent while at least 90% of the most streams held at
 once were held give the latency a new user sees under that load.
 
@@ -18,8 +18,10 @@ Reported per target: the most streams held at once (the figure that matters: a t
 that opens streams slower than they end never holds them all), streams that ended properly
 ([DONE] and the chunked terminator), errors (refused, reset, a non-200 status, a stream cut
 short), streams still going at the bench's time limit, the seconds it took to open them all,
-the probe's p50/p99, and for tokenpak its peak RSS, threads and open fds and the CPU per
-stream. Numbers, not pass/fail.
+the probe's p50/p99, for tokenpak its peak RSS, threads and open fds and the CPU per stream
+and per relayed event (all of its processes summed: with workers, the supervisor and every
+worker), and, before the load, the first streamed byte's p50 on an idle target (direct and
+each tokenpak interleaved). Numbers, not pass/fail.
 """
 
 import argparse
@@ -145,6 +147,29 @@ def probe(url, held, stop, results):
         stop.wait(0.05)
 
 
+def family(pid):
+    """`pid` and its children: tokenpak with workers is a supervisor and its workers."""
+    pids = [pid]
+    try:
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, task)) as handle:
+                pids.extend(int(child) for child in handle.read().split())
+    except OSError:
+        pass
+    return pids
+
+
+def summed(pids, read):
+    """`read(pid)` summed over the processes still there."""
+    total = 0
+    for pid in pids:
+        try:
+            total += read(pid)
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def measure(url, streams, events, interval, concurrency, clients, pid=None):
     """Hold `streams` slow streams through `url`; returns a dict of figures."""
     address = tuple(url.split("//")[1].split(":"))
@@ -158,7 +183,8 @@ def measure(url, streams, events, interval, concurrency, clients, pid=None):
         address, share, per, events, interval, deadline, counters, "%s client %d" % (url, i)))
         for i, share in enumerate(shares)]
     started = time.monotonic()
-    cpu = common.cpu_seconds(pid) if pid is not None else 0.0
+    pids = family(pid) if pid is not None else []
+    cpu = summed(pids, common.cpu_seconds)
     for worker in workers:
         worker.start()
     figures = {"held": 0, "open_s": None}
@@ -174,13 +200,11 @@ def measure(url, streams, events, interval, concurrency, clients, pid=None):
                 + now[ERRORS] >= streams:
             figures["open_s"] = time.monotonic() - started
         if pid is not None:
-            try:
-                figures["rss"] = max(figures["rss"], common.rss_mb(pid))
-                threads, fds = common.threads_and_fds(pid)
-                figures["threads"] = max(figures["threads"], threads)
-                figures["fds"] = max(figures["fds"], fds)
-            except OSError:
-                pass
+            figures["rss"] = max(figures["rss"], summed(pids, common.rss_mb))
+            figures["threads"] = max(figures["threads"],
+                                     summed(pids, lambda p: common.threads_and_fds(p)[0]))
+            figures["fds"] = max(figures["fds"],
+                                 summed(pids, lambda p: common.threads_and_fds(p)[1]))
         time.sleep(SAMPLE)
     stop.set()
     prober.join()
@@ -195,9 +219,25 @@ def measure(url, streams, events, interval, concurrency, clients, pid=None):
                    p50=common.percentile([s for s in loaded if s is not None], 50),
                    p99=common.percentile([s for s in loaded if s is not None], 99))
     if pid is not None:
-        # the CPU each stream cost, from its accept to its end (the probes' share is small)
-        figures["cpu_stream"] = (common.cpu_seconds(pid) - cpu) / max(1, counters[DONE])
+        # the CPU each stream cost, from its accept to its end (the probes' share is small),
+        # and per event the provider sent (the role chunk, `events` words, the finish
+        # chunk, the usage chunk and [DONE])
+        figures["cpu_stream"] = (summed(pids, common.cpu_seconds) - cpu) / max(1, counters[DONE])
+        figures["cpu_event"] = figures["cpu_stream"] / (events + 4)
     return figures
+
+
+def first_bytes(urls, rounds):
+    """The first streamed byte's p50 for each target, measured in turn round after round
+    (so that each sees the same machine), one keep-alive client each, on idle targets."""
+    clients = [common.Client(url) for url in urls]
+    times = [[] for _ in urls]
+    headers = {"x-fake-events": "1", "x-fake-interval": "0.001"}
+    for i in range(rounds):
+        for n, client in enumerate(clients):
+            body = common.chat_body(i * len(urls) + n + 10 ** 8, stream=True)
+            times[n].append(client.first_byte("/v1/chat/completions", body, headers))
+    return [common.percentile(t, 50) for t in times]
 
 
 def start_fake():
@@ -206,39 +246,58 @@ def start_fake():
     return process, process.stdout.readline().strip()
 
 
-def run(streams=5000, events=30, interval=1.0, concurrency=32, clients=4):
-    """Direct, then through tokenpak, in one run; returns the table's rows."""
+def run(streams=5000, events=30, interval=1.0, concurrency=32, clients=4, workers=(1,),
+        rounds=200):
+    """Direct, then through tokenpak with each worker count, in one run; returns the
+    table's header and rows. Every tokenpak starts before the first measurement and idles
+    while the others are measured."""
     fake, fake_url = start_fake()
+    targets = []
     try:
-        direct = measure(fake_url, streams, events, interval, concurrency, clients)
         with tempfile.TemporaryDirectory() as state:
-            tokenpak, url = common.start_tokenpak(fake_url, state)
-            try:
-                proxied = measure(url, streams, events, interval, concurrency, clients,
-                                  pid=tokenpak.pid)
-            finally:
-                common.stop_tokenpak(tokenpak)
+            for count in workers:
+                home = os.path.join(state, str(count))
+                os.mkdir(home)
+                targets.append(common.start_tokenpak(fake_url, home,
+                                                     args=("--workers", str(count))))
+            firsts = first_bytes([fake_url] + [url for _, url in targets], rounds)
+            results = [measure(fake_url, streams, events, interval, concurrency, clients)]
+            for process, url in targets:
+                results.append(measure(url, streams, events, interval, concurrency, clients,
+                                       pid=process.pid))
+            for process, _ in targets:
+                common.stop_tokenpak(process)
     finally:
+        for process, _ in targets:
+            if process.poll() is None:
+                process.kill()
         common.stop(fake)
+    for result, first in zip(results, firsts):
+        result["first_byte"] = first
 
     def row(name, key, fmt=str):
-        return [name, fmt(direct[key]) if key in direct else "-", fmt(proxied[key])]
+        return [name] + [fmt(r[key]) if key in r else "-" for r in results]
 
     count = "{:,}".format
     seconds = lambda s: "-" if s is None else "%.1f s" % s  # noqa: E731
-    return [row("streams held at once", "held", count), row("streams ended properly", "done",
-                                                            count),
-            row("stream errors", "errors", count),
-            row("streams unfinished at the time limit", "late", count),
-            row("time to open them all", "open_s", seconds),
-            row("small request p50, >= 90% of peak held", "p50", common.ms),
-            row("small request p99, >= 90% of peak held", "p99", common.ms),
-            row("small request errors", "probe_errors", count),
-            row("small requests timed at that load", "probes", count),
-            row("tokenpak peak RSS", "rss", lambda v: "%.0f MB" % v),
-            row("tokenpak peak threads", "threads", count),
-            row("tokenpak peak open fds", "fds", count),
-            row("tokenpak CPU per stream", "cpu_stream", common.ms)]
+    header = ["measure", "direct"] + ["tokenpak, %d worker%s" % (n, "s" if n > 1 else "")
+                                      for n in workers]
+    return header, [
+        row("streams held at once", "held", count),
+        row("streams ended properly", "done", count),
+        row("stream errors", "errors", count),
+        row("streams unfinished at the time limit", "late", count),
+        row("time to open them all", "open_s", seconds),
+        row("small request p50, >= 90% of peak held", "p50", common.ms),
+        row("small request p99, >= 90% of peak held", "p99", common.ms),
+        row("small request errors", "probe_errors", count),
+        row("small requests timed at that load", "probes", count),
+        row("tokenpak peak RSS", "rss", lambda v: "%.0f MB" % v),
+        row("tokenpak peak threads", "threads", count),
+        row("tokenpak peak open fds", "fds", count),
+        row("tokenpak CPU per stream", "cpu_stream", common.ms),
+        row("tokenpak CPU per upstream event", "cpu_event", lambda v: "%.0f µs" % (v * 1e6)),
+        row("first streamed byte p50, idle (%d rounds)" % rounds, "first_byte", common.ms)]
 
 
 def main(argv=None):
@@ -249,15 +308,20 @@ def main(argv=None):
     parser.add_argument("--open", type=int, default=32, dest="concurrency",
                         help="streams opening at a time")
     parser.add_argument("--clients", type=int, default=4, help="client processes")
+    parser.add_argument("--workers", default="1,2",
+                        help="tokenpak worker counts to measure, comma-separated")
+    parser.add_argument("--rounds", type=int, default=200,
+                        help="first-byte rounds before the load")
     parser.add_argument("--quick", action="store_true", help="500 streams of 10 events")
     args = parser.parse_args(argv)
     if args.quick:
         args.streams, args.events = 500, 10
-    rows = run(args.streams, args.events, args.interval, args.concurrency, args.clients)
+    workers = [int(n) for n in args.workers.split(",") if n.strip()]
+    header, rows = run(args.streams, args.events, args.interval, args.concurrency,
+                       args.clients, workers, args.rounds)
     print(common.markdown("%s slow streams (%d events, %.1f s apart), %d opening at a time"
                           % ("{:,}".format(args.streams), args.events, args.interval,
-                             args.concurrency),
-                          ("measure", "direct", "through tokenpak"), rows))
+                             args.concurrency), header, rows))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ import socket
 import threading
 
 log = logging.getLogger("tokenpak")
+# Selectors whose wait sees a socket registered meanwhile from another thread (the kernel
+# keeps the interest list); the poll- and select()-based ones need their wait interrupted.
+_LIVE_SELECTORS = tuple(getattr(selectors, name) for name in ("EpollSelector", "KqueueSelector")
+                        if hasattr(selectors, name))
 
 
 class HangupWatcher:
@@ -31,6 +35,9 @@ class HangupWatcher:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = None
         self._closed = False
+        # Waking the watcher thread on every watch() would cost each stream a thread switch
+        # (and a GIL handoff) just as its first event is relayed: only when it is needed.
+        self._wake_on_watch = not isinstance(self._selector, _LIVE_SELECTORS)
 
     def watch(self, client_sock, abort):
         """Call `abort()` (from the watcher thread) if `client_sock` hangs up.
@@ -46,7 +53,8 @@ class HangupWatcher:
                 self._selector.register(client_sock, selectors.EVENT_READ, abort)
             except (KeyError, ValueError, OSError):
                 return None
-        self._wake()
+        if self._wake_on_watch:
+            self._wake()
         return client_sock
 
     def unwatch(self, token):
