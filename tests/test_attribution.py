@@ -12,8 +12,10 @@ from helpers import (ANTHROPIC_KEY, OPENAI_KEY, accounting_rows, anthropic_clien
                      openai_client, raw_request)
 from tokenpak import accounting
 from tokenpak.accounting import Recorder
+from tokenpak.cache import load_secret, scope_id
 
 MESSAGES = [{"role": "user", "content": "who pays for this"}]
+OTHER_KEY = "sk-test-second"  # in helpers.OTHER_SECRETS: the credentials check looks for it
 
 
 def tagged_headers(fake):
@@ -131,3 +133,32 @@ def test_migration_from_schema_2_adds_the_tag_column(tmp_path):
     conn.close()
     assert got == [(None, 0.5, 0.25), ("t1", 1.0, 0.0)]  # old rows untouched, not re-priced
     assert version == ("3",) and accounting.SCHEMA_VERSION == 3
+
+
+def test_key_id_names_each_credential_with_the_cache_off(proxy, fake, tmp_path):
+    """Every request with a credential carries its key id, cached or not: the install's
+    HMAC of the key, cut to 12 characters; a request without one carries none."""
+    openai_client(proxy).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    openai_client(proxy, key=OTHER_KEY).chat.completions.create(model="gpt-4o",
+                                                                messages=MESSAGES)
+    anthropic_client(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=20,
+                                            messages=MESSAGES)
+    raw_request(proxy, "POST", "/v1/chat/completions",
+                json.dumps({"model": "gpt-4o", "messages": MESSAGES}))
+    rows = accounting_rows(proxy, 4)
+    secret = load_secret(str(tmp_path / "state" / "secret"))
+    assert [r["key_id"] for r in rows] == [scope_id(OPENAI_KEY, secret)[:12],
+                                           scope_id(OTHER_KEY, secret)[:12],
+                                           scope_id(ANTHROPIC_KEY, secret)[:12], None]
+    assert len(set(r["key_id"] for r in rows)) == 4
+
+
+def test_key_id_is_the_same_with_the_cache_on(make_proxy, fake, tmp_path):
+    proxy = make_proxy(cache__enabled=True, cache__anonymous=True)
+    openai_client(proxy).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    raw_request(proxy, "POST", "/v1/chat/completions",
+                json.dumps({"model": "gpt-4o", "messages": MESSAGES}))
+    rows = accounting_rows(proxy, 2)
+    secret = load_secret(str(tmp_path / "state" / "secret"))
+    # an anonymous request has a cache scope of its own, but no key id
+    assert [r["key_id"] for r in rows] == [scope_id(OPENAI_KEY, secret)[:12], None]

@@ -98,6 +98,7 @@ class App:
         self._cache = None  # (CacheStore, secret), once a config has enabled the cache
         self.runtime = None
         self.reload(config)
+        self.key_secret()  # now, not on the first request's accounting
         self.recorder.start()
 
     def reload(self, config):
@@ -128,6 +129,19 @@ class App:
                 log.warning("cache disabled: cannot open %s (%s)", self.db_path, exc)
                 return None, None
         return self._cache
+
+    _secret = None
+
+    def key_secret(self):
+        """The install's HMAC secret (the cache's, next to the DB), loaded once: key ids
+        name credentials in accounting even with the cache off. None if unreadable."""
+        if self._secret is None:
+            try:
+                self._secret = load_secret(os.path.join(os.path.dirname(self.db_path), "secret"))
+            except Exception as exc:
+                log.warning("key ids disabled: cannot read the install's secret (%s)", exc)
+                self._secret = b""
+        return self._secret or None
 
     # -- local endpoints -----------------------------------------------------------------
     def health(self):
