@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from http import HTTPStatus
 
 from . import __version__, exchange, framing, runtime, stats
@@ -155,9 +156,10 @@ class App:
             body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
         return body
 
-    def stats(self):
+    def stats(self, since=None, by=()):
+        """The /stats document (stats.summary), with this process's rows written first."""
         self.recorder.flush(2.0)
-        return stats.summary(self.db_path)
+        return stats.summary(self.db_path, since, by, self.runtime.config.key_names())
 
     peers = None  # with proxy.workers > 1: the other workers' figures (workers.Peers)
 
@@ -353,7 +355,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              "health": "/health"})
 
     def send_stats(self, app):
-        self.send_json(200, app.stats())
+        """/stats, optionally `?since=7d` (or a date) and `?by=tag,key,day` (stats.GROUPS)."""
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        try:
+            since = query.get("since", [""])[-1]
+            by = [name.strip() for value in query.get("by", []) for name in value.split(",")
+                  if name.strip()]
+            document = app.stats(stats.parse_since(since) if since else None,
+                                 stats.check_groups(list(dict.fromkeys(by))))
+        except TokenpakError as exc:
+            self.fail(400, "%s (%s)" % (exc.message.replace("--since", "since="), exc.hint))
+            return
+        self.send_json(200, document)
 
     def send_metrics(self, app):
         body = app.render_metrics().encode("utf-8")
