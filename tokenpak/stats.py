@@ -322,9 +322,14 @@ def format_table(rows: list) -> str:
     table += [[_cell(c, r.get(c)) for c in columns] for r in rows]
     footer = [_cell(c, totals[c]) for c in columns]
     widths = [max(len(line[i]) for line in table + [footer]) for i in range(len(columns))]
+    # Labels (the first column, a key's name) align left; numbers and money right.
+    left = [i == 0 or (not c.endswith("_usd") and all(
+        isinstance(r.get(c), str) or r.get(c) is None for r in rows))
+        for i, c in enumerate(columns)]
 
     def fmt(line):
-        cells = [line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])]
+        cells = [v.ljust(w) if is_left else v.rjust(w)
+                 for v, w, is_left in zip(line, widths, left)]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
