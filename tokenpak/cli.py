@@ -254,10 +254,17 @@ def cmd_keys_id(args):
     from .providers import credential
     from .stats import printable
     config = load_config()
-    if sys.stdin.isatty():
-        text = getpass.getpass("API key (not shown): ")
-    else:
-        text = sys.stdin.readline()
+    try:
+        if sys.stdin.isatty():
+            text = getpass.getpass("API key (not shown): ")
+        else:
+            text = sys.stdin.readline()
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, AttributeError):
+        # AttributeError: stdin closed (None). Never the exception's text: it could quote
+        # what was read.
+        raise TokenpakError("cannot read an API key from standard input",
+                            hint="printf %s \"$OPENAI_API_KEY\" | tokenpak keys id",
+                            status=ExitStatus.USAGE) from None
     key = credential({"authorization": text.strip()})  # a pasted "Bearer sk-..." too
     if key is None:
         raise TokenpakError("no API key on stdin",
