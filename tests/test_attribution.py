@@ -117,6 +117,8 @@ def test_tag_is_not_part_of_the_cache_key(make_proxy, fake):
     assert fake.count() == 1
     rows = accounting_rows(proxy, 2)
     assert [(r["tag"], r["cache"]) for r in rows] == [("alpha", "miss"), ("beta", "hit")]
+    key_id = scope_id(OPENAI_KEY, proxy.app.runtime.cache.secret)[:12]
+    assert [r["key_id"] for r in rows] == [key_id, key_id]
 
 
 def test_migration_from_schema_2_adds_the_tag_column(tmp_path):

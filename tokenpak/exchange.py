@@ -228,14 +228,13 @@ def key_label(app, rt, ex):
     without being the key, and without the secret it cannot be traced back to one."""
     if ex.key_id is False:
         ex.key_id = None
+        if ex.scope is not None and not rt.cache.anonymous:
+            ex.key_id = ex.scope[:12]  # the cache's HMAC of a credential: the same figure
+            return ex.key_id
         key = credential(ex.lower, ex.path)
-        if key is not None:
-            if ex.scope is not None:  # the cache computed the same HMAC already
-                ex.key_id = ex.scope[:12]
-            else:
-                secret = rt.cache.secret or app.key_secret()
-                if secret is not None:
-                    ex.key_id = keyed_hmac(secret, key)[:12]
+        secret = rt.cache.secret or app.key_secret()
+        if key is not None and secret is not None:
+            ex.key_id = keyed_hmac(secret, key)[:12]
     return ex.key_id
 
 
