@@ -36,7 +36,7 @@ import threading
 import time
 
 from . import footer, jsonbody, sse
-from .accounting import SERVED_LOCALLY, figures
+from .accounting import MAX_TAG, SERVED_LOCALLY, figures
 from .cache import Entry, key_from_fields, scope_id
 from .coalesce import Flight, FlightFailed
 from .compression import compress_request
@@ -48,9 +48,10 @@ log = logging.getLogger("tokenpak")
 
 CACHE_HEADER = "X-TokenPak-Cache"
 AUTH_HEADER = "x-tokenpak-auth"
+TAG_HEADER = "x-tokenpak-tag"  # who or what a request is for; recorded, never forwarded
 # Request headers tokenpak consumes itself or that describe the client's connection.
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", AUTH_HEADER,
-                             "x-tokenpak-provider"}
+                             "x-tokenpak-provider", TAG_HEADER}
 MAX_WHOLE_BODY = 1024 * 1024     # non-stream answers up to this size go out in one write
 MAX_CACHED_BODY = 8 * 1024 * 1024  # larger answers are relayed but not cached
 # Request headers that would make the answer differ from what tokenpak must parse.
@@ -64,7 +65,8 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "local", "priced", "_json", "parsed")
+                 "no_store", "no_cache", "local", "priced", "tag", "bad_tag", "key_id",
+                 "_json", "parsed")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -93,6 +95,10 @@ class Exchange:
         self.priced = None              # (price inputs, figures) the footer computed
         self._json = False              # not parsed yet
         self.parsed = None              # jsonbody.Body: the JSON value and its spans
+        self.tag = self.bad_tag = None  # X-TokenPak-Tag, or why it was refused
+        self.key_id = False             # the credential's label (key_label); not known yet
+        if TAG_HEADER in self.lower:
+            self.tag, self.bad_tag = read_tag(self.lower[TAG_HEADER])
 
     def json_body(self):
         """The body as a JSON value, or None; parsed at most once per request."""
@@ -110,6 +116,21 @@ class Exchange:
         """The body's model name, parsed only when a routing rule needs it."""
         value = self.json_body()
         return value.get("model") if isinstance(value, dict) else None
+
+
+def read_tag(value):
+    """(tag, None) for an X-TokenPak-Tag value, or (None, why it is refused): trimmed, cut
+    to MAX_TAG characters, empty meaning no tag. Control characters are refused rather than
+    cleaned, as they would forge lines in the logs and reports the tag is shown in. The
+    value arrives as latin-1 (http.server's reading); a UTF-8 tag reads as UTF-8."""
+    try:
+        value = value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass
+    value = value.strip()
+    if not value.isprintable():
+        return None, "invalid X-TokenPak-Tag header: a tag cannot hold control characters"
+    return (value[:MAX_TAG].rstrip() or None), None
 
 
 # -- 1. prepare ---------------------------------------------------------------------------
@@ -194,12 +215,17 @@ def cache_scope(policy, key):
     every keyless client would read every other keyless client's answers."""
     if key is None and not policy.anonymous:
         return None
-    memo = (policy.secret, _fingerprint(key))
+    return keyed_hmac(policy.secret, key)
+
+
+def keyed_hmac(secret, key):
+    """cache.scope_id(key, secret), memoised (see _SCOPES)."""
+    memo = (secret, _fingerprint(key))
     scope = _SCOPES.get(memo)
     if scope is None:
         if len(_SCOPES) >= MAX_SCOPES:
             _SCOPES.clear()
-        scope = _SCOPES[memo] = scope_id(key, policy.secret)
+        scope = _SCOPES[memo] = scope_id(key, secret)
     return scope
 
 
@@ -210,6 +236,23 @@ def _fingerprint(key):
         return None
     data = key if isinstance(key, bytes) else str(key).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def key_label(app, rt, ex):
+    """The request's key id: the first 12 hex characters of the credential's HMAC with the
+    install's secret (its cache scope), None without a credential or a readable secret.
+    Computed once per request, cache or not; it names a key in reports and budgets
+    without being the key, and without the secret it cannot be traced back to one."""
+    if ex.key_id is False:
+        ex.key_id = None
+        if ex.scope is not None and not rt.cache.anonymous:
+            ex.key_id = ex.scope[:12]  # the cache's HMAC of a credential: the same figure
+            return ex.key_id
+        key = credential(ex.lower, ex.path)
+        secret = rt.cache.secret or app.key_secret()
+        if key is not None and secret is not None:
+            ex.key_id = keyed_hmac(secret, key)[:12]
+    return ex.key_id
 
 
 # Scopes already computed, keyed by (install secret, the credential's fingerprint): a
@@ -234,6 +277,9 @@ def lookup(app, rt, ex):
 def run(out, app, rt, ex):
     """Answer one routed request (see the module docstring): `out` is the writer, `app`
     the process's shared state, `rt` the runtime snapshot this request reads."""
+    if ex.bad_tag:
+        out.fail(400, ex.bad_tag)
+        return
     prepare(rt, ex)
     if ex.key is None:
         forward(out, app, rt, ex, None)
@@ -586,6 +632,7 @@ def record(app, rt, ex):
                 and 200 <= ex.status < 300 and ex.cache in ("miss", "bypass") and not ex.error:
             app.verified_scopes.add((ex.scope, ex.route.provider))
         ex.error = redact(ex.error)
+        key_label(app, rt, ex)
         accounted = row(ex)
         app.recorder.record(accounted)
         app.metrics.observe(accounted)
@@ -609,7 +656,7 @@ def row(ex, usage=None):
         "tokens_before": before, "tokens_after": after,
         "latency_ms": (time.monotonic() - ex.started) * 1000.0,
         "ttfb_ms": ex.ttfb * 1000.0 if ex.ttfb is not None else None,
-        "key_id": ex.scope[:12] if ex.scope else None,
+        "key_id": ex.key_id or None, "tag": ex.tag,
         "error": ex.error, "complete": ex.complete,
     }
     if ex.priced is not None and ex.priced[0] == _price_inputs(accounted):
