@@ -10,7 +10,7 @@ client through a small writer interface, which the Handler implements and a test
     end()                      the end of a chunked body
     whole(status, headers, body)  a complete answer in one send; body None: a head only
                                   (HEAD, 204, 304), its headers already saying the length
-    fail(status, message)      tokenpak's own error, in the provider's error shape
+    fail(status, message, extra=())  tokenpak's own error, in the provider's error shape
     watch(abort) -> unwatch    call abort() if the client hangs up while we relay
 
 1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, OpenAI Responses,
@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 
-from . import footer, sse
+from . import budget, footer, sse
 from .accounting import SERVED_LOCALLY, figures
 from .cache import Entry, cache_key, scope_id
 from .coalesce import Flight, FlightFailed
@@ -338,6 +338,8 @@ def response_headers(raw_headers):
 
 def forward(out, app, rt, ex, flight):
     """Make the upstream call and relay its answer (to followers too, when leading)."""
+    if rt.budgets is not None and over_budget(out, app, rt, ex, flight):
+        return
     try:
         response = app.upstream.send(ex.method, ex.route.url,
                                      forward_headers(ex),
@@ -352,6 +354,28 @@ def forward(out, app, rt, ex, flight):
         relay(out, rt, ex, response, flight)
     finally:
         response.close()
+
+
+def over_budget(out, app, rt, ex, flight):
+    """Refuse, with 429 and no upstream call, a request that a spent budget applies to
+    (budget.py). Checked here, the one way to the provider: cache hits and coalesced
+    followers, which cost nothing, never get this far. `x-should-retry: false` tells the
+    SDKs not to retry what only the period's end will allow."""
+    key_id = None
+    if rt.budgets.keys:  # the row's key id, also where the cache does not need one
+        scope = ex.scope
+        if scope is None and rt.cache.secret is not None:
+            scope = cache_scope(rt.cache, credential(ex.lower, ex.path))
+        key_id = scope[:12] if scope else None
+    refused = budget.refusal(app.ledger, rt.budgets, getattr(ex, "tag", None), key_id)
+    if refused is None:
+        return False
+    message, retry_after = refused
+    if flight is not None:
+        flight.finish(False)  # followers check for themselves
+    out.fail(429, message, extra=[("Retry-After", str(retry_after)),
+                                  ("x-should-retry", "false")])
+    return True
 
 
 def relay(out, rt, ex, response, flight):
