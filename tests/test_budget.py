@@ -231,7 +231,7 @@ def test_another_process_spend_is_seen_without_a_request(make_proxy, fake, tmp_p
     one = make_proxy(**DEAR, **{"budget.daily_usd": 30})
     two = make_proxy(**DEAR, **{"budget.daily_usd": 30})
     assert two.app.db_path == one.app.db_path
-    day = two.app.runtime.budgets.everyone[0]
+    day = two.app.runtime.budgets.limits[0]
 
     def in_step(total):
         """Both processes see exactly the DB's total: none missed, none counted twice."""
@@ -262,7 +262,7 @@ def test_budget_keys_in_the_config_file(tmp_path):
     assert [tuple(l) for l in budgets.applying("team.alpha", "0123456789ab")] == [
         ("global", None, "daily", 10.0), ("tag", "team.alpha", "daily", 2.0),
         ("tag", "team.alpha", "monthly", 20.0), ("key", "0123456789ab", "monthly", 50.0)]
-    assert budgets.applying("other", None) == budgets.everyone
+    assert budgets.applying("other", None) == budgets.limits[:1]
     configmod.write_file(str(path), configmod.read_file(str(path)))  # round trip
     assert configmod.load(environ={}, path=str(path)).tag_budgets() == config.tag_budgets()
     with pytest.raises(TokenpakError) as caught:
@@ -287,5 +287,5 @@ def test_ledger_rolls_over_at_local_midnight_and_on_the_first():
         assert found[0].period == "monthly" and found[1] == pytest.approx(2.1)
     else:
         assert found is None
-    assert ledger.spent(budgets.everyone[0]) == 0.0
+    assert ledger.spent(budgets.limits[0]) == 0.0
     assert ledger.check(budgets, None, None, now=ledger.next_month + 1) is None

@@ -50,18 +50,27 @@ Limit = collections.namedtuple("Limit", "scope name period usd")
 
 
 class Budgets:
-    """The budgets a config sets (immutable; part of the runtime snapshot)."""
+    """The budgets a config sets (immutable; part of the runtime snapshot). Each limit is
+    kept as a "probe" with what the check needs, in the order it reads them: (its ledger
+    key, the period's index in the ledger's [day, month], the limit in USD, the Limit, the
+    spend at which the log warns)."""
 
-    __slots__ = ("limits", "everyone", "tags", "keys")
+    __slots__ = ("limits", "probes", "everyone", "tags", "keys")
 
     def __init__(self, limits):
         self.limits = tuple(limits)
-        self.everyone = tuple(l for l in self.limits if l.scope == "global")
+        self.probes = tuple(((limit.scope, limit.name), DAY if limit.period == "daily"
+                             else MONTH, limit.usd, limit, WARN_AT * limit.usd)
+                            for limit in self.limits)
+        self.everyone = ()
         self.tags, self.keys = {}, {}
-        for limit in self.limits:
-            if limit.scope != "global":
+        for probe in self.probes:
+            limit = probe[3]
+            if limit.scope == "global":
+                self.everyone += (probe,)
+            else:
                 found = self.tags if limit.scope == "tag" else self.keys
-                found[limit.name] = found.get(limit.name, ()) + (limit,)
+                found[limit.name] = found.get(limit.name, ()) + (probe,)
 
     @classmethod
     def from_config(cls, config):
@@ -81,10 +90,13 @@ class Budgets:
 
     def applying(self, tag, key_id):
         """The limits a request with this tag and key id is under."""
+        return tuple(probe[3] for probe in self.probes_for(tag, key_id))
+
+    def probes_for(self, tag, key_id):
         found = self.everyone
-        if tag is not None and tag in self.tags:
+        if tag and tag in self.tags:
             found = found + self.tags[tag]
-        if key_id is not None and key_id in self.keys:
+        if key_id and key_id in self.keys:
             found = found + self.keys[key_id]
         return found
 
@@ -161,14 +173,17 @@ class Ledger:
         """None, or (limit, spent) of the exhausted budget that resets last among those
         that apply to a request with this tag and key id."""
         now = time.time() if now is None else now
-        self._current(now)
-        worst = None
-        for limit in budgets.applying(tag, key_id):
-            spent = self.spent(limit)
-            if spent >= limit.usd and (worst is None or
-                                       self.resets(limit) > self.resets(worst[0])):
-                worst = (limit, spent)
-        return worst
+        if now >= self.next_day:
+            self._current(now)
+        total, worst = self._total, None
+        for probes in (budgets.everyone, budgets.tags.get(tag) if tag else None,
+                       budgets.keys.get(key_id) if key_id else None):
+            for key, index, usd, limit, _ in probes or ():
+                spent = total.get(key)
+                if spent is not None and spent[index] >= usd and (
+                        worst is None or index > worst[0]):  # a month outlasts a day
+                    worst = (index, limit, spent[index])
+        return None if worst is None else worst[1:]
 
     # -- spend coming in ----------------------------------------------------------------------
     def _shares(self, ts):
@@ -207,11 +222,14 @@ class Ledger:
         if not cost:
             return
         try:
-            self._current(time.time())
+            now = time.time()
+            if now >= self.next_day:
+                self._current(now)
+            tag, key_id = row.get("tag"), _key(row.get("key_id"))
             with self._lock:
-                self._count(self._total, row.get("ts") or time.time(), row.get("tag"),
-                            _key(row.get("key_id")), cost)
-                self._warn()
+                self._count(self._total, row.get("ts") or now, tag, key_id, cost)
+                if self.budgets is not None:
+                    self._warn(self.budgets.probes_for(tag, key_id))
         except Exception:
             log.exception("budget ledger: a row's cost was not counted")
 
@@ -318,18 +336,19 @@ class Ledger:
             self._warn()
 
     # -- warnings and reports -------------------------------------------------------------
-    def _warn(self):
+    def _warn(self, probes=None):
         """Log once per budget and period when its spend reaches 80% and 100% of its limit
-        (under the lock)."""
-        budgets = self.budgets
-        if budgets is None:
-            return
-        for limit in budgets.limits:
-            spent = self.spent(limit)
-            if spent < WARN_AT * limit.usd:
+        (under the lock); `probes` None: every budget's."""
+        if probes is None:
+            probes = self.budgets.probes if self.budgets is not None else ()
+        total = self._total
+        for key, index, usd, limit, warn_at in probes:
+            spent = total.get(key)
+            if spent is None or spent[index] < warn_at:
                 continue
-            start = self.day_start if limit.period == "daily" else self.month_start
-            level = "exhausted" if spent >= limit.usd else "80%"
+            spent = spent[index]
+            start = self.day_start if index == DAY else self.month_start
+            level = "exhausted" if spent >= usd else "80%"
             if (limit, start, level) in self._warned:
                 continue
             self._warned.add((limit, start, level))
@@ -338,7 +357,7 @@ class Ledger:
                     limit, spent, self.resets(limit)))
             else:
                 log.warning("%s (%.0f%% used)", describe(limit, spent, self.resets(limit)),
-                            spent * 100.0 / limit.usd)
+                            spent * 100.0 / usd)
 
     def report(self, budgets):
         """The /stats "budgets" list (see the README): one entry per configured limit."""
