@@ -250,6 +250,34 @@ def test_another_process_spend_is_seen_without_a_request(make_proxy, fake, tmp_p
         chat(two)
 
 
+def test_workers_all_refuse_once_the_budget_is_spent(spawn_tokenpak, isolated_env):
+    """proxy.workers 2, as a real process tree: once the budget is spent, every request is
+    refused, whichever worker it reaches. (That a worker sees the others' spend without
+    spending itself is test_another_process_spend_is_seen_without_a_request's proof.)"""
+    path = isolated_env / ".tokenpak" / "config.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"budget": {"daily_usd": 3}, "cache": {"enabled": False},
+                                "pricing": {"gpt-4o": {"input": 1000000, "output": 1000000}}}))
+    process = spawn_tokenpak("serve", "--workers", "2")
+    assert chat(process).choices  # one worker spends it all
+    sent = [0]
+
+    def every_one_refused():
+        answered = []
+        for _ in range(8):  # new connections: the kernel spreads them over both workers
+            sent[0] += 1
+            try:
+                chat(process, messages=[{"role": "user", "content": "n%d" % sent[0]}])
+                answered.append(200)
+            except openai.RateLimitError:
+                answered.append(429)
+        return set(answered) == {429}
+
+    assert wait_for(every_one_refused, interval=0.1)
+    process.terminate()
+    assert process.wait(30) == 0
+
+
 # -- units -----------------------------------------------------------------------------------
 def test_budget_keys_in_the_config_file(tmp_path):
     path = tmp_path / "config.json"
