@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from helpers import (ANTHROPIC_KEY, OPENAI_KEY, RunningProxy, accounting_rows,
-                     anthropic_client, openai_client, proxy_settings, raw_request, wait_for)
+                     anthropic_client, open_stream, openai_client, proxy_settings, raw_request,
+                     wait_for)
 from tokenpak import budget, config as configmod
 from tokenpak.cache import load_secret, scope_id
 from tokenpak.errors import TokenpakError
@@ -143,6 +144,24 @@ def test_cache_hit_is_still_served_when_the_budget_is_spent(make_proxy, fake):
         chat(proxy, messages=[{"role": "user", "content": "something new"}])
     assert len(fake.requests) == forwarded
     assert [r["status"] for r in accounting_rows(proxy, 3)] == [200, 200, 429]
+
+
+def test_a_coalesced_follower_is_answered_after_the_budget_is_spent(make_proxy, fake):
+    """A request that joins an identical one already in flight costs nothing: it shares
+    that call's answer even when the budget ran out meanwhile."""
+    proxy = make_proxy(**DEAR, **{"budget.daily_usd": 1, "cache.enabled": True,
+                                  "proxy.read_timeout": 60})
+    leader, _ = open_stream(proxy, "gate")  # forwarded while nothing is spent
+    chat(proxy)  # another request spends the budget meanwhile
+    assert wait_for(lambda: proxy.app.ledger.check(proxy.app.runtime.budgets, None, None))
+    follower, head = open_stream(proxy, "gate")
+    assert b" 200 " in head.split(b"\r\n", 1)[0] and b"X-TokenPak-Cache: hit" in head
+    fake.gate.set()
+    leader.close()
+    follower.close()
+    assert fake.count("/chat/completions") == 2  # the leader's call and the other request
+    with pytest.raises(openai.RateLimitError):
+        chat(proxy, messages=[{"role": "user", "content": "a new question"}])
 
 
 def test_stream_that_crosses_the_limit_completes_and_the_next_is_refused(make_proxy, fake):
