@@ -21,10 +21,10 @@ client through a small writer interface, which the Handler implements and a test
 2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
    requests in flight share one upstream call (coalesce.py).
 3. forward (upstream.py) and relay, unless a spent budget refuses the call (budget.py;
-   checked here, so cache hits and followers are still answered): a body with a length goes
-   out in one write; a stream is
-   relayed chunk by chunk, through the rewriter, to the client and into the flight, which
-   followers read and which is the one copy kept for the cache.
+   checked here, so cache hits and followers are still answered): a body with a length
+   goes out in one write; a stream is relayed chunk by chunk, through the rewriter, to the
+   client and into the flight, which followers read and which is the one copy kept for
+   the cache.
 4. record (accounting.py, metrics.Metrics): one row per request, queued to a writer thread.
 
 Anything the optimisations raise is logged and the request goes on unoptimised: the user's
