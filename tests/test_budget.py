@@ -91,8 +91,7 @@ def test_key_budget_in_anthropic_shape(make_proxy, fake, tmp_path):
     proxy = make_proxy(**DEAR)
     mine = key_id(proxy, ANTHROPIC_KEY)
     proxy.stop()
-    proxy = make_proxy(**DEAR, **{"budget.keys.%s.monthly_usd" % mine: 3,
-                                  "cache.enabled": True})
+    proxy = make_proxy(**DEAR, **{"budget.keys.%s.monthly_usd" % mine: 3})  # cache off
     client = anthropic_client(proxy)
     client.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=MESSAGES)
     assert accounting_rows(proxy, 1)[0]["key_id"] == mine

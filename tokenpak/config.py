@@ -8,8 +8,9 @@ Sources, strongest first: command-line flags > environment > the JSON file at
 ~/.tokenpak/config.json (or $TOKENPAK_CONFIG) > defaults. The file is nested JSON, as the
 seed docs show (`{"proxy": {"port": 8766}}`); dotted names (`proxy.port`) address it.
 Some families of keys carry a user-chosen name in the middle: `proxy.providers.<name>.url`
-(custom providers), `pricing.<model>.<field>`, `budget.tags.<tag>.*` and `budget.keys.<id>.*`
-(model names and tags may contain dots, so those name segments are opaque).
+(custom providers), `pricing.<model>.<field>`, `keys.<id>.name` (a display name for a
+key id), `budget.tags.<tag>.*` and `budget.keys.<id>.*` (model names and tags may
+contain dots, so those name segments are opaque).
 """
 
 import difflib
@@ -127,6 +128,8 @@ _KEYS = [
     Key("pricing.<model>.<field>", "float", None,
         "price override in USD per million tokens; field is input, output, cache_read or "
         "cache_write", high=10 ** 6),
+    Key("keys.<id>.name", "str", None,
+        "display name of the key id <id> (12 hex digits: `tokenpak keys id`) in stats"),
     Key("budget.daily_usd", "float", 0.0,
         "USD all requests together may cost per local day; then 429 until midnight (0: none)",
         high=10 ** 9),
@@ -156,6 +159,7 @@ DEFAULT_CONFIG_PATH = "~/.tokenpak/config.json"
 PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
 _PROVIDER_KEY = re.compile(r"^proxy\.providers\.([A-Za-z0-9_-]+)\.(url|models)$")
 _PRICING_KEY = re.compile(r"^pricing\.(.+)\.(%s)$" % "|".join(PRICE_FIELDS))
+_KEY_NAME = re.compile(r"^keys\.([0-9a-f]{12})\.name$")
 _BUDGET_KEY = re.compile(r"^budget\.(tags|keys)\.(.+)\.(daily_usd|monthly_usd)$")
 _KEY_ID = re.compile(r"^[0-9a-f]{12}$")  # what accounting records as key_id
 _TRUE = {"1", "true", "yes", "on"}
@@ -172,6 +176,8 @@ def schema_key(name):
         return SCHEMA["proxy.providers.<name>." + match.group(2)]
     if _PRICING_KEY.match(name):
         return SCHEMA["pricing.<model>.<field>"]
+    if _KEY_NAME.match(name):
+        return SCHEMA["keys.<id>.name"]
     match = _BUDGET_KEY.match(name)
     if match:
         return SCHEMA["budget.%s.%s.%s" % (match.group(1), "<tag>" if match.group(1) == "tags"
@@ -186,6 +192,8 @@ def require_key(name):
         known = [k for k in SCHEMA if "<" not in k]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = "did you mean %r?" % close[0] if close else "see `tokenpak config list`"
+        if name.startswith("keys."):
+            hint = "a key id is 12 hex digits, as `tokenpak keys id` prints it: keys.<id>.name"
         raise TokenpakError("unknown config key %r" % name, hint=hint, status=ExitStatus.USAGE)
     return key
 
@@ -197,8 +205,8 @@ def parse_value(name, value):
     match = _BUDGET_KEY.match(name)
     if match and match.group(1) == "keys" and not _KEY_ID.match(match.group(2)):
         raise TokenpakError("invalid config key %s: %r is not a key id" % (name, match.group(2)),
-                            hint="a key id is the 12 hex characters `tokenpak stats --by key` "
-                                 "shows for an API key", status=ExitStatus.USAGE)
+                            hint="a key id is the 12 hex digits `tokenpak keys id` prints for "
+                                 "an API key", status=ExitStatus.USAGE)
     if match and not 1 <= len(match.group(2)) <= 64:
         raise TokenpakError("invalid config key %s: a tag has 1 to 64 characters" % name,
                             status=ExitStatus.USAGE)
@@ -492,6 +500,15 @@ class Config:
             if match and value is not None:
                 found.setdefault(match.group(1), {"url": "", "models": []})[match.group(2)] = value
         return found
+
+    def key_names(self):
+        """{key id: display name} from keys.<id>.name keys."""
+        names = {}
+        for name, value in self._values.items():
+            match = _KEY_NAME.match(name)
+            if match and value:
+                names[match.group(1)] = value
+        return names
 
     def pricing_overrides(self):
         """{model: {field: usd_per_million}} from pricing.<model>.<field> keys."""

@@ -67,7 +67,8 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "local", "priced", "tag", "bad_tag", "_json")
+                 "no_store", "no_cache", "local", "priced", "tag", "bad_tag", "key_id",
+                 "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -96,6 +97,7 @@ class Exchange:
         self.priced = None              # (price inputs, figures) the footer computed
         self._json = False              # not parsed yet
         self.tag = self.bad_tag = None  # X-TokenPak-Tag, or why it was refused
+        self.key_id = False             # the credential's label (key_label); not known yet
         if TAG_HEADER in self.lower:
             self.tag, self.bad_tag = read_tag(self.lower[TAG_HEADER])
 
@@ -198,12 +200,17 @@ def cache_scope(policy, key):
     every keyless client would read every other keyless client's answers."""
     if key is None and not policy.anonymous:
         return None
-    memo = (policy.secret, _fingerprint(key))
+    return keyed_hmac(policy.secret, key)
+
+
+def keyed_hmac(secret, key):
+    """cache.scope_id(key, secret), memoised (see _SCOPES)."""
+    memo = (secret, _fingerprint(key))
     scope = _SCOPES.get(memo)
     if scope is None:
         if len(_SCOPES) >= MAX_SCOPES:
             _SCOPES.clear()
-        scope = _SCOPES[memo] = scope_id(key, policy.secret)
+        scope = _SCOPES[memo] = scope_id(key, secret)
     return scope
 
 
@@ -214,6 +221,23 @@ def _fingerprint(key):
         return None
     data = key if isinstance(key, bytes) else str(key).encode("utf-8", "surrogatepass")
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def key_label(app, rt, ex):
+    """The request's key id: the first 12 hex characters of the credential's HMAC with the
+    install's secret (its cache scope), None without a credential or a readable secret.
+    Computed once per request, cache or not; it names a key in reports and budgets
+    without being the key, and without the secret it cannot be traced back to one."""
+    if ex.key_id is False:
+        ex.key_id = None
+        if ex.scope is not None and not rt.cache.anonymous:
+            ex.key_id = ex.scope[:12]  # the cache's HMAC of a credential: the same figure
+            return ex.key_id
+        key = credential(ex.lower, ex.path)
+        secret = rt.cache.secret or app.key_secret()
+        if key is not None and secret is not None:
+            ex.key_id = keyed_hmac(secret, key)[:12]
+    return ex.key_id
 
 
 # Scopes already computed, keyed by (install secret, the credential's fingerprint): a
@@ -385,12 +409,7 @@ def over_budget(out, app, rt, ex, flight):
     (budget.py). Checked here, the one way to the provider: cache hits and coalesced
     followers, which cost nothing, never get this far. `x-should-retry: false` tells the
     SDKs not to retry what only the period's end will allow."""
-    key_id = None
-    if rt.budgets.keys:  # the row's key id, also where the cache does not need one
-        scope = ex.scope
-        if scope is None and rt.cache.secret is not None:
-            scope = cache_scope(rt.cache, credential(ex.lower, ex.path))
-        key_id = scope[:12] if scope else None
+    key_id = key_label(app, rt, ex) if rt.budgets.keys else None  # the row's key id
     refused = budget.refusal(app.ledger, rt.budgets, ex.tag, key_id)
     if refused is None:
         return False
@@ -614,6 +633,7 @@ def record(app, rt, ex):
                 and 200 <= ex.status < 300 and ex.cache in ("miss", "bypass") and not ex.error:
             app.verified_scopes.add((ex.scope, ex.route.provider))
         ex.error = redact(ex.error)
+        key_label(app, rt, ex)
         accounted = row(ex)
         app.recorder.record(accounted)
         app.metrics.observe(accounted)
@@ -637,7 +657,7 @@ def row(ex, usage=None):
         "tokens_before": before, "tokens_after": after,
         "latency_ms": (time.monotonic() - ex.started) * 1000.0,
         "ttfb_ms": ex.ttfb * 1000.0 if ex.ttfb is not None else None,
-        "key_id": ex.scope[:12] if ex.scope else None, "tag": ex.tag,
+        "key_id": ex.key_id or None, "tag": ex.tag,
         "error": ex.error, "complete": ex.complete,
     }
     if ex.priced is not None and ex.priced[0] == _price_inputs(accounted):
