@@ -71,7 +71,8 @@ NUMERIC_KEYS = sorted(name for name, key in configmod.SCHEMA.items()
 def test_every_numeric_key_has_a_range(name):
     key = configmod.SCHEMA[name]
     assert key.high is not None, "%s has no upper bound" % name
-    name = name.replace("<model>.<field>", "gpt-4o.input")
+    name = name.replace("<model>.<field>", "gpt-4o.input").replace(
+        "<tag>", "alpha").replace("<id>", "0123456789ab")
     for bad in (key.high * 2 + 1, key.low - 1, "nan", "inf", "1e999"):
         with pytest.raises(configmod.TokenpakError) as caught:
             configmod.parse_value(name, str(bad))

@@ -248,10 +248,20 @@ class Recorder:
         self._ready = threading.Condition(threading.Lock())
         self._drop_lock = threading.Lock()
         self._w = db.Writer(self.db, log, "accounting", busy_timeout=busy_timeout,
-                            on_open=lambda conn: migrate(conn, self.prices))
+                            on_open=self._opened)
+        self.ledger = None  # budget.Ledger: told of every row's cost (set before start())
         self._health = self._w.health
         self._thread = None
         self._stopped = False
+
+    def _opened(self, conn):
+        migrate(conn, self.prices)
+        if self.ledger is not None:
+            try:
+                self.ledger.seed(conn)  # the spend so far, from the file just opened
+            except Exception:  # budgets must not stop accounting: count from here on
+                log.exception("cannot read the spend so far for the budgets")
+                self.ledger.seeded.set()
 
     def start(self) -> None:
         """Start the writer thread (rows recorded before this wait in the queue)."""
@@ -269,6 +279,8 @@ class Recorder:
             if not all(name in row for name in FIGURES):
                 for name, value in figures(row, self.prices).items():
                     row.setdefault(name, value)
+            if self.ledger is not None:
+                self.ledger.add(row)  # before it is queued: the writer may take it at once
             if self._stopped or len(self._queue) >= self.max_queue:
                 self._dropped(1)
                 return
@@ -316,9 +328,13 @@ class Recorder:
 
     def _run(self):
         pending, markers = [], []  # rows taken from the queue, not yet written; flush() waiters
+        if self.ledger is not None:
+            self._w.connection()  # opening it seeds the budgets' spend before any request
         while True:
             stop = self._collect(pending, markers)
             self._w.maintain()
+            if self.ledger is not None and not pending:
+                self._refresh_ledger()
             if pending:
                 pending = self._write(pending, final=stop)
             if not pending:
@@ -354,6 +370,16 @@ class Recorder:
                 deadline = time.monotonic() + self.flush_interval
         return False
 
+    def _refresh_ledger(self):
+        """An idle writer's periodic look at other workers' spend; never raises."""
+        conn = self._w.connection()
+        if conn is None:
+            return
+        try:
+            self.ledger.refresh(conn)
+        except Exception as exc:  # a busy or broken DB: the next look, or the reopen, fixes it
+            log.debug("budget refresh failed: %s", exc)
+
     def _write(self, rows, final=False):
         """Write `rows`; returns the rows to retry (only when the DB is busy)."""
         try:
@@ -362,9 +388,15 @@ class Recorder:
             log.exception("accounting rows could not be converted; dropping them")
             self._dropped(len(rows))
             return []
-        kind = self._w.write(_insert, records)
+        ledger = self.ledger
+        if ledger is None:
+            kind = self._w.write(_insert, records)
+        else:  # the budget ledger reads other processes' new rows in the same transaction
+            kind = self._w.write(ledger.write, _insert, records)
         if kind is None:
             self.rows_written += len(rows)
+            if ledger is not None:
+                ledger.written(rows)
             return []
         if self._w.should_retry(kind, final):
             return rows

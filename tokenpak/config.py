@@ -8,8 +8,9 @@ Sources, strongest first: command-line flags > environment > the JSON file at
 ~/.tokenpak/config.json (or $TOKENPAK_CONFIG) > defaults. The file is nested JSON, as the
 seed docs show (`{"proxy": {"port": 8766}}`); dotted names (`proxy.port`) address it.
 Some families of keys carry a user-chosen name in the middle: `proxy.providers.<name>.url`
-(custom providers), `pricing.<model>.<field>` (model names may contain dots, so those
-name segments are opaque) and `keys.<id>.name` (a display name for a key id).
+(custom providers), `pricing.<model>.<field>`, `keys.<id>.name` (a display name for a
+key id), `budget.tags.<tag>.*` and `budget.keys.<id>.*` (model names and tags may
+contain dots, so those name segments are opaque).
 """
 
 import difflib
@@ -130,6 +131,20 @@ _KEYS = [
         "cache_write", high=10 ** 6),
     Key("keys.<id>.name", "str", None,
         "display name of the key id <id> (12 hex digits: `tokenpak keys id`) in stats"),
+    Key("budget.daily_usd", "float", 0.0,
+        "USD all requests together may cost per local day; then 429 until midnight (0: none)",
+        high=10 ** 9),
+    Key("budget.monthly_usd", "float", 0.0,
+        "USD all requests together may cost per calendar month (0: none)", high=10 ** 9),
+    Key("budget.tags.<tag>.daily_usd", "float", None,
+        "USD the requests tagged <tag> (X-TokenPak-Tag) may cost per local day", high=10 ** 9),
+    Key("budget.tags.<tag>.monthly_usd", "float", None,
+        "USD the requests tagged <tag> may cost per calendar month", high=10 ** 9),
+    Key("budget.keys.<id>.daily_usd", "float", None,
+        "USD the requests with the API key whose key id is <id> may cost per local day",
+        high=10 ** 9),
+    Key("budget.keys.<id>.monthly_usd", "float", None,
+        "USD the requests with the API key <id> may cost per calendar month", high=10 ** 9),
     Key("log.level", "choice", "info", "log verbosity",
         choices=("debug", "info", "warning", "error")),
 ]
@@ -146,6 +161,8 @@ PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
 _PROVIDER_KEY = re.compile(r"^proxy\.providers\.([A-Za-z0-9_-]+)\.(url|models)$")
 _PRICING_KEY = re.compile(r"^pricing\.(.+)\.(%s)$" % "|".join(PRICE_FIELDS))
 _KEY_NAME = re.compile(r"^keys\.([0-9a-f]{12})\.name$")
+_BUDGET_KEY = re.compile(r"^budget\.(tags|keys)\.(.+)\.(daily_usd|monthly_usd)$")
+_KEY_ID = re.compile(r"^[0-9a-f]{12}$")  # what accounting records as key_id
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -162,6 +179,10 @@ def schema_key(name):
         return SCHEMA["pricing.<model>.<field>"]
     if _KEY_NAME.match(name):
         return SCHEMA["keys.<id>.name"]
+    match = _BUDGET_KEY.match(name)
+    if match:
+        return SCHEMA["budget.%s.%s.%s" % (match.group(1), "<tag>" if match.group(1) == "tags"
+                                           else "<id>", match.group(3))]
     return None
 
 
@@ -182,6 +203,14 @@ def parse_value(name, value):
     """Check and convert `value` (a string from the CLI or environment, or a JSON value from
     the file) to the type the schema gives `name`."""
     key = require_key(name)
+    match = _BUDGET_KEY.match(name)
+    if match and match.group(1) == "keys" and not _KEY_ID.match(match.group(2)):
+        raise TokenpakError("invalid config key %s: %r is not a key id" % (name, match.group(2)),
+                            hint="a key id is the 12 hex digits `tokenpak keys id` prints for "
+                                 "an API key", status=ExitStatus.USAGE)
+    if match and not 1 <= len(match.group(2)) <= 64:
+        raise TokenpakError("invalid config key %s: a tag has 1 to 64 characters" % name,
+                            status=ExitStatus.USAGE)
     try:
         return _convert(key, value)
     except (TypeError, ValueError) as exc:
@@ -295,7 +324,8 @@ def _flatten(tree, prefix=""):
     flat = {}
     for name, value in tree.items():
         dotted = prefix + str(name)
-        opaque_parent = prefix in ("proxy.providers.", "pricing.")
+        opaque_parent = prefix in ("proxy.providers.", "pricing.", "budget.tags.",
+                                   "budget.keys.")
         if isinstance(value, dict) and (value or opaque_parent):
             flat.update(_flatten(value, dotted + "."))
         else:
@@ -308,7 +338,10 @@ def _nest(flat):
     tree = {}
     for name, value in sorted(flat.items()):
         match = _PROVIDER_KEY.match(name) or _PRICING_KEY.match(name)
-        if match:
+        budget = _BUDGET_KEY.match(name)
+        if budget:
+            parts = ["budget", budget.group(1), budget.group(2), budget.group(3)]
+        elif match:
             head = "proxy.providers" if name.startswith("proxy.") else "pricing"
             parts = head.split(".") + [match.group(1), match.group(2)]
         else:
@@ -493,6 +526,23 @@ class Config:
             if match:
                 prices.setdefault(match.group(1), {})[match.group(2)] = value
         return prices
+
+
+    def tag_budgets(self):
+        """{tag: {"daily_usd": USD, "monthly_usd": USD}} from budget.tags.<tag>.* keys."""
+        return self._budgets("tags")
+
+    def key_budgets(self):
+        """{key id: {"daily_usd": USD, ...}} from budget.keys.<id>.* keys."""
+        return self._budgets("keys")
+
+    def _budgets(self, kind):
+        found = {}
+        for name, value in self._values.items():
+            match = _BUDGET_KEY.match(name)
+            if match and match.group(1) == kind and value is not None:
+                found.setdefault(match.group(2), {})[match.group(3)] = value
+        return found
 
 
 def worker_count(config):

@@ -10,7 +10,7 @@ client through a small writer interface, which the Handler implements and a test
     end()                      the end of a chunked body
     whole(status, headers, body)  a complete answer in one send; body None: a head only
                                   (HEAD, 204, 304), its headers already saying the length
-    fail(status, message)      tokenpak's own error, in the provider's error shape
+    fail(status, message, extra=())  tokenpak's own error, in the provider's error shape
     watch(abort) -> unwatch    call abort() if the client hangs up while we relay
 
 1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, OpenAI Responses,
@@ -20,9 +20,11 @@ client through a small writer interface, which the Handler implements and a test
    never records a stream as free; a Responses stream always ends with its usage.
 2. cache (cache.py): a fresh entry for this credential answers at once; otherwise identical
    requests in flight share one upstream call (coalesce.py).
-3. forward (upstream.py) and relay: a body with a length goes out in one write; a stream is
-   relayed chunk by chunk, through the rewriter, to the client and into the flight, which
-   followers read and which is the one copy kept for the cache.
+3. forward (upstream.py) and relay, unless a spent budget refuses the call (budget.py;
+   checked here, so cache hits and followers are still answered): a body with a length
+   goes out in one write; a stream is relayed chunk by chunk, through the rewriter, to the
+   client and into the flight, which followers read and which is the one copy kept for
+   the cache.
 4. record (accounting.py, metrics.Metrics): one row per request, queued to a writer thread.
 
 Anything the optimisations raise is logged and the request goes on unoptimised: the user's
@@ -35,7 +37,7 @@ import logging
 import threading
 import time
 
-from . import footer, jsonbody, sse
+from . import budget, footer, jsonbody, sse
 from .accounting import MAX_TAG, SERVED_LOCALLY, figures
 from .cache import Entry, key_from_fields, scope_id
 from .coalesce import Flight, FlightFailed
@@ -401,6 +403,8 @@ def response_headers(raw_headers):
 
 def forward(out, app, rt, ex, flight):
     """Make the upstream call and relay its answer (to followers too, when leading)."""
+    if rt.budgets is not None and over_budget(out, app, rt, ex, flight):
+        return
     try:
         response = app.upstream.send(ex.method, ex.route.url,
                                      forward_headers(ex),
@@ -415,6 +419,23 @@ def forward(out, app, rt, ex, flight):
         relay(out, rt, ex, response, flight)
     finally:
         response.close()
+
+
+def over_budget(out, app, rt, ex, flight):
+    """Refuse, with 429 and no upstream call, a request that a spent budget applies to
+    (budget.py). Checked here, the one way to the provider: cache hits and coalesced
+    followers, which cost nothing, never get this far. `x-should-retry: false` tells the
+    SDKs not to retry what only the period's end will allow."""
+    key_id = key_label(app, rt, ex) if rt.budgets.keys else None  # the row's key id
+    refused = budget.refusal(app.ledger, rt.budgets, ex.tag, key_id)
+    if refused is None:
+        return False
+    message, retry_after = refused
+    if flight is not None:
+        flight.finish(False)  # followers check for themselves
+    out.fail(429, message, extra=[("Retry-After", str(retry_after)),
+                                  ("x-should-retry", "false")])
+    return True
 
 
 def relay(out, rt, ex, response, flight):

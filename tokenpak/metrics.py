@@ -18,6 +18,12 @@ from tokenpak.accounting import SERVED_LOCALLY, row_usage
 from tokenpak.pricing import FIELDS
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Per configured budget (budget.py), labelled {scope, name, period}: name is the tag or key
+# id, empty for the global budgets.
+BUDGET_GAUGES = (
+    ("tokenpak_budget_limit_usd", "limit_usd", "A budget's limit in USD."),
+    ("tokenpak_budget_spent_usd", "spent_usd", "What a budget's requests cost so far this period."),
+    ("tokenpak_budget_used_ratio", "used", "Spent over limit; at 1 requests under it are refused."))
 MAX_MODELS = 200  # model names come from clients: bound the label cardinality (and memory)
 
 
@@ -99,8 +105,9 @@ class Metrics:
         hist[-2] += seconds
         hist[-1] += 1
 
-    def render(self, gauges: dict | None = None) -> str:
-        """The exposition text. `gauges` adds {name: (help, value)} (e.g. dropped rows)."""
+    def render(self, gauges: dict | None = None, budgets=()) -> str:
+        """The exposition text. `gauges` adds {name: (help, value)} (e.g. dropped rows);
+        `budgets` is the /stats "budgets" list, rendered as labelled gauges."""
         with self._lock:  # copy, then format without holding up observe()
             requests, tokens = dict(self._requests), dict(self._tokens)
             cost, saved = dict(self._cost), dict(self._saved)
@@ -138,6 +145,11 @@ class Metrics:
         for name, (help_text, value) in sorted((gauges or {}).items()):
             family(name, "gauge", help_text)
             out.append("%s %s" % (name, _number(value)))
+        for name, field, help_text in BUDGET_GAUGES if budgets else ():
+            family(name, "gauge", help_text)
+            for entry in budgets:
+                out.append("%s%s %s" % (name, _labels(("scope", "name", "period"), (
+                    entry["scope"], entry["name"] or "", entry["period"])), _number(entry[field])))
         return "\n".join(out) + "\n"
 
     @staticmethod
@@ -153,10 +165,11 @@ class Metrics:
 
 
 # Gauges that are not a sum over worker processes (proxy.workers > 1): the earliest start,
-# the longest uptime; every other gauge (in-flight requests, "up", build info) and every
+# the longest uptime, the freshest budget figures; every other gauge (in-flight requests, "up", build info) and every
 # counter and histogram series adds up across workers.
 _MERGE_MIN = ("tokenpak_start_time_seconds",)
-_MERGE_MAX = ("tokenpak_uptime_seconds", "tokenpak_up", "tokenpak_build_info")
+_MERGE_MAX = ("tokenpak_uptime_seconds", "tokenpak_up", "tokenpak_build_info") + tuple(
+    name for name, _, _ in BUDGET_GAUGES)  # each worker sees the same spend, some sooner
 
 
 def merge(texts) -> str:

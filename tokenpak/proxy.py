@@ -37,6 +37,7 @@ from http import HTTPStatus
 
 from . import __version__, exchange, framing, runtime, stats
 from .accounting import Recorder
+from .budget import Ledger
 from .cache import CacheStore, load_secret
 from .config import worker_count
 from .coalesce import Coalescer
@@ -65,6 +66,7 @@ LOCAL_METHODS = ("GET", "HEAD")
 # every read and write anyway, so a longer interval only bounds how long a CPU-bound
 # request (compressing a big prompt) may keep the others waiting.
 SWITCH_INTERVAL = 0.02
+SEED_WAIT = 5.0  # seconds a start with budgets waits to read the spend so far
 
 
 def _strip_line(raw):
@@ -73,12 +75,16 @@ def _strip_line(raw):
 
 def error_body(api, status, message, kind=None):
     """tokenpak's own error, in the error shape the client's SDK already parses."""
-    kind = kind or _ERROR_TYPES.get(status, "api_error")
+    shape = "anthropic" if api == "anthropic" else "openai"
+    kind = kind or _API_ERROR_TYPES.get((shape, status)) or _ERROR_TYPES.get(status, "api_error")
     if api == "anthropic":
         return {"type": "error", "error": {"type": kind, "message": message}}
     return {"error": {"message": message, "type": kind, "param": None, "code": kind}}
 
 
+# Where the providers name an error type of their own: a 429 from a budget is OpenAI's
+# out-of-credit error and Anthropic's rate limit, which their SDKs raise as RateLimitError.
+_API_ERROR_TYPES = {("openai", 429): "insufficient_quota", ("anthropic", 429): "rate_limit_error"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 431: "request_too_large",
                 408: "request_timeout", 413: "request_too_large", 502: "api_connection_error",
@@ -104,12 +110,16 @@ class App:
         self.hangup = HangupWatcher()
         self.metrics = Metrics()
         self.recorder = Recorder(self.db_path)
+        self.ledger = self.recorder.ledger = Ledger()  # the spend the budgets are checked on
         self.verified_scopes = set()
         self._cache = None  # (CacheStore, secret), once a config has enabled the cache
         self.runtime = None
         self.reload(config)
         self.key_secret()  # now, not on the first request's accounting
         self.recorder.start()
+        if self.runtime.budgets is not None and not self.ledger.seeded.wait(SEED_WAIT):
+            log.warning("budgets: the spend so far could not be read from %s; counting from "
+                        "now on", self.db_path)
 
     def reload(self, config):
         """Apply `config` (start, SIGHUP): the new snapshot is built and validated in full,
@@ -118,6 +128,7 @@ class App:
         new = runtime.build(config, self._open_cache)
         old, self.runtime = self.runtime, new
         self.recorder.prices = new.prices
+        self.ledger.configure(new.budgets)
         store = new.cache.store
         if store is not None:
             store.ttl = float(config.get("cache.ttl_seconds"))
@@ -176,7 +187,9 @@ class App:
     def stats(self, since=None, by=()):
         """The /stats document (stats.summary), with this process's rows written first."""
         self.recorder.flush(2.0)
-        return stats.summary(self.db_path, since, by, self.runtime.config.key_names())
+        summary = stats.summary(self.db_path, since, by, self.runtime.config.key_names())
+        summary["budgets"] = self.ledger.report(self.runtime.budgets)
+        return summary
 
     peers = None  # with proxy.workers > 1: the other workers' figures (workers.Peers)
 
@@ -189,7 +202,8 @@ class App:
         return self.metrics.render({
             "tokenpak_in_flight_requests": ("Requests being proxied right now.", self.active),
             "tokenpak_uptime_seconds": ("Seconds since this tokenpak started.",
-                                        time.time() - self.started)})
+                                        time.time() - self.started)},
+            budgets=self.ledger.report(self.runtime.budgets))
 
     # -- in-flight tracking for a graceful stop --------------------------------------------
     def begin(self):

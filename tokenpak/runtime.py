@@ -14,6 +14,7 @@ request still holding an older snapshot can always use the store that snapshot n
 import collections
 
 from . import pricing
+from .budget import Budgets
 from .compression import Settings
 from .providers import Router
 
@@ -28,7 +29,7 @@ CachePolicy = collections.namedtuple("CachePolicy", "store secret shared anonymo
 
 Runtime = collections.namedtuple("Runtime", (
     "config", "router", "compression", "prices", "footer", "cache", "max_body",
-    "client_timeout", "auth_token", "allowed_hosts"))
+    "client_timeout", "auth_token", "allowed_hosts", "budgets"))
 
 
 def build(config, open_cache):
@@ -37,6 +38,7 @@ def build(config, open_cache):
     rejected config opens nothing."""
     router = Router.from_config(config)
     prices = pricing.load_prices(config.pricing_overrides())
+    budgets = Budgets.from_config(config)  # None: no budget set, nothing to check
     compression = Settings(enabled=config.get("compression.enabled"),
                            level=config.get("compression.level"),
                            threshold_tokens=config.get("compression.threshold_tokens"),
@@ -53,7 +55,8 @@ def build(config, open_cache):
         max_body=config.get("proxy.max_request_bytes"),
         client_timeout=config.get("proxy.client_timeout") or None,
         auth_token=config.get("proxy.auth_token"),
-        allowed_hosts=frozenset(host_name(h) for h in config.get("proxy.allowed_hosts") or ()))
+        allowed_hosts=frozenset(host_name(h) for h in config.get("proxy.allowed_hosts") or ()),
+        budgets=budgets)
 
 
 def changed(old, new):
