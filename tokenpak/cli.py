@@ -88,6 +88,22 @@ def build_parser():
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(func=cmd_stats)
 
+    logs = commands.add_parser(
+        "logs", help="the recent requests, one line each; --follow prints new ones as they come")
+    logs.add_argument("-n", "--limit", type=_count, default=20, metavar="N",
+                      help="show the last N requests (default 20; 0 with --follow: only new ones)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing requests as they are recorded, until interrupted")
+    logs.add_argument("--json", action="store_true", help="one JSON object per line")
+    logs.add_argument("--tag", metavar="TAG", help="only requests with this X-TokenPak-Tag")
+    logs.add_argument("--model", metavar="MODEL",
+                      help="only this model and its snapshots (gpt-4o takes gpt-4o-2024-08-06), "
+                           "or a glob (claude-*)")
+    logs.add_argument("--status", metavar="CODES",
+                      help="only these statuses: a code (429), a class (5xx) or a list (4xx,5xx)")
+    logs.add_argument("--since", metavar="AGE", help="only the last AGE: 30m, 24h, 7d, or a date")
+    logs.set_defaults(func=cmd_logs)
+
     cache = commands.add_parser("cache", help="inspect or empty the answer cache")
     cache_commands = cache.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     cache_commands.required = True
@@ -234,6 +250,53 @@ def cmd_stats(args):
               if since else "no requests recorded in %s" % db)
         return ExitStatus.OK
     print(stats.format_table(rows))
+    return ExitStatus.OK
+
+
+def _count(text):
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected a whole number, 0 or more, got %r" % text)
+    return value
+
+
+def cmd_logs(args):
+    """Read-only, like stats: works with the daemon up or down and never creates the DB."""
+    from . import logs, stats
+    since = stats.parse_since(args.since) if args.since else None
+    filters = logs.Filters(args.tag, args.model, args.status, since)
+    db = load_config().get("db.path")
+    rows, top = logs.read(db, filters, args.limit)
+    show = logs.as_json if args.json else logs.as_text
+    if not args.follow and not rows:
+        if not args.json and (rows is None or args.limit):
+            print("no accounting database at %s yet: tokenpak has recorded no request" % db
+                  if rows is None else "no requests recorded in %s match" % db
+                  if filters.where()[1] else "no requests recorded in %s" % db)
+            hint = _other_db_hint(db) if rows is None else None
+            if hint:
+                print(hint)
+        return ExitStatus.OK
+    if not args.json:
+        print(logs.header())
+    for row in rows or ():
+        print(show(row))
+    if not args.follow:
+        return ExitStatus.OK
+    sys.stdout.flush()
+
+    def emit(row):
+        sys.stdout.write(show(row) + "\n")
+        sys.stdout.flush()  # a reader at the other end of a pipe sees each request at once
+    try:
+        logs.follow(db, filters, top, emit,
+                    warn=lambda text: sys.stderr.write("tokenpak: warning: %s\n" % _one_line(text)))
+    except KeyboardInterrupt:  # how a follow ends
+        pass
     return ExitStatus.OK
 
 
