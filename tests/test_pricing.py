@@ -209,3 +209,30 @@ def test_normalising_never_raises_on_bad_usage(usage):
     out = usage_of(sse.OPENAI, usage)
     assert set(out) == set(pricing.PRICE_FIELDS)
     assert all(isinstance(v, int) and v >= 0 for v in out.values())
+
+
+def test_stream_reads_the_split_from_message_start_and_message_delta():
+    """message_start carries the prompt's usage, message_delta the cumulative counts; a
+    split in either is kept, a delta without one keeps the start's."""
+    def watch(*events):
+        watcher = sse.UsageWatcher(sse.ANTHROPIC)
+        raw = b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(obj).encode())
+                       for name, obj in events)
+        for event in sse.EventParser().feed(raw):
+            watcher.observe(event)
+        return watcher.usage
+    start = ("message_start", {"type": "message_start", "message": {
+        "model": "claude-sonnet-4-6", "usage": {
+            "input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 900,
+            "cache_creation": {"ephemeral_5m_input_tokens": 100,
+                               "ephemeral_1h_input_tokens": 800}}}})
+    delta = ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": 42}})
+    usage = watch(start, delta)
+    assert (usage.cache_write, usage.cache_write_1h, usage.output) == (900, 800, 42)
+    cumulative = ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                                    "usage": {"output_tokens": 42, "cache_creation_input_tokens": 1000,
+                                              "cache_creation": {"ephemeral_5m_input_tokens": 0,
+                                                                 "ephemeral_1h_input_tokens": 1000}}})
+    usage = watch(start, cumulative)
+    assert (usage.cache_write, usage.cache_write_1h) == (1000, 1000)
