@@ -90,7 +90,7 @@ def load_prices(overrides: dict | None = None) -> PriceTable:
     """
     table = PriceTable()
     for name, entry in _SHIPPED["models"].items():
-        table[name] = _shipped_entry(entry)
+        table[name] = _shipped_entry(name, entry)
     for raw_name, fields in (overrides or {}).items():
         name = normalise_model(raw_name)
         if not isinstance(fields, dict):
@@ -99,7 +99,8 @@ def load_prices(overrides: dict | None = None) -> PriceTable:
                 hint="use pricing.%s.input / .output / .cache_read / .cache_write" % raw_name)
         known = table.get(name, {})
         # derived figures are derived again from the merged ones
-        merged = {k: v for k, v in known.items() if k != "derived" and k not in known.get("derived", ())}
+        merged = {k: v for k, v in known.items()
+                  if k != "derived" and k not in known.get("derived", ())}
         for field, value in fields.items():
             if field not in OVERRIDE_FIELDS:
                 raise TokenpakError("unknown price field pricing.%s.%s" % (raw_name, field),
@@ -113,7 +114,7 @@ def load_prices(overrides: dict | None = None) -> PriceTable:
     return table
 
 
-def _shipped_entry(entry: dict) -> dict:
+def _shipped_entry(name: str, entry: dict) -> dict:
     """A flat table entry from a prices.json entry (its "long_context" object flattened)."""
     flat = {f: float(entry[f]) for f in PRICE_FIELDS if f in entry}
     flat["provider"] = entry.get("provider", "")
@@ -121,7 +122,7 @@ def _shipped_entry(entry: dict) -> dict:
     if tier:
         flat[THRESHOLD] = int(tier["above_tokens"])
         flat.update(("long_" + f, float(tier[f])) for f in PRICE_FIELDS if f in tier)
-    return _complete(entry.get("provider", "?"), flat)
+    return _complete(name, flat)
 
 
 def _complete(name: str, entry: dict) -> dict:
