@@ -435,6 +435,10 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
         usage = {"input_tokens": prompt, "output_tokens": len(words),
                  "cache_creation_input_tokens": fake.cache_write_tokens,
                  "cache_read_input_tokens": fake.cached_tokens}
+        if fake.cache_write_1h_tokens:  # the TTL split, as Anthropic reports it
+            usage["cache_creation"] = {
+                "ephemeral_5m_input_tokens": fake.cache_write_tokens - fake.cache_write_1h_tokens,
+                "ephemeral_1h_input_tokens": fake.cache_write_1h_tokens}
         self.record.usage = usage
         if not body.get("stream"):
             obj = {"id": mid, "type": "message", "role": "assistant", "model": model,
@@ -490,6 +494,7 @@ class FakeProvider:
         self.delay_before = 0.0
         self.cached_tokens = 0
         self.cache_write_tokens = 0
+        self.cache_write_1h_tokens = 0  # of those, written to the 1-hour cache
         self.reasoning_tokens = 0
         self.script = []
         self.gate = threading.Event()
@@ -516,6 +521,7 @@ class FakeProvider:
         self.delay_before = 0.0
         self.cached_tokens = 0
         self.cache_write_tokens = 0
+        self.cache_write_1h_tokens = 0
         self.reasoning_tokens = 0
         self.script = []
 

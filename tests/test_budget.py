@@ -8,7 +8,6 @@ the provider the client speaks, naming the budget, and is never forwarded.
 import json
 import logging
 import re
-import sqlite3
 import time
 
 import anthropic

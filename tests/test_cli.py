@@ -322,7 +322,7 @@ def test_prices_lists_the_effective_table_with_sources(capsys):
     run(capsys, "config", "set", "pricing.gpt-4o.output", "11")
     status, out, _ = run(capsys, "prices")
     assert status == 0
-    lines = {line.split()[0]: line for line in out.splitlines()[2:]}
+    lines = {line.split()[0]: line for line in out.splitlines()[2:] if not line.startswith(" ")}
     assert set(lines) == set(pricing.default_table())
     assert "$11" in lines["gpt-4o"] and "config pricing.gpt-4o.output (file)" in lines["gpt-4o"]
     assert lines["gpt-4o-mini"].rstrip().endswith("shipped")
@@ -331,6 +331,40 @@ def test_prices_lists_the_effective_table_with_sources(capsys):
     assert row["model"] == "gpt-4o" and row["output"] == 11.0
     assert row["sources"]["output"] == "config pricing.gpt-4o.output (file)"
     assert row["sources"]["input"] == "shipped %s" % pricing.PRICES_DATE
+
+
+def test_prices_show_one_hour_writes_and_long_context_tiers(capsys):
+    run(capsys, "config", "set", "pricing.claude-sonnet-4-5.long_output", "30")
+    status, out, _ = run(capsys, "prices", "claude-sonnet-4-5-20250929")
+    assert status == 0
+    header, main, tier = out.splitlines()[1:]
+    assert header.split()[:6] == ["model", "input", "output", "cache_read", "cache_write",
+                                  "cache_write_1h"]
+    assert main.split()[:6] == ["claude-sonnet-4-5", "$3", "$15", "$0.3", "$3.75", "$6"]
+    assert "config pricing.claude-sonnet-4-5.long_output (file)" in main
+    assert tier.split()[:8] == ["over", "200,000", "tokens", "$6", "$30", "$0.6", "$7.5", "$12"]
+    status, out, _ = run(capsys, "prices", "gemini-2.5-pro", "--json")
+    [row] = json.loads(out)
+    assert row["long_context_tokens"] == 200000 and row["long_input"] == 2.5
+    assert row["sources"]["cache_write_1h"] == "defaults to the cache_write price"
+    status, out, _ = run(capsys, "config", "get", "pricing.claude-sonnet-4-5.long_context_tokens")
+    assert out == "200000  (shipped %s)\n" % pricing.PRICES_DATE
+    status, _, err = run(capsys, "config", "get", "pricing.gpt-4o.long_input")
+    assert status == ExitStatus.ERROR
+    assert_one_error(err, "gpt-4o has no long-context tier")
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("claude-opus*", ["claude-opus-4", "claude-opus-4-0", "claude-opus-4-1", "claude-opus-4-5",
+                      "claude-opus-4-6", "claude-opus-4-7"]),
+    ("gpt-4.1?*", ["gpt-4.1-mini", "gpt-4.1-nano"]),
+    ("claude-3-5", ["claude-3-5-haiku", "claude-3-5-sonnet"]),  # a prefix, not a model
+    ("claude-3-5-sonnet-20241022", ["claude-3-5-sonnet"]),     # a model: its entry
+])
+def test_prices_takes_a_glob_or_a_prefix(capsys, pattern, expected):
+    status, out, _ = run(capsys, "prices", pattern, "--json")
+    assert status == 0
+    assert [r["model"] for r in json.loads(out)] == expected
 
 
 def test_prices_of_an_unknown_model_is_one_line(capsys):

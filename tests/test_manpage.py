@@ -191,7 +191,8 @@ def test_every_number_states_its_range_and_unit(name):
     bounds = "range %s to %s" % (config._plain(key.low), config._plain(key.high))
     assert bounds in body, "%s: %r not stated in %r" % (name, bounds, body)
     word = {"bytes": "size in bytes", "MiB": "size in MiB", "seconds": "duration in seconds",
-            None: "USD" if name.startswith(("pricing.", "budget.")) else "integer"}[key.unit]
+            None: "USD" if key.type == "float" and name.startswith(("pricing.", "budget."))
+            else "integer"}[key.unit]
     assert word in body, "%s: %r not stated" % (name, word)
 
 

@@ -348,12 +348,14 @@ class Recorder:
     def _collect(self, pending, markers) -> bool:
         """Take rows until a batch is full or `flush_interval` has passed since the first of
         them (fewer, larger transactions), or until flush()/close() ask; True on close()."""
-        deadline = None
+        deadline = idle_from = None
         while len(pending) < self.batch_size:
             if not self._queue:
                 timeout = self.flush_interval if deadline is None else deadline - time.monotonic()
                 if timeout <= 0:
                     return False
+                if deadline is None:
+                    idle_from = time.monotonic()
                 with self._ready:
                     if not self._queue:
                         self._ready.wait(timeout)
@@ -367,7 +369,10 @@ class Recorder:
                 return False
             pending.append(item)
             if deadline is None:
-                deadline = time.monotonic() + self.flush_interval
+                # A row found after an idle wait has waited since at most its start (rows
+                # do not wake the writer): it is written flush_interval after that start,
+                # so no row waits longer than flush_interval (`tokenpak logs --follow`).
+                deadline = (idle_from or time.monotonic()) + self.flush_interval
         return False
 
     def _refresh_ledger(self):

@@ -98,6 +98,22 @@ def build_parser():
         "id", help="print the key id of the API key read from stdin (never echoed)"
     ).set_defaults(func=cmd_keys_id)
 
+    logs = commands.add_parser(
+        "logs", help="the recent requests, one line each; --follow prints new ones as they come")
+    logs.add_argument("-n", "--limit", type=_count, default=20, metavar="N",
+                      help="show the last N requests (default 20; 0 with --follow: only new ones)")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing requests as they are recorded, until interrupted")
+    logs.add_argument("--json", action="store_true", help="one JSON object per line")
+    logs.add_argument("--tag", metavar="TAG", help="only requests with this X-TokenPak-Tag")
+    logs.add_argument("--model", metavar="MODEL",
+                      help="only this model and its snapshots (gpt-4o takes gpt-4o-2024-08-06), "
+                           "or a glob (claude-*)")
+    logs.add_argument("--status", metavar="CODES",
+                      help="only these statuses: a code (429), a class (5xx) or a list (4xx,5xx)")
+    logs.add_argument("--since", metavar="AGE", help="only the last AGE: 30m, 24h, 7d, or a date")
+    logs.set_defaults(func=cmd_logs)
+
     cache = commands.add_parser("cache", help="inspect or empty the answer cache")
     cache_commands = cache.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     cache_commands.required = True
@@ -135,7 +151,8 @@ def build_parser():
     prices = commands.add_parser(
         "prices", help="the effective price table: shipped figures and config overrides")
     prices.add_argument("model", metavar="MODEL", nargs="?",
-                        help="only this model (as a client names it, e.g. gpt-4o-2024-08-06)")
+                        help="only this model (as a client names it, e.g. gpt-4o-2024-08-06), "
+                             "a glob (claude-*) or a prefix (claude-opus)")
     prices.add_argument("--json", action="store_true", help="machine-readable output")
     prices.set_defaults(func=cmd_prices)
 
@@ -281,6 +298,53 @@ def cmd_keys_id(args):
     key_id = scope_id(key, secret)[:12]
     name = config.key_names().get(key_id)
     print(key_id if name is None else "%s  %s" % (key_id, printable(name)))
+    return ExitStatus.OK
+
+
+def _count(text):
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected a whole number, 0 or more, got %r" % text)
+    return value
+
+
+def cmd_logs(args):
+    """Read-only, like stats: works with the daemon up or down and never creates the DB."""
+    from . import logs, stats
+    since = stats.parse_since(args.since) if args.since else None
+    filters = logs.Filters(args.tag, args.model, args.status, since)
+    db = load_config().get("db.path")
+    rows, top = logs.read(db, filters, args.limit)
+    show = logs.as_json if args.json else logs.as_text
+    if not args.follow and not rows:
+        if not args.json and (rows is None or args.limit):
+            print("no accounting database at %s yet: tokenpak has recorded no request" % db
+                  if rows is None else "no requests recorded in %s match" % db
+                  if filters.where()[1] else "no requests recorded in %s" % db)
+            hint = _other_db_hint(db) if rows is None else None
+            if hint:
+                print(hint)
+        return ExitStatus.OK
+    if not args.json:
+        print(logs.header())
+    for row in rows or ():
+        print(show(row))
+    if not args.follow:
+        return ExitStatus.OK
+    sys.stdout.flush()
+
+    def emit(row):
+        sys.stdout.write(show(row) + "\n")
+        sys.stdout.flush()  # a reader at the other end of a pipe sees each request at once
+    try:
+        logs.follow(db, filters, top, emit,
+                    warn=lambda text: sys.stderr.write("tokenpak: warning: %s\n" % _one_line(text)))
+    except KeyboardInterrupt:  # how a follow ends
+        pass
     return ExitStatus.OK
 
 
@@ -440,7 +504,7 @@ def cmd_config_set(args):
 
 def cmd_config_get(args):
     key = configmod.require_key(args.key)
-    if key.name == "pricing.<model>.<field>":
+    if key.name.startswith("pricing.<model>."):
         return _print_price_key(args.key)
     config = load_config()
     if args.key not in config.names():
@@ -459,7 +523,12 @@ def _print_price_key(name):
                             hint="`tokenpak prices` lists the known models; "
                                  "`tokenpak config set %s PRICE` adds one" % name)
     row = found[0]
-    print("%s  (%s)" % (_show_price(row[field]), row["sources"][field]))
+    if field not in row:
+        raise TokenpakError("%s has no long-context tier" % row["model"],
+                            hint="set pricing.%s.long_context_tokens, .long_input and "
+                                 ".long_output to give it one" % model)
+    shown = row[field] if field == "long_context_tokens" else _show_price(row[field])
+    print("%s  (%s)" % (shown, row["sources"][field]))
     return ExitStatus.OK
 
 
@@ -495,8 +564,10 @@ def cmd_config_list(args):
 
 
 def _price_rows(config, model=None):
-    """[{model, provider, <field>: USD, sources: {field: "shipped ..." | "config ..."}}]:
-    the table the proxy prices requests with, each figure labelled with its origin."""
+    """[{model, provider, <field>: figure, sources: {field: origin}}]: the table the proxy
+    prices requests with, each figure labelled with its origin ("shipped DATE", "config
+    pricing.M.F (file)", or how it is derived). `model` picks one model as a client names
+    it, a glob (claude-*) or a prefix (claude-opus); None lists all."""
     from . import pricing
     overrides = config.pricing_overrides()
     table = pricing.load_prices(overrides)
@@ -505,33 +576,50 @@ def _price_rows(config, model=None):
         for field in fields:
             changed[(pricing.normalise_model(raw_name), field)] = "pricing.%s.%s" % (
                 raw_name, field)
-    if model is not None:
-        match = pricing.price_for(model, table)
-        names = [n for n in table if table[n] is match][:1]
-    else:
-        names = sorted(table)
     shipped = "shipped %s" % pricing.PRICES_DATE
     rows = []
-    for name in names:
+    for name in _price_names(pricing, table, model):
         entry = table[name]
         row = {"model": name, "provider": entry.get("provider", ""), "sources": {}}
-        for field in pricing.FIELDS:
+        for field in pricing.OVERRIDE_FIELDS:
+            if field not in entry:
+                continue
             row[field] = entry[field]
             origin = changed.get((name, field))
-            row["sources"][field] = ("config %s (%s)" % (origin, config.source(origin))
-                                     if origin else shipped if name in pricing.default_table()
-                                     else "defaults to the input price")
+            row["sources"][field] = ("config %s (%s)" % (origin, config.source(origin)) if origin
+                                     else entry["derived"].get(field) or shipped)
         rows.append(row)
     return rows
+
+
+def _price_names(pricing, table, model):
+    """The table's names for `prices MODEL`: all; the glob's matches; the model's entry as
+    the proxy finds it; else every name that starts with it."""
+    import fnmatch
+    if model is None:
+        return sorted(table)
+    wanted = pricing.normalise_model(model)
+    if any(c in wanted for c in "*?["):
+        return sorted(n for n in table if fnmatch.fnmatchcase(n, wanted))
+    match = pricing.price_for(model, table)
+    if match is not None:
+        return [n for n in table if table[n] is match][:1]
+    return sorted(n for n in table if wanted and n.startswith(wanted))
 
 
 def _show_price(value):
     return "$%g" % value
 
 
+_PRICE_COLUMNS = (("input", 9), ("output", 9), ("cache_read", 11), ("cache_write", 12),
+                  ("cache_write_1h", 15))
+
+
 def cmd_prices(args):
-    """The effective price table, USD per million tokens, each figure with its source."""
+    """The effective price table, USD per million tokens, each figure with its source. A
+    model with a long-context tier gets a second line: its figures over the threshold."""
     from . import pricing
+    from .stats import printable
     rows = _price_rows(load_config(), args.model)
     if args.model is not None and not rows:
         raise TokenpakError("no price for model %r" % args.model,
@@ -540,17 +628,21 @@ def cmd_prices(args):
     if args.json:
         print(json.dumps(rows, indent=2))
         return ExitStatus.OK
-    width = max(len(r["model"]) for r in rows)
+    labels = {r["model"]: "  over {:,} tokens".format(r[pricing.THRESHOLD])
+              for r in rows if pricing.THRESHOLD in r}
+    width = max(len(name) for name in [r["model"] for r in rows] + list(labels.values()))
+    line = lambda first, cells, source: ("%-*s  " % (width, first) + " ".join(  # noqa: E731
+        "%*s" % (w, cell) for (_, w), cell in zip(_PRICE_COLUMNS, cells)) + "  " + source)
     print("USD per 1M tokens; shipped table of %s; "
           "`tokenpak config set pricing.MODEL.FIELD PRICE` overrides a figure" % pricing.PRICES_DATE)
-    print("%-*s  %9s %9s %11s %12s  %s" % (width, "model", "input", "output", "cache_read",
-                                            "cache_write", "source"))
+    print(line("model", [c for c, _ in _PRICE_COLUMNS], "source").rstrip())
     for r in rows:
-        sources = sorted(set(s for s in r["sources"].values() if not s.startswith("shipped")))
-        print("%-*s  %9s %9s %11s %12s  %s" % (
-            width, r["model"], _show_price(r["input"]), _show_price(r["output"]),
-            _show_price(r["cache_read"]), _show_price(r["cache_write"]),
-            "; ".join(sources) or "shipped"))
+        sources = sorted(set(s for s in r["sources"].values() if s.startswith("config")))
+        print(line(printable(r["model"]), [_show_price(r[c]) for c, _ in _PRICE_COLUMNS],
+                   "; ".join(sources) or "shipped"))
+        if r["model"] in labels:
+            print(line(labels[r["model"]], [_show_price(r["long_" + c]) for c, _ in _PRICE_COLUMNS],
+                       "long-context tier: the whole request"))
     return ExitStatus.OK
 
 

@@ -127,8 +127,12 @@ _KEYS = [
     Key("db.path", "path", "~/.tokenpak/tokenpak.db", "sqlite3 database: cache and accounting",
         env="TOKENPAK_DB"),
     Key("pricing.<model>.<field>", "float", None,
-        "price override in USD per million tokens; field is input, output, cache_read or "
-        "cache_write", high=10 ** 6),
+        "price override, USD per 1M tokens: input, output, cache_read, cache_write, "
+        "cache_write_1h, or long_<one of those>",
+        high=10 ** 6),
+    Key("pricing.<model>.long_context_tokens", "int", None,
+        "prompt tokens above which the model's long_* prices apply to the whole request",
+        high=10 ** 9),
     Key("keys.<id>.name", "str", None,
         "display name of the key id <id> (12 hex digits: `tokenpak keys id`) in stats"),
     Key("budget.daily_usd", "float", 0.0,
@@ -157,7 +161,8 @@ EXTRA_ENV = {
 }
 
 DEFAULT_CONFIG_PATH = "~/.tokenpak/config.json"
-PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
+PRICE_FIELDS = ("input", "output", "cache_read", "cache_write", "cache_write_1h")
+PRICE_FIELDS += tuple("long_" + f for f in PRICE_FIELDS) + ("long_context_tokens",)
 _PROVIDER_KEY = re.compile(r"^proxy\.providers\.([A-Za-z0-9_-]+)\.(url|models)$")
 _PRICING_KEY = re.compile(r"^pricing\.(.+)\.(%s)$" % "|".join(PRICE_FIELDS))
 _KEY_NAME = re.compile(r"^keys\.([0-9a-f]{12})\.name$")
@@ -175,8 +180,11 @@ def schema_key(name):
     match = _PROVIDER_KEY.match(name)
     if match:
         return SCHEMA["proxy.providers.<name>." + match.group(2)]
-    if _PRICING_KEY.match(name):
-        return SCHEMA["pricing.<model>.<field>"]
+    match = _PRICING_KEY.match(name)
+    if match:
+        field = match.group(2)
+        return SCHEMA["pricing.<model>.long_context_tokens" if field == "long_context_tokens"
+                      else "pricing.<model>.<field>"]
     if _KEY_NAME.match(name):
         return SCHEMA["keys.<id>.name"]
     match = _BUDGET_KEY.match(name)

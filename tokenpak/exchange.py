@@ -692,15 +692,19 @@ def _price_inputs(accounted):
 
 
 def _usage_dict(usage):
-    return {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
-            "cache_write": usage.cache_write}
+    out = {"input": usage.input, "output": usage.output, "cache_read": usage.cache_read,
+           "cache_write": usage.cache_write}
+    if usage.cache_write_1h:  # priced apart (pricing.cost); kept with a cached answer
+        out["cache_write_1h"] = usage.cache_write_1h
+    return out
 
 
 def _usage_from(stored):
     if not stored:
         return None
     return sse.Usage(stored.get("input", 0), stored.get("output", 0),
-                     stored.get("cache_read", 0), stored.get("cache_write", 0))
+                     stored.get("cache_read", 0), stored.get("cache_write", 0),
+                     stored.get("cache_write_1h", 0))
 
 
 def parse_answer(ex, body):

@@ -83,6 +83,7 @@ class Usage:
     output: int = 0
     cache_read: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0  # the part of cache_write Anthropic keeps for an hour (2x price)
 
     @property
     def prompt_total(self) -> int:
@@ -248,6 +249,12 @@ def _anthropic_update(usage: Usage, u: dict) -> None:
         value = u.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
             setattr(usage, attr, value)
+    # {"ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"}: the split of the writes
+    split = u.get("cache_creation")
+    if isinstance(split, dict):
+        usage.cache_write_1h = _int(split.get("ephemeral_1h_input_tokens"))
+        if not isinstance(u.get("cache_creation_input_tokens"), int):
+            usage.cache_write = usage.cache_write_1h + _int(split.get("ephemeral_5m_input_tokens"))
 
 
 def _responses_usage(u: dict) -> Usage:
