@@ -182,7 +182,7 @@ def test_migration_from_schema_1(tmp_path):
     assert (got[1]["cost_usd"], got[2]["cost_usd"]) == (0.0, 0.0)
     assert got[3]["method"] == "POST" and got[3]["cost_usd"] > 0
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(accounting.SCHEMA_VERSION),)
     conn.close()
     r = Recorder(db)  # a second open: nothing to do, nothing re-priced twice
     r.start()

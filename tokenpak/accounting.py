@@ -16,7 +16,8 @@ Row keys (all optional except what you know; missing ones are stored as NULL):
   "coalesced"), usage (normalised: sse.Usage as a dict) or input_tokens,
   output_tokens, cache_read_tokens, cache_write_tokens; tokens_before, tokens_after,
   cost_usd, saved_usd, compression_saved_usd (FIGURES, computed when absent), latency_ms, ttfb_ms,
-  key_id (12 chars of the scope HMAC; longer values are cut), error, complete.
+  key_id (12 chars of the scope HMAC; longer values are cut), tag (the client's
+  X-TokenPak-Tag, already checked; longer values are cut to 64), error, complete.
 
 How a row is priced (`figures`):
 - cost: the provider's usage at the model's prices. Zero, not unknown, for what no provider
@@ -44,15 +45,16 @@ from tokenpak.db import DbFile
 
 log = logging.getLogger("tokenpak.accounting")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SERVED_LOCALLY = ("hit", "coalesced")  # answered without a provider call of their own
 SERVED_LOCALLY_SQL = "(%s)" % ", ".join("'%s'" % c for c in SERVED_LOCALLY)  # for IN
 FIGURES = ("cost_usd", "saved_usd", "compression_saved_usd")  # what a row's price is
 # POST endpoints the providers do not bill: token counting and moderation.
 FREE_PATHS = ("/messages/count_tokens", "/responses/input_tokens", ":countTokens",
               "/moderations")
-# Columns added since version 1, with their types: what the migration adds.
-_ADDED = (("method", "TEXT"), ("compression_saved_usd", "REAL"))
+# Columns added since version 1, with their types and the version that added them.
+_ADDED = (("method", "TEXT", 2), ("compression_saved_usd", "REAL", 2), ("tag", "TEXT", 3))
+MAX_TAG = 64  # characters of a tag kept (X-TokenPak-Tag)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '%d');
@@ -63,13 +65,14 @@ CREATE TABLE IF NOT EXISTS requests (
     input_tokens INTEGER, output_tokens INTEGER, cache_read_tokens INTEGER,
     cache_write_tokens INTEGER, tokens_before INTEGER, tokens_after INTEGER,
     cost_usd REAL, saved_usd REAL, latency_ms REAL, ttfb_ms REAL,
-    key_id TEXT, error TEXT, complete INTEGER, method TEXT, compression_saved_usd REAL);
+    key_id TEXT, error TEXT, complete INTEGER, method TEXT, compression_saved_usd REAL,
+    tag TEXT);
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 """ % SCHEMA_VERSION
 COLUMNS = ("ts", "provider", "model", "path", "status", "streamed", "cache", "input_tokens",
            "output_tokens", "cache_read_tokens", "cache_write_tokens", "tokens_before",
            "tokens_after", "cost_usd", "saved_usd", "latency_ms", "ttfb_ms", "key_id", "error",
-           "complete", "method", "compression_saved_usd")
+           "complete", "method", "compression_saved_usd", "tag")
 _INSERT = "INSERT INTO requests (%s) VALUES (%s)" % (", ".join(COLUMNS), ", ".join("?" * len(COLUMNS)))
 _USAGE_COLUMNS = (("input", "input_tokens"), ("output", "output_tokens"),
                   ("cache_read", "cache_read_tokens"), ("cache_write", "cache_write_tokens"))
@@ -152,6 +155,8 @@ def to_record(row: dict) -> tuple:
     # 12 hex characters tell keys apart in a report; the full HMAC is the cache scope
     key_id = rec.get("key_id")
     rec["key_id"] = str(key_id)[:12] if key_id else None
+    tag = rec.get("tag")
+    rec["tag"] = str(tag)[:MAX_TAG] if tag else None
     error = rec.get("error")
     rec["error"] = str(error)[:200] if error else None
     for col in ("streamed", "complete"):
@@ -169,19 +174,20 @@ def migrate(conn, table=None) -> None:
     Version 1 -> 2: adds `method` and `compression_saved_usd`, and re-prices the savings of
     compressed rows by today's rule (version 1 counted every removed token at the input
     price, overstating savings where the provider read the prompt from its cache). Cost
-    is left as recorded. Safe when several processes open the DB at once: the version is
-    read again under the write lock.
+    is left as recorded. Version 2 -> 3: adds `tag` (NULL, untagged, for older rows).
+    Safe when several processes open the DB at once: the version is read again under the
+    write lock.
     """
     if _version(conn) >= SCHEMA_VERSION:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = _version(conn)
+        have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        for name, kind, since in _ADDED:
+            if version < since and name not in have:
+                conn.execute("ALTER TABLE requests ADD COLUMN %s %s" % (name, kind))
         if version < 2:
-            have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
-            for name, kind in _ADDED:
-                if name not in have:
-                    conn.execute("ALTER TABLE requests ADD COLUMN %s %s" % (name, kind))
             _reprice_savings(conn, table)
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                      (str(SCHEMA_VERSION),))

@@ -36,7 +36,7 @@ import threading
 import time
 
 from . import footer, sse
-from .accounting import SERVED_LOCALLY, figures
+from .accounting import MAX_TAG, SERVED_LOCALLY, figures
 from .cache import Entry, cache_key, scope_id
 from .coalesce import Flight, FlightFailed
 from .compression import compress_request
@@ -48,9 +48,10 @@ log = logging.getLogger("tokenpak")
 
 CACHE_HEADER = "X-TokenPak-Cache"
 AUTH_HEADER = "x-tokenpak-auth"
+TAG_HEADER = "x-tokenpak-tag"  # who or what a request is for; recorded, never forwarded
 # Request headers tokenpak consumes itself or that describe the client's connection.
 DROP_REQUEST = HOP_BY_HOP | {"host", "content-length", "expect", AUTH_HEADER,
-                             "x-tokenpak-provider"}
+                             "x-tokenpak-provider", TAG_HEADER}
 MAX_WHOLE_BODY = 1024 * 1024     # non-stream answers up to this size go out in one write
 MAX_CACHED_BODY = 8 * 1024 * 1024  # larger answers are relayed but not cached
 # Request headers that would make the answer differ from what tokenpak must parse.
@@ -64,7 +65,7 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "local", "priced", "_json")
+                 "no_store", "no_cache", "local", "priced", "tag", "bad_tag", "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -92,6 +93,9 @@ class Exchange:
         self.local = False              # a local endpoint's answer: logged, not recorded
         self.priced = None              # (price inputs, figures) the footer computed
         self._json = False              # not parsed yet
+        self.tag = self.bad_tag = None  # X-TokenPak-Tag, or why it was refused
+        if TAG_HEADER in self.lower:
+            self.tag, self.bad_tag = read_tag(self.lower[TAG_HEADER])
 
     def json_body(self):
         """The body as a JSON value, or None; parsed at most once per request."""
@@ -108,6 +112,21 @@ class Exchange:
         """The body's model name, parsed only when a routing rule needs it."""
         value = self.json_body()
         return value.get("model") if isinstance(value, dict) else None
+
+
+def read_tag(value):
+    """(tag, None) for an X-TokenPak-Tag value, or (None, why it is refused): trimmed, cut
+    to MAX_TAG characters, empty meaning no tag. Control characters are refused rather than
+    cleaned, as they would forge lines in the logs and reports the tag is shown in. The
+    value arrives as latin-1 (http.server's reading); a UTF-8 tag reads as UTF-8."""
+    try:
+        value = value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        pass
+    value = value.strip()
+    if not value.isprintable():
+        return None, "invalid X-TokenPak-Tag header: a tag cannot hold control characters"
+    return (value[:MAX_TAG].rstrip() or None), None
 
 
 # -- 1. prepare ---------------------------------------------------------------------------
@@ -217,6 +236,9 @@ def lookup(app, rt, ex):
 def run(out, app, rt, ex):
     """Answer one routed request (see the module docstring): `out` is the writer, `app`
     the process's shared state, `rt` the runtime snapshot this request reads."""
+    if ex.bad_tag:
+        out.fail(400, ex.bad_tag)
+        return
     prepare(rt, ex)
     if ex.key is None:
         forward(out, app, rt, ex, None)
@@ -589,7 +611,7 @@ def row(ex, usage=None):
         "tokens_before": before, "tokens_after": after,
         "latency_ms": (time.monotonic() - ex.started) * 1000.0,
         "ttfb_ms": ex.ttfb * 1000.0 if ex.ttfb is not None else None,
-        "key_id": ex.scope[:12] if ex.scope else None,
+        "key_id": ex.scope[:12] if ex.scope else None, "tag": ex.tag,
         "error": ex.error, "complete": ex.complete,
     }
     if ex.priced is not None and ex.priced[0] == _price_inputs(accounted):
