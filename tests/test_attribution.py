@@ -2,7 +2,9 @@
 tokenpak and the real SDKs, and the schema 3 migration that added the `tag` column."""
 
 import json
+import re
 import sqlite3
+import time
 
 import anthropic
 import openai
@@ -10,10 +12,12 @@ import pytest
 
 from helpers import (ANTHROPIC_KEY, OPENAI_KEY, accounting_rows, anthropic_client,
                      openai_client, raw_request)
-from tokenpak import accounting
+from tokenpak import accounting, cli, pricing
 from tokenpak.accounting import Recorder
+from tokenpak.cache import load_secret, scope_id
 
 MESSAGES = [{"role": "user", "content": "who pays for this"}]
+OTHER_KEY = "sk-test-second"  # in helpers.OTHER_SECRETS: the credentials check looks for it
 
 
 def tagged_headers(fake):
@@ -131,3 +135,184 @@ def test_migration_from_schema_2_adds_the_tag_column(tmp_path):
     conn.close()
     assert got == [(None, 0.5, 0.25), ("t1", 1.0, 0.0)]  # old rows untouched, not re-priced
     assert version == ("3",) and accounting.SCHEMA_VERSION == 3
+
+
+def test_key_id_names_each_credential_with_the_cache_off(proxy, fake, tmp_path):
+    """Every request with a credential carries its key id, cached or not: the install's
+    HMAC of the key, cut to 12 characters; a request without one carries none."""
+    openai_client(proxy).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    openai_client(proxy, key=OTHER_KEY).chat.completions.create(model="gpt-4o",
+                                                                messages=MESSAGES)
+    anthropic_client(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=20,
+                                            messages=MESSAGES)
+    raw_request(proxy, "POST", "/v1/chat/completions",
+                json.dumps({"model": "gpt-4o", "messages": MESSAGES}))
+    rows = accounting_rows(proxy, 4)
+    secret = load_secret(str(tmp_path / "state" / "secret"))
+    assert [r["key_id"] for r in rows] == [scope_id(OPENAI_KEY, secret)[:12],
+                                           scope_id(OTHER_KEY, secret)[:12],
+                                           scope_id(ANTHROPIC_KEY, secret)[:12], None]
+    assert len(set(r["key_id"] for r in rows)) == 4
+
+
+def test_key_id_is_the_same_with_the_cache_on(make_proxy, fake, tmp_path):
+    proxy = make_proxy(cache__enabled=True, cache__anonymous=True)
+    openai_client(proxy).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    raw_request(proxy, "POST", "/v1/chat/completions",
+                json.dumps({"model": "gpt-4o", "messages": MESSAGES}))
+    rows = accounting_rows(proxy, 2)
+    secret = load_secret(str(tmp_path / "state" / "secret"))
+    # an anonymous request has a cache scope of its own, but no key id
+    assert [r["key_id"] for r in rows] == [scope_id(OPENAI_KEY, secret)[:12], None]
+
+
+# -- who spent what: /stats?by= and `tokenpak stats --by` over recorded traffic -------------
+# (tag, key, model, stream) of each request, in the order they are sent.
+TRAFFIC = [("alpha", OPENAI_KEY, "gpt-4o", False), ("alpha", OPENAI_KEY, "gpt-4o", True),
+           ("beta", OTHER_KEY, "gpt-4o-mini", False),
+           ("beta", ANTHROPIC_KEY, "claude-sonnet-4-6", False),
+           (None, OPENAI_KEY, "gpt-4o", False)]
+
+
+def send_traffic(proxy):
+    for i, (tag, key, model, stream) in enumerate(TRAFFIC):
+        headers = {"X-TokenPak-Tag": tag} if tag else {}
+        messages = [{"role": "user", "content": "request number %d " % i + "word " * i}]
+        if model.startswith("claude"):
+            anthropic_client(proxy, key=key, default_headers=headers).messages.create(
+                model=model, max_tokens=50, messages=messages)
+        else:
+            answer = openai_client(proxy, key=key, default_headers=headers) \
+                .chat.completions.create(model=model, messages=messages, stream=stream)
+            if stream:
+                list(answer)
+    accounting_rows(proxy, len(TRAFFIC))
+
+
+def expected_by(fake, field):
+    """{group: (requests, input, output, cost)} from what the fake provider answered and
+    the shipped prices: what tokenpak's figures must equal."""
+    assert len(fake.requests) == len(TRAFFIC)
+    out = {}
+    for (tag, key, model, _), seen in zip(TRAFFIC, fake.requests):
+        usage = seen.usage
+        if "prompt_tokens" in usage:
+            tokens = {"input": usage["prompt_tokens"], "output": usage["completion_tokens"]}
+        else:
+            tokens = {"input": usage["input_tokens"], "output": usage["output_tokens"]}
+        group = {"tag": tag, "key": key, "model": model}[field]
+        n, inp, outp, cost = out.get(group, (0, 0, 0, 0.0))
+        out[group] = (n + 1, inp + tokens["input"], outp + tokens["output"],
+                      cost + pricing.cost(model, tokens))
+    return out
+
+
+def figures_of(rows, field):
+    return {r[field]: (r["requests"], r["input"], r["output"], r["cost_usd"]) for r in rows}
+
+
+def approx_equal(got, want):
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name][:3] == want[name][:3], name
+        assert got[name][3] == pytest.approx(want[name][3], rel=1e-9), name
+
+
+@pytest.fixture
+def attributed(make_proxy, fake, tmp_path):
+    """A tokenpak that has answered TRAFFIC, with the first key named "laptop"."""
+    secret = load_secret(str(tmp_path / "state" / "secret"))  # the proxy reads this one
+    laptop = scope_id(OPENAI_KEY, secret)[:12]
+    proxy = make_proxy(**{"keys__%s__name" % laptop: "laptop"})
+    send_traffic(proxy)
+    proxy.ids = {key: scope_id(key, secret)[:12] for key in (OPENAI_KEY, OTHER_KEY,
+                                                             ANTHROPIC_KEY)}
+    return proxy
+
+
+def test_stats_groups_equal_the_providers_usage_and_prices(attributed, fake):
+    ids = attributed.ids
+    status, _, body = attributed.get("/stats?by=tag,key&by=model,provider,day,hour")
+    assert status == 200
+    doc = json.loads(body)
+    groups = doc["groups"]
+    assert list(groups) == ["tag", "key", "model", "provider", "day", "hour"]
+    want = expected_by(fake, "tag")
+    approx_equal(figures_of(groups["tag"], "tag"),
+                 {"(untagged)" if k is None else k: v for k, v in want.items()})
+    # most expensive first
+    costs = [r["cost_usd"] for r in groups["tag"]]
+    assert costs == sorted(costs, reverse=True)
+    approx_equal(figures_of(groups["key"], "key"),
+                 {ids[k]: v for k, v in expected_by(fake, "key").items()})
+    assert {r["key"]: r["name"] for r in groups["key"]} == {
+        ids[OPENAI_KEY]: "laptop", ids[OTHER_KEY]: None, ids[ANTHROPIC_KEY]: None}
+    approx_equal(figures_of(groups["model"], "model"), expected_by(fake, "model"))
+    assert {r["provider"]: r["requests"] for r in groups["provider"]} == {"openai": 4,
+                                                                         "anthropic": 1}
+    today = time.strftime("%Y-%m-%d")
+    assert [(r["day"], r["requests"]) for r in groups["day"]] == [(today, 5)]
+    hours = [r["hour"] for r in groups["hour"]]
+    assert hours == sorted(hours) and all(h.startswith(today[:4]) for h in hours)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:00", h) for h in hours)
+    assert sum(r["requests"] for r in groups["hour"]) == 5
+    total = sum(v[3] for v in want.values())
+    assert doc["cost_usd"] == pytest.approx(total)
+    assert sum(r["cost_usd"] for r in groups["tag"]) == pytest.approx(total)
+
+
+def test_stats_since_and_bad_queries(attributed, fake):
+    _, _, body = attributed.get("/stats?by=tag&since=1h")
+    assert sum(r["requests"] for r in json.loads(body)["groups"]["tag"]) == 5
+    _, _, body = attributed.get("/stats?by=tag&since=%s" % time.strftime(
+        "%Y-%m-%d", time.localtime(time.time() + 2 * 86400)))
+    assert json.loads(body)["groups"]["tag"] == []
+    _, _, body = attributed.get("/stats")
+    assert "groups" not in json.loads(body)
+    for query in ("by=week", "by=tag,nope", "since=yesterday"):
+        response, data = raw_request(attributed, "GET", "/stats?" + query)
+        assert response.status == 400, query
+        assert json.loads(data)["error"]["type"] == "invalid_request_error"
+
+
+def test_stats_cli_by_tag_and_key(attributed, fake, capsys, monkeypatch):
+    monkeypatch.setenv("TOKENPAK_DB", attributed.app.db_path)
+    ids = attributed.ids
+    assert cli.main(["config", "set", "keys.%s.name" % ids[OPENAI_KEY], "laptop"]) == 0
+    capsys.readouterr()
+    assert cli.main(["stats", "--by", "tag"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["Tag", "Requests"]
+    want = expected_by(fake, "tag")
+    table = {line.split()[0]: line.split() for line in lines[2:-2]}
+    assert set(table) == {"alpha", "beta", "(untagged)"}
+    assert table["alpha"][1] == "2" and table["beta"][1] == "2"
+    cost = want["alpha"][3]
+    assert ("$%.4f" % cost if cost < 0.01 else "${:,.2f}".format(cost)) in table["alpha"]
+    assert cli.main(["stats", "--by", "key", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    approx_equal(figures_of(rows, "key"), {ids[k]: v for k, v in expected_by(fake, "key").items()})
+    assert {r["key"]: r["name"] for r in rows}[ids[OPENAI_KEY]] == "laptop"
+    assert cli.main(["stats", "--by", "key"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^%s\s+laptop\s+3\s" % ids[OPENAI_KEY], text, re.M), text
+    for key in (OPENAI_KEY, OTHER_KEY, ANTHROPIC_KEY):
+        assert key not in text
+
+
+def test_keys_id_prints_the_recorded_id_without_the_key(attributed, capsys, monkeypatch):
+    import io
+    monkeypatch.setenv("TOKENPAK_DB", attributed.app.db_path)  # the secret lives beside it
+    for key in (OTHER_KEY, "Bearer " + OTHER_KEY + "\n"):
+        monkeypatch.setattr("sys.stdin", io.StringIO(key))
+        assert cli.main(["keys", "id"]) == 0
+        out, err = capsys.readouterr()
+        assert out.split() == [attributed.ids[OTHER_KEY]]
+        assert OTHER_KEY not in out + err
+    monkeypatch.setattr("sys.stdin", io.StringIO(OPENAI_KEY))
+    assert cli.main(["config", "set", "keys.%s.name" % attributed.ids[OPENAI_KEY], "laptop"]) == 0
+    capsys.readouterr()
+    assert cli.main(["keys", "id"]) == 0
+    assert capsys.readouterr().out.split() == [attributed.ids[OPENAI_KEY], "laptop"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert cli.main(["keys", "id"]) == 2

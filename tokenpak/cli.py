@@ -83,10 +83,19 @@ def build_parser():
 
     stats = commands.add_parser("stats", help="tokens, cost and savings from the database")
     stats.add_argument("--since", metavar="AGE", help="only the last AGE: 30m, 24h, 7d")
-    stats.add_argument("--by", choices=("model", "provider", "day"), default="model",
-                       help="group rows by (default model)")
+    stats.add_argument("--by", choices=("tag", "key", "model", "provider", "day", "hour"),
+                       default="model", help="group rows by X-TokenPak-Tag, key id, model, "
+                                             "provider, local day or hour (default model)")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(func=cmd_stats)
+
+    keys = commands.add_parser("keys", help="the key ids that name API keys in stats")
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="ACTION",
+                                        parser_class=Parser)
+    keys_commands.required = True
+    keys_commands.add_parser(
+        "id", help="print the key id of the API key read from stdin (never echoed)"
+    ).set_defaults(func=cmd_keys_id)
 
     cache = commands.add_parser("cache", help="inspect or empty the answer cache")
     cache_commands = cache.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
@@ -224,7 +233,7 @@ def cmd_stats(args):
         if hint:
             print(hint)
         return ExitStatus.OK
-    rows = stats.report(db, since, args.by)
+    rows = stats.report(db, since, args.by, config.key_names())
     if args.json:
         print(json.dumps({"summary": stats.summary(db, since), "rows": rows}, indent=2))
         return ExitStatus.OK
@@ -233,6 +242,31 @@ def cmd_stats(args):
               if since else "no requests recorded in %s" % db)
         return ExitStatus.OK
     print(stats.format_table(rows))
+    return ExitStatus.OK
+
+
+def cmd_keys_id(args):
+    """The key id tokenpak records for an API key: the same HMAC with this install's
+    secret (next to db.path) that the proxy computes. The key is read from stdin, without
+    echo on a terminal, and never printed."""
+    import getpass
+    from .cache import load_secret, scope_id
+    from .providers import credential
+    from .stats import printable
+    config = load_config()
+    if sys.stdin.isatty():
+        text = getpass.getpass("API key (not shown): ")
+    else:
+        text = sys.stdin.readline()
+    key = credential({"authorization": text.strip()})  # a pasted "Bearer sk-..." too
+    if key is None:
+        raise TokenpakError("no API key on stdin",
+                            hint="printf %s \"$OPENAI_API_KEY\" | tokenpak keys id",
+                            status=ExitStatus.USAGE)
+    secret = load_secret(os.path.join(os.path.dirname(config.get("db.path")), "secret"))
+    key_id = scope_id(key, secret)[:12]
+    name = config.key_names().get(key_id)
+    print(key_id if name is None else "%s  %s" % (key_id, printable(name)))
     return ExitStatus.OK
 
 

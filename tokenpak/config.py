@@ -7,9 +7,9 @@ the tests all read this table, so a key cannot exist in one place and not the ot
 Sources, strongest first: command-line flags > environment > the JSON file at
 ~/.tokenpak/config.json (or $TOKENPAK_CONFIG) > defaults. The file is nested JSON, as the
 seed docs show (`{"proxy": {"port": 8766}}`); dotted names (`proxy.port`) address it.
-Two families of keys carry a user-chosen name in the middle: `proxy.providers.<name>.url`
-(custom providers) and `pricing.<model>.<field>` (model names may contain dots, so those
-name segments are opaque).
+Some families of keys carry a user-chosen name in the middle: `proxy.providers.<name>.url`
+(custom providers), `pricing.<model>.<field>` (model names may contain dots, so those
+name segments are opaque) and `keys.<id>.name` (a display name for a key id).
 """
 
 import difflib
@@ -130,6 +130,8 @@ _KEYS = [
     Key("pricing.<model>.<field>", "float", None,
         "price override in USD per million tokens; field is input, output, cache_read or "
         "cache_write", high=10 ** 6),
+    Key("keys.<id>.name", "str", None,
+        "display name of the key id <id> (12 hex digits: `tokenpak keys id`) in stats"),
     Key("log.level", "choice", "info", "log verbosity",
         choices=("debug", "info", "warning", "error")),
 ]
@@ -145,6 +147,7 @@ DEFAULT_CONFIG_PATH = "~/.tokenpak/config.json"
 PRICE_FIELDS = ("input", "output", "cache_read", "cache_write")
 _PROVIDER_KEY = re.compile(r"^proxy\.providers\.([A-Za-z0-9_-]+)\.(url|models)$")
 _PRICING_KEY = re.compile(r"^pricing\.(.+)\.(%s)$" % "|".join(PRICE_FIELDS))
+_KEY_NAME = re.compile(r"^keys\.([0-9a-f]{12})\.name$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -159,6 +162,8 @@ def schema_key(name):
         return SCHEMA["proxy.providers.<name>." + match.group(2)]
     if _PRICING_KEY.match(name):
         return SCHEMA["pricing.<model>.<field>"]
+    if _KEY_NAME.match(name):
+        return SCHEMA["keys.<id>.name"]
     return None
 
 
@@ -463,6 +468,15 @@ class Config:
             if match and value is not None:
                 found.setdefault(match.group(1), {"url": "", "models": []})[match.group(2)] = value
         return found
+
+    def key_names(self):
+        """{key id: display name} from keys.<id>.name keys."""
+        names = {}
+        for name, value in self._values.items():
+            match = _KEY_NAME.match(name)
+            if match and value:
+                names[match.group(1)] = value
+        return names
 
     def pricing_overrides(self):
         """{model: {field: usd_per_million}} from pricing.<model>.<field> keys."""

@@ -42,6 +42,7 @@ from .coalesce import Flight, FlightFailed
 from .compression import compress_request
 from .hangup import shutdown_upstream
 from .providers import credential, redact
+from .runtime import CachePolicy
 from .upstream import HOP_BY_HOP, UpstreamError, iter_body, read_body
 
 log = logging.getLogger("tokenpak")
@@ -65,7 +66,8 @@ class Exchange:
     __slots__ = ("method", "path", "headers", "lower", "body", "route", "started", "status",
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
-                 "no_store", "no_cache", "local", "priced", "tag", "bad_tag", "_json")
+                 "no_store", "no_cache", "local", "priced", "tag", "bad_tag", "key_id",
+                 "_json")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -94,6 +96,7 @@ class Exchange:
         self.priced = None              # (price inputs, figures) the footer computed
         self._json = False              # not parsed yet
         self.tag = self.bad_tag = None  # X-TokenPak-Tag, or why it was refused
+        self.key_id = False             # the credential's label (key_label); not known yet
         if TAG_HEADER in self.lower:
             self.tag, self.bad_tag = read_tag(self.lower[TAG_HEADER])
 
@@ -190,18 +193,20 @@ def known_shape(api, request):
     return isinstance(request.get("messages"), list)
 
 
-def cache_scope(policy, key):
+def cache_scope(policy, key, secret=None):
     """The cache scope of a credential: an HMAC of it, never the key itself. None (do not
     cache) for a request without any credential, unless cache.anonymous opts in: otherwise
-    every keyless client would read every other keyless client's answers."""
+    every keyless client would read every other keyless client's answers. `secret`
+    defaults to the policy's."""
     if key is None and not policy.anonymous:
         return None
-    memo = (policy.secret, _fingerprint(key))
+    secret = secret or policy.secret
+    memo = (secret, _fingerprint(key))
     scope = _SCOPES.get(memo)
     if scope is None:
         if len(_SCOPES) >= MAX_SCOPES:
             _SCOPES.clear()
-        scope = _SCOPES[memo] = scope_id(key, policy.secret)
+        scope = _SCOPES[memo] = scope_id(key, secret)
     return scope
 
 
@@ -214,11 +219,30 @@ def _fingerprint(key):
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+def key_label(app, rt, ex):
+    """The request's key id: the first 12 hex characters of the credential's HMAC with the
+    install's secret (its cache scope), None without a credential or a readable secret.
+    Computed once per request, cache or not; it names a key in reports and budgets
+    without being the key, and without the secret it cannot be traced back to one."""
+    if ex.key_id is False:
+        ex.key_id = None
+        key = credential(ex.lower, ex.path)
+        if key is not None:
+            if ex.scope is not None:  # the cache computed the same HMAC already
+                ex.key_id = ex.scope[:12]
+            else:
+                secret = rt.cache.secret or app.key_secret()
+                if secret is not None:
+                    ex.key_id = cache_scope(_KEYED, key, secret)[:12]
+    return ex.key_id
+
+
 # Scopes already computed, keyed by (install secret, the credential's fingerprint): a
 # client sends the same key on every request, so its HMAC need not be redone each time.
 # The raw key is never kept. Bounded: cleared when full.
 _SCOPES = {}
 MAX_SCOPES = 1024
+_KEYED = CachePolicy(None, None, False, False)  # key_label's policy: only real credentials
 
 
 def lookup(app, rt, ex):
@@ -588,6 +612,7 @@ def record(app, rt, ex):
                 and 200 <= ex.status < 300 and ex.cache in ("miss", "bypass") and not ex.error:
             app.verified_scopes.add((ex.scope, ex.route.provider))
         ex.error = redact(ex.error)
+        key_label(app, rt, ex)
         accounted = row(ex)
         app.recorder.record(accounted)
         app.metrics.observe(accounted)
@@ -611,7 +636,7 @@ def row(ex, usage=None):
         "tokens_before": before, "tokens_after": after,
         "latency_ms": (time.monotonic() - ex.started) * 1000.0,
         "ttfb_ms": ex.ttfb * 1000.0 if ex.ttfb is not None else None,
-        "key_id": ex.scope[:12] if ex.scope else None, "tag": ex.tag,
+        "key_id": ex.key_id or None, "tag": ex.tag,
         "error": ex.error, "complete": ex.complete,
     }
     if ex.priced is not None and ex.priced[0] == _price_inputs(accounted):

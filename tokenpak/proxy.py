@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from http import HTTPStatus
 
 from . import __version__, dashboard, exchange, framing, runtime, stats
@@ -98,6 +99,7 @@ class App:
         self._cache = None  # (CacheStore, secret), once a config has enabled the cache
         self.runtime = None
         self.reload(config)
+        self.key_secret()  # now, not on the first request's accounting
         self.recorder.start()
 
     def reload(self, config):
@@ -129,6 +131,19 @@ class App:
                 return None, None
         return self._cache
 
+    _secret = None
+
+    def key_secret(self):
+        """The install's HMAC secret (the cache's, next to the DB), loaded once: key ids
+        name credentials in accounting even with the cache off. None if unreadable."""
+        if self._secret is None:
+            try:
+                self._secret = load_secret(os.path.join(os.path.dirname(self.db_path), "secret"))
+            except Exception as exc:
+                log.warning("key ids disabled: cannot read the install's secret (%s)", exc)
+                self._secret = b""
+        return self._secret or None
+
     # -- local endpoints -----------------------------------------------------------------
     def health(self):
         """"ok", or "degraded" when the database cannot be written: requests are still
@@ -141,9 +156,10 @@ class App:
             body.update(status="degraded", accounting="db.path %s: %s" % (self.db_path, problem))
         return body
 
-    def stats(self):
+    def stats(self, since=None, by=()):
+        """The /stats document (stats.summary), with this process's rows written first."""
         self.recorder.flush(2.0)
-        return stats.summary(self.db_path)
+        return stats.summary(self.db_path, since, by, self.runtime.config.key_names())
 
     peers = None  # with proxy.workers > 1: the other workers' figures (workers.Peers)
 
@@ -339,7 +355,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
                              "health": "/health"})
 
     def send_stats(self, app):
-        self.send_json(200, app.stats())
+        """/stats, optionally `?since=7d` (or a date) and `?by=tag,key,day` (stats.GROUPS)."""
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        try:
+            since = query.get("since", [""])[-1]
+            by = [name.strip() for value in query.get("by", []) for name in value.split(",")
+                  if name.strip()]
+            document = app.stats(stats.parse_since(since) if since else None,
+                                 stats.check_groups(list(dict.fromkeys(by))))
+        except TokenpakError as exc:
+            self.fail(400, "%s (%s)" % (exc.message.replace("--since", "since="), exc.hint))
+            return
+        self.send_json(200, document)
 
     def send_dashboard(self, app):
         """The dashboard page (dashboard.py): no figures in it, so no token needed for it;

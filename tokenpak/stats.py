@@ -58,11 +58,19 @@ _AGGREGATES = """
 _NAMES = ("requests", "cached", "coalesced", "compressed_requests", "input", "output",
           "cache_read", "cached_tokens", "compression_saved", "cost_usd", "saved_usd",
           "unpriced", "first_ts", "compression_saved_usd")
+# What `--by` and `/stats?by=` group on, each as the SQL of its label. Days and hours are
+# local time, as a user reads a day; a tag or key nobody sent gets a label, not a NULL.
+UNTAGGED, NO_KEY = "(untagged)", "(no key)"
 _GROUPS = {
+    "tag": "COALESCE(NULLIF(tag, ''), '%s')" % UNTAGGED,
+    "key": "COALESCE(NULLIF(key_id, ''), '%s')" % NO_KEY,
     "model": "COALESCE(NULLIF(model, ''), '(unknown)')",
     "provider": "COALESCE(NULLIF(provider, ''), '(unknown)')",
     "day": "date(ts, 'unixepoch', 'localtime')",
+    "hour": "strftime('%Y-%m-%d %H:00', ts, 'unixepoch', 'localtime')",
 }
+GROUPS = tuple(_GROUPS)
+_IN_TIME_ORDER = ("day", "hour")
 
 
 def parse_since(text: str) -> float:
@@ -124,15 +132,16 @@ def _connect(db_path):
     return sqlite3.connect(uri, uri=True, timeout=1.0, isolation_level=None)
 
 
-def _query(db_path, group_sql, since):
+def _query(db_path, by, since):
     conn = _connect(db_path)
     if conn is None:
         return []
     try:
-        # A DB the running daemon has not migrated yet has no compression_saved_usd column.
+        # A DB the running daemon has not migrated yet lacks the newer columns.
         columns = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
         aggregates = _AGGREGATES.format(compression_saved="compression_saved_usd"
                                         if "compression_saved_usd" in columns else "NULL")
+        group_sql = _GROUPS[by] if by != "tag" or "tag" in columns else "'%s'" % UNTAGGED
         sql = "SELECT %s, %s FROM requests WHERE ts >= ? GROUP BY 1" % (group_sql, aggregates)
         return conn.execute(sql, (since or 0.0,)).fetchall()
     except sqlite3.OperationalError as exc:
@@ -151,16 +160,25 @@ def _empty():
             "since": None, "by_model": {}}
 
 
-def summary(db_path: str, since: float | None = None) -> dict:
-    """The /stats document: the seed's shape plus totals and a per-model breakdown.
+def summary(db_path: str, since: float | None = None, by=(), names=None) -> dict:
+    """The /stats document: the seed's shape plus totals and a per-model breakdown, and
+    with `by` (names from GROUPS) a "groups" object: {group: report(...) rows}.
+    `names` ({key id: display name}) names the keys of a "key" group.
 
-    Never raises: a missing DB gives zeros, an unreadable one zeros and an "error" text.
+    Never raises but for an unknown group (a usage error): a missing DB gives zeros, an
+    unreadable one zeros and an "error" text.
     """
+    check_groups(by)
     out = _empty()
     try:
-        rows = _query(db_path, _GROUPS["model"], since)
+        rows = _query(db_path, "model", since)
+        if by:
+            out["groups"] = {name: report(db_path, since, name, names) for name in by}
     except sqlite3.Error as exc:
         out["error"] = "accounting database unreadable: %s" % exc
+        return out
+    except TokenpakError as exc:  # report()'s own words for an unreadable DB
+        out["error"] = exc.message
         return out
     first = None
     for row in rows:
@@ -190,18 +208,18 @@ def summary(db_path: str, since: float | None = None) -> dict:
     return out
 
 
-def report(db_path: str, since: float | None, by: str) -> list:
-    """Rows for `tokenpak stats --by model|provider|day` (most expensive first; days in order).
+def report(db_path: str, since: float | None, by: str, names=None) -> list:
+    """Rows for `tokenpak stats --by tag|key|model|provider|day|hour`: days and hours in
+    time order, the others most expensive first.
 
     Each row: {by, requests, cached, input, output, cache_read, tokens_saved, cost_usd,
     saved_usd} plus "unpriced" when some requests had no known price. cost_usd is None
-    when no request in the group had a known price.
+    when no request in the group had a known price. Grouped by key, a row also has
+    "name": the key id's name from `names` ({key id: name}, keys.<id>.name), or None.
     """
-    if by not in _GROUPS:
-        raise TokenpakError("cannot group by %r" % by, hint="use --by model, provider or day",
-                            status=ExitStatus.USAGE)
+    check_groups([by])
     try:
-        rows = _query(db_path, _GROUPS[by], since)
+        rows = _query(db_path, by, since)
     except sqlite3.Error as exc:
         raise TokenpakError("cannot read the accounting database %s: %s" % (db_path, exc),
                             hint="check the file; tokenpak moves a corrupt DB aside when it starts") from None
@@ -209,21 +227,35 @@ def report(db_path: str, since: float | None, by: str) -> list:
     out = []
     for row in rows:
         d = dict(zip(_NAMES, row[1:]))
-        item = {by: row[0], "requests": d["requests"], "cached": d["cached"],
+        item = {by: row[0]}
+        if by == "key":
+            item["name"] = (names or {}).get(row[0])
+        item.update({"requests": d["requests"], "cached": d["cached"],
                 "input": d["input"], "output": d["output"], "cache_read": d["cache_read"],
                 "tokens_saved": d["cached_tokens"] + d["compression_saved"],
-                "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"]}
+                "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"]})
         if any_unpriced:
             item["unpriced"] = d["unpriced"]
         out.append(item)
-    if by == "day":
-        out.sort(key=lambda r: r["day"])
+    if by in _IN_TIME_ORDER:
+        out.sort(key=lambda r: r[by])
     else:
         out.sort(key=lambda r: (-(r["cost_usd"] or 0.0), -r["requests"], r[by]))
     return out
 
 
-_LABELS = {"model": "Model", "provider": "Provider", "day": "Day", "requests": "Requests",
+def check_groups(names) -> list:
+    """`names` if each is a grouping report() knows; else a usage error naming them."""
+    for name in names:
+        if name not in _GROUPS:
+            raise TokenpakError("cannot group by %r" % name,
+                                hint="use one of %s" % ", ".join(GROUPS),
+                                status=ExitStatus.USAGE)
+    return list(names)
+
+
+_LABELS = {"tag": "Tag", "key": "Key", "name": "Name", "hour": "Hour",
+           "model": "Model", "provider": "Provider", "day": "Day", "requests": "Requests",
            "cached": "Cached", "input": "Input tok", "output": "Output tok",
            "cache_read": "Prompt-cached", "tokens_saved": "Tokens saved", "cost_usd": "Cost",
            "saved_usd": "Saved", "unpriced": "Unpriced"}
@@ -290,9 +322,14 @@ def format_table(rows: list) -> str:
     table += [[_cell(c, r.get(c)) for c in columns] for r in rows]
     footer = [_cell(c, totals[c]) for c in columns]
     widths = [max(len(line[i]) for line in table + [footer]) for i in range(len(columns))]
+    # Labels (the first column, a key's name) align left; numbers and money right.
+    left = [i == 0 or (not c.endswith("_usd") and all(
+        isinstance(r.get(c), str) or r.get(c) is None for r in rows))
+        for i, c in enumerate(columns)]
 
     def fmt(line):
-        cells = [line[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(line[1:], widths[1:])]
+        cells = [v.ljust(w) if is_left else v.rjust(w)
+                 for v, w, is_left in zip(line, widths, left)]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
