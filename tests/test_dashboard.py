@@ -27,12 +27,13 @@ import urllib.parse
 
 import pytest
 
-from helpers import accounting_rows, anthropic_client, openai_client, raw_request
-from tokenpak import dashboard
+from helpers import accounting_rows, anthropic_client, openai_client, proxy_settings, raw_request
+from tokenpak import config as configmod
 
 TOKEN = "dashboard-test-token"  # the browser's profile and NetLog hold it: deleted after use
 MARKUP_TAG = '<img src=x onerror="document.title=\'pwned\'">'
 MARKUP_MODEL = "<script>document.title='pwned'</script>"
+KEY_NAME = "alice's <b>laptop</b>"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -214,7 +215,12 @@ def stats_of(proxy, query):
 def test_the_dashboard_in_headless_chromium(make_proxy, fake, tmp_path, caplog):
     browser()  # before any traffic: skip or fail at once without it
     proxy = make_proxy(proxy__auth_token=TOKEN, cache__enabled=True)
-    recorded_traffic(proxy, fake)
+    rows = recorded_traffic(proxy, fake)
+    # a name for project-a's key, given in the config (and markup too)
+    key_id = rows[0]["key_id"]
+    settings = proxy_settings(fake.url, tmp_path, proxy__auth_token=TOKEN, cache__enabled=True)
+    settings["keys.%s.name" % key_id] = KEY_NAME
+    proxy.app.reload(configmod.load(settings, environ={}, path=str(tmp_path / "none.json")))
     doc = stats_of(proxy, "since=7d&by=day,tag,model,key")
     netlog = tmp_path / "netlog.json"
     # the token in the fragment, which the browser never sends to the server
@@ -232,11 +238,17 @@ def test_the_dashboard_in_headless_chromium(make_proxy, fake, tmp_path, caplog):
     # the top tables: what /stats's groups say, in its order; markup shown as text
     models = dom.rows["model"]
     assert MARKUP_MODEL in models and "gpt-4o" in models and "claude-sonnet-4-6" in models
-    if "groups" in doc:  # /stats?by= (h-attr's part of issue 14)
-        assert dom.rows["tag"] == [row["tag"] for row in doc["groups"]["tag"]]
-        assert MARKUP_TAG in dom.rows["tag"] and "project-a" in dom.rows["tag"]
+    assert dom.rows["tag"] == [row["tag"] for row in doc["groups"]["tag"]]
+    assert MARKUP_TAG in dom.rows["tag"] and "project-a" in dom.rows["tag"]
+    assert "%s (%s)" % (KEY_NAME, key_id) in dom.rows["key"]
+    assert len(dom.rows["key"]) == len(doc["groups"]["key"]) == 2
+    # the chart's table: every day of the range, today's spend as /stats says
+    days = doc["groups"]["day"]
+    assert len(days) == 1 and len(dom.rows[None]) >= 7
+    assert days[0]["day"] in dom.rows[None]
+    assert money(days[0]["cost_usd"]) in dom.texts["series-table"]
     # no element came out of the user's text, and no script of theirs ran
-    assert "img" not in dom.tags
+    assert "img" not in dom.tags and "b" not in dom.tags
     assert dom.texts["title"] == "tokenpak dashboard"
     assert dom.texts["budgets"].strip().startswith("No budget is set")
 
