@@ -278,3 +278,29 @@ def test_without_the_token_the_page_asks_for_it(make_proxy, tmp_path):
     assert "behind proxy.auth_token" in dom.texts["auth-reason"]
     assert "hidden" not in dom.attrs["auth"].get("class", "")
     assert dom.texts["requests"].strip() == "–"  # no figure without the token
+
+
+# The "budgets" list of /stats, as issue 14's contract fixes it (h-budget fills it).
+BUDGETS = [
+    {"scope": "global", "name": None, "period": "daily", "limit_usd": 10.0, "spent_usd": 4.2,
+     "used": 0.42, "resets_at": "2026-11-24T00:00:00+01:00", "exhausted": False},
+    {"scope": "tag", "name": MARKUP_TAG, "period": "monthly", "limit_usd": 2.0,
+     "spent_usd": 2.5, "used": 1.25, "resets_at": "2026-12-01T00:00:00+01:00",
+     "exhausted": True}]
+
+
+@pytest.mark.browser
+def test_budgets_show_as_bars(make_proxy, tmp_path, monkeypatch):
+    browser()
+    proxy = make_proxy()
+    stats = proxy.app.stats
+    monkeypatch.setattr(proxy.app, "stats", lambda *a, **kw: dict(stats(*a, **kw),
+                                                                  budgets=BUDGETS))
+    dom = Dom(run_browser(tmp_path, proxy.url + "/dashboard", "--dump-dom"))
+    assert dom.attrs["body"].get("data-state") == "ready"
+    text = "".join(dom.texts["budgets"].split())  # what a reader sees, spaces aside
+    assert "Allrequests,daily$4.20of$10.00(42%)resets" in text
+    assert "Tag%s,monthlyexhausted$2.50of$2.00(125%%)resets" % "".join(MARKUP_TAG.split()) \
+        in text
+    assert text.count("resets") == 2
+    assert "img" not in dom.tags
