@@ -12,7 +12,7 @@ import pytest
 
 from helpers import (ANTHROPIC_KEY, OPENAI_KEY, accounting_rows, anthropic_client,
                      openai_client, raw_request)
-from tokenpak import accounting, cli, pricing
+from tokenpak import accounting, cli, pricing, stats
 from tokenpak.accounting import Recorder
 from tokenpak.cache import load_secret, scope_id
 
@@ -38,6 +38,18 @@ def test_tag_is_recorded_and_never_forwarded(proxy, fake):
     rows = accounting_rows(proxy, 4)
     assert [r["tag"] for r in rows] == ["project-a", "project-a", "project-b", None]
     assert fake.count() == 4 and tagged_headers(fake) == []
+
+
+def test_tag_is_not_forwarded_on_a_pass_through_route_either(make_proxy, fake):
+    """A body tokenpak does not parse, to an upstream it knows nothing about: the tag is
+    still recorded and still dropped."""
+    proxy = make_proxy(proxy__passthrough_url=fake.url + "/up")
+    response, _ = raw_request(proxy, "POST", "/anything", b"\x00binary",
+                              {"X-TokenPak-Tag": "batch-job", "X-Other": "kept"})
+    assert response.status == 200
+    assert fake.last().path == "/up/anything" and tagged_headers(fake) == []
+    assert fake.last().header("X-Other") == "kept"
+    assert accounting_rows(proxy, 1)[0]["tag"] == "batch-job"
 
 
 def test_tag_is_cut_to_64_characters_and_reads_utf8(proxy, fake):
@@ -124,6 +136,9 @@ def test_migration_from_schema_2_adds_the_tag_column(tmp_path):
             0.25, 0.25);
     """)
     conn.close()
+    # `tokenpak stats --by tag` reads a DB the daemon has not upgraded yet: all untagged
+    assert [(r["tag"], r["requests"]) for r in stats.report(db, None, "tag")] == [
+        ("(untagged)", 1)]
     r = Recorder(db)
     r.start()
     r.record({"ts": 2, "model": "gpt-4o", "method": "POST", "status": 200, "tag": "t1",

@@ -254,16 +254,29 @@ def cmd_keys_id(args):
     from .providers import credential
     from .stats import printable
     config = load_config()
-    if sys.stdin.isatty():
-        text = getpass.getpass("API key (not shown): ")
-    else:
-        text = sys.stdin.readline()
+    try:
+        if sys.stdin.isatty():
+            text = getpass.getpass("API key (not shown): ")
+        else:
+            text = sys.stdin.readline()
+    except (OSError, EOFError, UnicodeDecodeError, ValueError, AttributeError):
+        # AttributeError: stdin closed (None). Never the exception's text: it could quote
+        # what was read.
+        raise TokenpakError("cannot read an API key from standard input",
+                            hint="printf %s \"$OPENAI_API_KEY\" | tokenpak keys id",
+                            status=ExitStatus.USAGE) from None
     key = credential({"authorization": text.strip()})  # a pasted "Bearer sk-..." too
     if key is None:
         raise TokenpakError("no API key on stdin",
                             hint="printf %s \"$OPENAI_API_KEY\" | tokenpak keys id",
                             status=ExitStatus.USAGE)
-    secret = load_secret(os.path.join(os.path.dirname(config.get("db.path")), "secret"))
+    path = os.path.join(os.path.dirname(config.get("db.path")), "secret")
+    try:
+        secret = load_secret(path)
+    except OSError as exc:
+        raise TokenpakError("cannot read or create the install's secret %s: %s"
+                            % (path, exc.strerror or exc),
+                            hint="key ids are made with it; check db.path's directory") from None
     key_id = scope_id(key, secret)[:12]
     name = config.key_names().get(key_id)
     print(key_id if name is None else "%s  %s" % (key_id, printable(name)))

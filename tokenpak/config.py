@@ -174,6 +174,8 @@ def require_key(name):
         known = [k for k in SCHEMA if "<" not in k]
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = "did you mean %r?" % close[0] if close else "see `tokenpak config list`"
+        if name.startswith("keys."):
+            hint = "a key id is 12 hex digits, as `tokenpak keys id` prints it: keys.<id>.name"
         raise TokenpakError("unknown config key %r" % name, hint=hint, status=ExitStatus.USAGE)
     return key
 

@@ -42,7 +42,6 @@ from .coalesce import Flight, FlightFailed
 from .compression import compress_request
 from .hangup import shutdown_upstream
 from .providers import credential, redact
-from .runtime import CachePolicy
 from .upstream import HOP_BY_HOP, UpstreamError, iter_body, read_body
 
 log = logging.getLogger("tokenpak")
@@ -193,14 +192,17 @@ def known_shape(api, request):
     return isinstance(request.get("messages"), list)
 
 
-def cache_scope(policy, key, secret=None):
+def cache_scope(policy, key):
     """The cache scope of a credential: an HMAC of it, never the key itself. None (do not
     cache) for a request without any credential, unless cache.anonymous opts in: otherwise
-    every keyless client would read every other keyless client's answers. `secret`
-    defaults to the policy's."""
+    every keyless client would read every other keyless client's answers."""
     if key is None and not policy.anonymous:
         return None
-    secret = secret or policy.secret
+    return keyed_hmac(policy.secret, key)
+
+
+def keyed_hmac(secret, key):
+    """cache.scope_id(key, secret), memoised (see _SCOPES)."""
     memo = (secret, _fingerprint(key))
     scope = _SCOPES.get(memo)
     if scope is None:
@@ -233,7 +235,7 @@ def key_label(app, rt, ex):
             else:
                 secret = rt.cache.secret or app.key_secret()
                 if secret is not None:
-                    ex.key_id = cache_scope(_KEYED, key, secret)[:12]
+                    ex.key_id = keyed_hmac(secret, key)[:12]
     return ex.key_id
 
 
@@ -242,7 +244,6 @@ def key_label(app, rt, ex):
 # The raw key is never kept. Bounded: cleared when full.
 _SCOPES = {}
 MAX_SCOPES = 1024
-_KEYED = CachePolicy(None, None, False, False)  # key_label's policy: only real credentials
 
 
 def lookup(app, rt, ex):
