@@ -106,3 +106,19 @@ def test_a_user_unit_that_starts_a_missing_program_fails(capsys, healthy):
     assert status == ExitStatus.ERROR
     assert "/nonexistent/bin/tokenpak" in found["fail  service"]
     assert "fix: `tokenpak service install` rewrites the user unit" in out
+
+
+@pytest.mark.parametrize("allowed, status, finding", [
+    (False, ExitStatus.ERROR, "fail  config"), (True, ExitStatus.OK, "warn  config")])
+def test_listening_beyond_loopback_without_a_token(capsys, healthy, monkeypatch,
+                                                   allowed, status, finding):
+    # `serve` refuses it (test_exposure.py) unless the admin allowed it: doctor says the same
+    monkeypatch.setenv("TOKENPAK_HOST", "0.0.0.0")
+    path = os.environ["TOKENPAK_CONFIG"]
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as handle:
+        json.dump({"proxy": {"allow_remote_without_auth": allowed}}, handle)
+    got, found, out = doctor(capsys)
+    assert got == status, out
+    assert "proxy.host 0.0.0.0 exposes the proxy" in found[finding]
+    assert ("refuses to start" in found[finding]) is not allowed

@@ -78,8 +78,10 @@ def test_a_reload_logs_what_changed_and_what_needs_a_restart(
 @pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("0.0.0.0", True)])
 def test_serve_warns_when_it_listens_beyond_loopback(fake, tmp_path, monkeypatch, caplog,
                                                      host, warned):
+    # beyond loopback without a token only when the admin said so (test_exposure.py)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    config = _loader(fake, tmp_path, **{"proxy.host": host})()
+    config = _loader(fake, tmp_path, **{"proxy.host": host,
+                                        "proxy.allow_remote_without_auth": True})()
     started = threading.Event()
     servers = []
 

@@ -262,7 +262,8 @@ def test_the_deb_builds_and_holds_what_it_should(tmp_path):
                  "./lib/systemd/system/tokenpak.socket",
                  "./usr/lib/systemd/user/tokenpak.service", "./etc/tokenpak/config.json",
                  "./usr/share/man/man1/tokenpak.1.gz",
-                 "./usr/lib/python3/dist-packages/tokenpak/data/prices.json"):
+                 "./usr/lib/python3/dist-packages/tokenpak/data/prices.json",
+                 "./usr/lib/python3/dist-packages/tokenpak/dashboard.html"):
         assert path in listing
     extracted = tmp_path / "x"
     subprocess.run(["dpkg-deb", "-R", str(deb), str(extracted)], check=True)

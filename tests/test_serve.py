@@ -35,8 +35,13 @@ def test_python_m_tokenpak_proxy_serves_and_exits_cleanly_on_ctrl_c(fake, isolat
     assert OPENAI_KEY not in err + out.decode()
 
 
-def test_binding_beyond_loopback_warns(spawn_tokenpak):
-    process = spawn_tokenpak("serve", "--host", "0.0.0.0")
+def test_binding_beyond_loopback_warns(spawn_tokenpak, fake, isolated_env):
+    # allowed explicitly (without it tokenpak refuses: test_exposure.py)
+    env = tokenpak_env(fake.url, isolated_env)
+    config = isolated_env / ".tokenpak" / "config.json"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text('{"proxy": {"allow_remote_without_auth": true}}')
+    process = spawn_tokenpak("serve", "--host", "0.0.0.0", env=env)
     process.terminate()
     _, err = process.communicate(timeout=15)
     assert process.returncode == 0

@@ -85,8 +85,11 @@ _KEYS = [
         "seconds a client connection may sit idle or trickle a request before it is closed "
         "(0: never)", unit="seconds", high=86400),
     Key("proxy.auth_token", "str", "",
-        "token clients must send in X-TokenPak-Auth (recommended when not on loopback)",
+        "token clients must send in X-TokenPak-Auth (required to listen beyond loopback)",
         env="TOKENPAK_AUTH_TOKEN"),
+    Key("proxy.allow_remote_without_auth", "bool", False,
+        "listen beyond loopback without proxy.auth_token (else serve refuses: whoever "
+        "reaches it can use it and read /stats)"),
     Key("proxy.allowed_hosts", "list", [],
         "extra Host names (comma-separated) /stats and /metrics answer on loopback"),
     Key("proxy.shutdown_grace_seconds", "float", 30.0,

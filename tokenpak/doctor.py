@@ -65,8 +65,12 @@ def check_config(config, error):
     host = config.get("proxy.host")
     if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127.") \
             and not config.get("proxy.auth_token"):
-        findings.append(("warn", "config", "proxy.host %s exposes the proxy to the network "
-                         "without proxy.auth_token" % host,
+        # serve refuses this unless the admin allowed it explicitly (lifecycle.check_exposure)
+        allowed = config.get("proxy.allow_remote_without_auth")
+        findings.append(("warn" if allowed else "fail", "config",
+                         "proxy.host %s exposes the proxy to the network without "
+                         "proxy.auth_token%s" % (host, "" if allowed else
+                                                 ": `tokenpak serve` refuses to start"),
                          "`tokenpak config set proxy.auth_token SECRET`, or listen on "
                          "127.0.0.1"))
     return findings

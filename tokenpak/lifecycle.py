@@ -23,6 +23,7 @@ import logging.handlers
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,6 +33,7 @@ from tokenpak import config as configmod
 from tokenpak.errors import TokenpakError
 from tokenpak.providers import redact
 from tokenpak.proxy import create_server
+from tokenpak.proxy import _is_loopback as is_loopback
 
 log = logging.getLogger("tokenpak")
 
@@ -49,13 +51,15 @@ def run(overrides, detach=False):
     or as a daemon; returns the exit code. Raises TokenpakError before anything started."""
     raise_open_files_limit()
     config = configmod.load(overrides)
-    load = lambda: configmod.load(overrides)  # noqa: E731  (SIGHUP keeps the CLI flags)
     level = config.get("log.level")
     doctor.check_db_path(config.get("db.path"))
+    sockets = [] if detach else systemd.listen_sockets()
+    listen_socket = sockets[0] if sockets else None
+    host = listening_host(config, listen_socket)
+    check_exposure(config, host)
+    load = reloader(overrides, host)
     if not detach:
         setup_logging(None, level, journal=systemd.under_journal())
-        sockets = systemd.listen_sockets()
-        listen_socket = sockets[0] if sockets else None
         if configmod.worker_count(config) > 1:
             return workers.run(config, serve, reload=load, listen_socket=listen_socket)
         return serve(config, listen_socket=listen_socket, reload=load)
@@ -77,6 +81,39 @@ def run(overrides, detach=False):
     return daemon.start(pid_file, log_file, run_daemon)
 
 
+def reloader(overrides, host):
+    """What SIGHUP loads: the config file again with the same CLI flags (a reload must not
+    silently drop `--port`), refused as a whole if it would leave `host`, where we keep
+    listening, without the token it needs (check_exposure)."""
+    return lambda: check_exposure(configmod.load(overrides), host)
+
+
+def listening_host(config, listen_socket=None):
+    """The address tokenpak will listen on: the socket systemd passed, else proxy.host."""
+    if listen_socket is not None and listen_socket.family in (socket.AF_INET, socket.AF_INET6):
+        return listen_socket.getsockname()[0]
+    return config.get("proxy.host") if listen_socket is None else "localhost"  # AF_UNIX
+
+
+def check_exposure(config, host):
+    """Refuse to listen beyond loopback without proxy.auth_token; returns `config`.
+
+    Whoever reaches a tokenpak can spend through it (with their own key, or with none on a
+    keyless route) and read /stats, /metrics and /dashboard: who spent what, on which
+    models. So an address other than loopback needs the token, or the admin's explicit
+    proxy.allow_remote_without_auth (then serve() warns). A host name other than
+    "localhost" counts as beyond loopback: what it resolves to can change."""
+    if is_loopback(host) or config.get("proxy.auth_token") \
+            or config.get("proxy.allow_remote_without_auth"):
+        return config
+    raise TokenpakError(
+        "refusing to listen on %s without proxy.auth_token: anyone who can reach it could "
+        "send requests through it and read /stats, /metrics and /dashboard" % (host or "*"),
+        hint="set a token (`tokenpak config set proxy.auth_token SECRET`; clients send it in "
+             "X-TokenPak-Auth), listen on 127.0.0.1, or accept the exposure with "
+             "`tokenpak config set proxy.allow_remote_without_auth true`")
+
+
 def raise_open_files_limit():
     """Raise the soft limit on open files to the hard one, as a server holding thousands of
     streams needs (two descriptors each). The usual soft limit, 1024, would stop accepting
@@ -95,6 +132,7 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
     """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
 
     `reload()` returns the config to apply on SIGHUP (None: SIGHUP keeps its default)."""
+    check_exposure(config, listening_host(config, listen_socket))
     server = create_server(config, listen_socket)
     host, port = server.server_address[:2]
     if not server.loopback:

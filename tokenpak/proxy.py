@@ -35,7 +35,7 @@ import time
 import urllib.parse
 from http import HTTPStatus
 
-from . import __version__, exchange, framing, runtime, stats
+from . import __version__, dashboard, exchange, framing, runtime, stats
 from .accounting import Recorder
 from .budget import Ledger
 from .cache import CacheStore, load_secret
@@ -338,7 +338,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.fail(405, "%s answers GET and HEAD only" % self.path.split("?", 1)[0],
                       extra=[("Allow", ", ".join(LOCAL_METHODS))])
             return
-        if local is not None and (local is Handler.send_health or not self.rt.auth_token
+        if local is not None and (local in OPEN_PAGES or not self.rt.auth_token
                                   or self.authorised(self.rt.auth_token)):
             if local is not Handler.send_health and not self.host_allowed():
                 self.fail(403, "Host %r is not a name of this tokenpak: local pages answer "
@@ -398,6 +398,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.fail(400, "%s (%s)" % (exc.message.replace("--since", "since="), exc.hint))
             return
         self.send_json(200, document)
+
+    def send_dashboard(self, app):
+        """The dashboard page (dashboard.py): no figures in it, so no token needed for it;
+        its script reads /stats, which needs the token."""
+        body, headers = dashboard.page()
+        self.exchange.status, self.exchange.sent = 200, 0 if self.command == "HEAD" else len(body)
+        self.write_head(200, headers, str(len(body)), body)
 
     def send_metrics(self, app):
         body = app.render_metrics().encode("utf-8")
@@ -651,7 +658,10 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}  # not an Enum
 
 
 LOCAL_ENDPOINTS.update({"/health": Handler.send_health, "/stats": Handler.send_stats,
-                        "/metrics": Handler.send_metrics})
+                        "/metrics": Handler.send_metrics, "/dashboard": Handler.send_dashboard})
+# Local pages answered without proxy.auth_token: /health (monitors) and the dashboard's
+# page, which holds no figures (its data comes from /stats, token and all).
+OPEN_PAGES = (Handler.send_health, Handler.send_dashboard)
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
