@@ -228,3 +228,23 @@ def test_successful_local_endpoints_are_not_recorded(proxy):
         assert proxy.get(path)[0] == 200
     request(proxy, "POST", "/nowhere", b"{}")  # recorded: once it is, the others would be
     assert [r["path"] for r in rows(proxy)] == ["/nowhere"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/stats", "/metrics", "/dashboard"])
+def test_local_pages_are_logged_with_their_status_and_size(proxy, fake, path):
+    """Each local page says what it answered: a page that forgot to note its status was
+    logged as "0 ... error=no answer" although its client got a 200."""
+    logger = logging.getLogger("tokenpak.access")
+    lines, level = _Lines(), logger.level
+    lines.setLevel(logging.DEBUG)  # successful local answers are logged at debug
+    logger.addHandler(lines)
+    logger.setLevel(logging.DEBUG)
+    try:
+        response, body = request(proxy, "GET", path, headers={"Host": "127.0.0.1"})
+        assert response.status == 200 and body
+        line = wait_for(lambda: [m for m in lines.lines if m.startswith("GET %s - " % path)])
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    assert line and line[0].startswith("GET %s - 200 " % path), line
+    assert " %dB " % len(body) in line[0] and "error=" not in line[0], line

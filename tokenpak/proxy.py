@@ -403,13 +403,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The dashboard page (dashboard.py): no figures in it, so no token needed for it;
         its script reads /stats, which needs the token."""
         body, headers = dashboard.page()
-        self.exchange.status, self.exchange.sent = 200, 0 if self.command == "HEAD" else len(body)
-        self.write_head(200, headers, str(len(body)), body)
+        self.send_local(200, headers, body)
 
     def send_metrics(self, app):
         body = app.render_metrics().encode("utf-8")
-        self.write_head(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                        str(len(body)), body)
+        self.send_local(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")], body)
 
     def read_body(self):
         """The request body, or None after answering 4xx (size limit, bad framing). Sends
@@ -560,11 +558,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_json(self, status, obj, extra=()):
         body = json.dumps(obj).encode("utf-8")
+        self.send_local(status, [("Content-Type", "application/json")] + list(extra), body)
+
+    def send_local(self, status, headers, body):
+        """An answer tokenpak gives itself, noted for the access log (status, bytes)."""
         ex = getattr(self, "exchange", None)
         if ex is not None:
             ex.status, ex.sent = status, 0 if self.command == "HEAD" else len(body)
-        self.write_head(status, [("Content-Type", "application/json")] + list(extra),
-                        str(len(body)), body)
+        self.write_head(status, headers, str(len(body)), body)
 
     def fail(self, status, message, close=False, extra=()):
         """Answer with tokenpak's own error, shaped like the provider's."""
