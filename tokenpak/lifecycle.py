@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from tokenpak import __version__, daemon, doctor, runtime, systemd, workers
+from tokenpak import __version__, daemon, doctor, runtime, systemd, tokens, workers
 from tokenpak import config as configmod
 from tokenpak.errors import TokenpakError
 from tokenpak.providers import redact
@@ -145,6 +145,9 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
     if on_ready is not None:
         on_ready(server)
     systemd.ready("listening on %s:%d" % (host, port))
+    # The tokenizer's ranks take 0.4-2 s to load; loaded here, off the request path, the
+    # first requests do not wait for them (every request counts tokens for its row).
+    threading.Thread(target=tokens.warm_up, name="tokenpak-tokenizer", daemon=True).start()
     watchdog = systemd.start_watchdog(lambda: time.monotonic() - server.last_loop < 10)
     try:
         server.serve_forever(poll_interval=0.5)
