@@ -23,7 +23,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tokenpak import cli, daemon, doctor, lifecycle, service, workers
+from tokenpak import cli, daemon, doctor, lifecycle, logs, service, workers
 from tokenpak.errors import ExitStatus
 
 from conftest import free_port
@@ -138,6 +138,7 @@ def sandbox(isolated_env, monkeypatch, tmp_path):
               str(files / "out.json")]
     monkeypatch.setattr(lifecycle, "serve", lambda *a, **k: 0)
     monkeypatch.setattr(workers, "run", lambda *a, **k: 0)  # proxy.workers auto: 2+ cores
+    monkeypatch.setattr(logs, "follow", lambda *a, **k: None)  # `logs -f` runs until Ctrl-C
     # serve would point the "tokenpak" logger at this test's captured stderr, which is
     # closed once the test ends: later tests would log into a closed file
     monkeypatch.setattr(lifecycle, "setup_logging", lambda *a, **k: None)
