@@ -261,3 +261,48 @@ def test_metrics_observe_never_raises_and_keeps_counting():
     counts = [v for k, v in samples.items() if k[0] == "tokenpak_request_duration_seconds_count"]
     assert counts == [1]
     assert samples[("tokenpak_up", ())] == 1
+
+
+def _naive(rows, dim, since):
+    """What a grouping must hold, computed from the rows themselves: requests and cost."""
+    label = {"model": lambda r: r["model"], "tag": lambda r: r.get("tag") or stats.UNTAGGED,
+             "provider": lambda r: r["provider"],
+             "day": lambda r: time.strftime("%Y-%m-%d", time.localtime(r["ts"])),
+             "hour": lambda r: time.strftime("%Y-%m-%d %H:00", time.localtime(r["ts"]))}[dim]
+    out = {}
+    for r in rows:
+        if r["ts"] >= since:
+            count, cost = out.get(label(r), (0, 0.0))
+            out[label(r)] = (count + 1, cost + figures(r)["cost_usd"])
+    return out
+
+
+@pytest.mark.parametrize("age", [3 * 3600, 10 * 86400, 40 * 86400])
+def test_one_pass_for_every_grouping_adds_up_as_each_alone(db, age):
+    """/stats reads the rows once for the totals and all its groupings: each grouping
+    must hold what grouping by it alone gives, whether the cutoff keeps a few rows (the
+    ts index is used) or most (it is not)."""
+    import random
+    rng = random.Random(7)
+    rows = [row(ts=NOW - rng.uniform(0, 30 * 86400), model=rng.choice(["gpt-4o", "gpt-4o-mini"]),
+                provider=rng.choice(["openai", "azure"]), tag=rng.choice(["a", "b", None]),
+                usage={"input": rng.randint(1, 5000), "output": rng.randint(1, 500),
+                       "cache_read": 0, "cache_write": 0})
+            for _ in range(400)]
+    write(db, rows)
+    since = NOW - age
+    by = ["tag", "day", "hour", "provider", "model"]
+    out = stats.summary(db, since, by=by)
+    for dim in by:
+        alone = stats.report(db, since, dim)
+
+        def rounded(items):  # the same sums, added in another order
+            return [{k: round(v, 9) if isinstance(v, float) else v for k, v in r.items()}
+                    for r in items]
+        assert rounded(out["groups"][dim]) == rounded(alone)
+        want = _naive(rows, dim, since)
+        got = {r[dim]: (r["requests"], r["cost_usd"]) for r in alone}
+        assert set(got) == set(want)
+        for name, (count, cost) in want.items():
+            assert got[name][0] == count and got[name][1] == pytest.approx(cost)
+    assert out["requests"] == sum(1 for r in rows if r["ts"] >= since)

@@ -132,24 +132,68 @@ def _connect(db_path):
     return sqlite3.connect(uri, uri=True, timeout=1.0, isolation_level=None)
 
 
-def _query(db_path, by, since):
+def _query(db_path, dims, since):
+    """{grouping: [(label, aggregates)]} for every grouping in `dims`, from one pass over the
+    rows since `since`: the rows are grouped by all the groupings at once (a few thousand
+    groups for a month), and each grouping is summed from those. /stats wants the totals by
+    model and, for the dashboard, by day, tag and key: one scan instead of one each."""
     conn = _connect(db_path)
     if conn is None:
-        return []
+        return {dim: [] for dim in dims}
     try:
         # A DB the running daemon has not migrated yet lacks the newer columns.
         columns = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
         aggregates = _AGGREGATES.format(compression_saved="compression_saved_usd"
                                         if "compression_saved_usd" in columns else "NULL")
-        group_sql = _GROUPS[by] if by != "tag" or "tag" in columns else "'%s'" % UNTAGGED
-        sql = "SELECT %s, %s FROM requests WHERE ts >= ? GROUP BY 1" % (group_sql, aggregates)
-        return conn.execute(sql, (since or 0.0,)).fetchall()
+        labels = ["%s AS g%d" % (_GROUPS[d] if d != "tag" or "tag" in columns
+                                 else "'%s'" % UNTAGGED, i) for i, d in enumerate(dims)]
+        values = ", ".join("%s(a%d)" % ("MIN" if name == "first_ts" else "SUM", i)
+                           for i, name in enumerate(_NAMES))
+        fine = "SELECT %s, %s FROM requests WHERE %s >= ? GROUP BY %s" % (
+            ", ".join(labels), _aliased(aggregates), _ts_column(conn, since),
+            ", ".join("g%d" % i for i in range(len(dims))))
+        sql = "WITH fine AS (%s) %s" % (fine, " UNION ALL ".join(
+            "SELECT %d, g%d, %s FROM fine GROUP BY g%d" % (i, i, values, i)
+            for i in range(len(dims))))
+        out = {dim: [] for dim in dims}
+        for row in conn.execute(sql, (since or 0.0,)):
+            out[dims[row[0]]].append((row[1], row[2:]))
+        return out
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
-            return []  # a DB the cache made before any request was recorded
+            return {dim: [] for dim in dims}  # a DB the cache made before any request
         raise
     finally:
         conn.close()
+
+
+def _aliased(aggregates):
+    """The aggregates' SQL with each one named a0, a1, ... (in _NAMES order)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(aggregates):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(aggregates[start:i])
+            start = i + 1
+    parts.append(aggregates[start:])
+    return ", ".join("%s AS a%d" % (part.strip(), i) for i, part in enumerate(parts))
+
+
+def _ts_column(conn, since):
+    """"ts", or "+ts" (no index) when the cutoff keeps most rows: walking the ts index
+    then reads every row through it, twice the work of reading the table in order (a
+    month of 100,000 rows: 0.51 s of CPU against 0.26 s). The oldest row, from the index,
+    says which: a cutoff within the newest quarter of the data keeps the index."""
+    if not since:
+        return "+ts"
+    oldest = conn.execute("SELECT MIN(ts) FROM requests").fetchone()[0]
+    if oldest is None:
+        return "ts"
+    now = time.time()
+    return "ts" if now - since < 0.25 * (now - oldest) else "+ts"
 
 
 def _empty():
@@ -170,21 +214,19 @@ def summary(db_path: str, since: float | None = None, by=(), names=None) -> dict
     """
     check_groups(by)
     out = _empty()
+    dims = ["model"] + [name for name in by if name != "model"]
     try:
-        rows = _query(db_path, "model", since)
-        if by:
-            out["groups"] = {name: report(db_path, since, name, names) for name in by}
+        rows = _query(db_path, dims, since)
     except sqlite3.Error as exc:
         out["error"] = "accounting database unreadable: %s" % exc
         return out
-    except TokenpakError as exc:  # report()'s own words for an unreadable DB
-        out["error"] = exc.message
-        return out
+    if by:
+        out["groups"] = {name: _rows(rows[name], name, names) for name in by}
     first = None
-    for row in rows:
-        d = dict(zip(_NAMES, row[1:]))
+    for model, values in rows["model"]:
+        d = dict(zip(_NAMES, values))
         saved_tokens = d["cached_tokens"] + d["compression_saved"]
-        out["by_model"][row[0]] = {
+        out["by_model"][model] = {
             "requests": d["requests"], "cached": d["cached"], "coalesced": d["coalesced"],
             "compressed_requests": d["compressed_requests"], "input": d["input"],
             "output": d["output"], "cache_read": d["cache_read"],
@@ -219,21 +261,26 @@ def report(db_path: str, since: float | None, by: str, names=None) -> list:
     """
     check_groups([by])
     try:
-        rows = _query(db_path, by, since)
+        rows = _query(db_path, [by], since)[by]
     except sqlite3.Error as exc:
         raise TokenpakError("cannot read the accounting database %s: %s" % (db_path, exc),
                             hint="check the file; tokenpak moves a corrupt DB aside when it starts") from None
-    any_unpriced = any(dict(zip(_NAMES, r[1:]))["unpriced"] for r in rows)
+    return _rows(rows, by, names)
+
+
+def _rows(groups, by, names):
+    """report()'s rows from [(label, aggregates)]."""
+    any_unpriced = any(dict(zip(_NAMES, values))["unpriced"] for _, values in groups)
     out = []
-    for row in rows:
-        d = dict(zip(_NAMES, row[1:]))
-        item = {by: row[0]}
+    for label, values in groups:
+        d = dict(zip(_NAMES, values))
+        item = {by: label}
         if by == "key":
-            item["name"] = (names or {}).get(row[0])
+            item["name"] = (names or {}).get(label)
         item.update({"requests": d["requests"], "cached": d["cached"],
-                "input": d["input"], "output": d["output"], "cache_read": d["cache_read"],
-                "tokens_saved": d["cached_tokens"] + d["compression_saved"],
-                "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"]})
+                     "input": d["input"], "output": d["output"], "cache_read": d["cache_read"],
+                     "tokens_saved": d["cached_tokens"] + d["compression_saved"],
+                     "cost_usd": d["cost_usd"], "saved_usd": d["saved_usd"]})
         if any_unpriced:
             item["unpriced"] = d["unpriced"]
         out.append(item)
