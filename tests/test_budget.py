@@ -118,8 +118,7 @@ def test_global_budget_caps_every_route_pass_through_included(make_proxy, fake):
     assert response.status == 200  # nothing spent yet
     chat(proxy, tag="anything")
     before = len(fake.requests)
-    for method, path in (("POST", "/v1/embeddings"), ("POST", "/v1/some/unknown/path"),
-                         ("GET", "/v1/models")):
+    for method, path in (("POST", "/v1/embeddings"), ("POST", "/v1/some/unknown/path")):
         response, data = raw_request(proxy, method, path, b"{}", headers)
         assert response.status == 429, (path, data)
         assert "tokenpak budget global daily: $2.00 limit" in json.loads(data)["error"]["message"]
@@ -128,6 +127,14 @@ def test_global_budget_caps_every_route_pass_through_included(make_proxy, fake):
                                  {"x-api-key": ANTHROPIC_KEY})
     assert response.status == 429 and json.loads(data)["error"]["type"] == "rate_limit_error"
     assert len(fake.requests) == before
+    # What costs nothing cannot run over a budget: a model list, a token count.
+    response, _ = raw_request(proxy, "GET", "/v1/models", None, headers)
+    assert response.status == 200
+    count = json.dumps({"model": "claude-sonnet-4-6", "messages": MESSAGES}).encode()
+    response, data = raw_request(proxy, "POST", "/v1/messages/count_tokens", count,
+                                 {"x-api-key": ANTHROPIC_KEY, "content-type": "application/json"})
+    assert response.status == 200 and json.loads(data)["input_tokens"] > 0
+    assert len(fake.requests) == before + 2
 
 
 def test_cache_hit_is_still_served_when_the_budget_is_spent(make_proxy, fake):

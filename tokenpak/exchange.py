@@ -38,7 +38,7 @@ import threading
 import time
 
 from . import budget, footer, jsonbody, sse
-from .accounting import MAX_TAG, SERVED_LOCALLY, figures
+from .accounting import MAX_TAG, SERVED_LOCALLY, figures, is_free
 from .cache import Entry, key_from_fields, scope_id
 from .coalesce import Flight, FlightFailed
 from .compression import compress_request
@@ -424,8 +424,11 @@ def forward(out, app, rt, ex, flight):
 def over_budget(out, app, rt, ex, flight):
     """Refuse, with 429 and no upstream call, a request that a spent budget applies to
     (budget.py). Checked here, the one way to the provider: cache hits and coalesced
-    followers, which cost nothing, never get this far. `x-should-retry: false` tells the
+    followers, which cost nothing, never get this far; free endpoints (a GET, a token
+    count) cost nothing either and pass. `x-should-retry: false` tells the
     SDKs not to retry what only the period's end will allow."""
+    if is_free({"method": ex.method, "path": ex.path}):
+        return False  # a model list or a token count costs nothing: it cannot run over
     key_id = key_label(app, rt, ex) if rt.budgets.keys else None  # the row's key id
     refused = budget.refusal(app.ledger, rt.budgets, ex.tag, key_id)
     if refused is None:
