@@ -224,6 +224,17 @@ def proxy_settings(fake_url, tmp_path, **overrides):
 
 
 # -- tokenpak as a process ---------------------------------------------------------------------
+# `python -c ACTIVATE FD ARGS...`: run `tokenpak ARGS` with the listening socket FD handed
+# over as systemd's socket activation does.
+ACTIVATE = r"""
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)  # as systemd does: the socket as fd 3, LISTEN_PID = the pid that execs
+os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.executable, [sys.executable, "-m", "tokenpak"] + sys.argv[2:])
+"""
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -19,7 +19,8 @@ import urllib.request
 
 import pytest
 
-from helpers import REPO, config_file, free_port, proxy_settings, tokenpak_env, wait_healthy
+from helpers import (ACTIVATE, REPO, config_file, free_port, proxy_settings, tokenpak_env,
+                     wait_healthy)
 from tokenpak import config as configmod
 from tokenpak import lifecycle
 from tokenpak.errors import TokenpakError
@@ -83,16 +84,6 @@ def test_the_admin_may_allow_it_explicitly(spawn_tokenpak, fake, isolated_env):
     assert process.returncode == 0
     assert b"anyone who can reach this address can use the proxy and the cache; " \
            b"set proxy.auth_token to require a token" in err
-
-
-ACTIVATE = r"""
-import os, sys
-fd = int(sys.argv[1])
-os.dup2(fd, 3)  # as systemd does: the socket as fd 3, LISTEN_PID = the pid that execs
-os.close(fd)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
-os.execv(sys.executable, [sys.executable, "-m", "tokenpak"] + sys.argv[2:])
-"""
 
 
 def activated(fake, home, listener, *args):

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import urllib.request
 
-from helpers import (REPO, WAIT, free_port, openai_client, tokenpak_env, wait_for,
+from helpers import (ACTIVATE, REPO, WAIT, free_port, openai_client, tokenpak_env, wait_for,
                      wait_healthy)
 
 
@@ -168,16 +168,6 @@ def test_workers_flag_is_validated():
     result = subprocess.run([sys.executable, "-m", "tokenpak", "serve", "--workers", "0"],
                             cwd=str(REPO), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--workers: expected a whole number from 1" in result.stderr
-
-
-ACTIVATE = r"""
-import os, sys
-fd = int(sys.argv[1])
-os.dup2(fd, 3)  # as systemd does: the socket as fd 3, LISTEN_PID = the pid that execs
-os.close(fd)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
-os.execv(sys.executable, [sys.executable, "-m", "tokenpak"] + sys.argv[2:])
-"""
 
 
 def test_socket_activation_hands_the_socket_to_every_worker(fake, isolated_env):

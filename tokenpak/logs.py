@@ -25,6 +25,7 @@ import sqlite3
 import time
 
 from tokenpak.errors import ExitStatus, TokenpakError
+from tokenpak import stats
 from tokenpak.stats import _connect, _money, printable
 
 POLL_SECONDS = 0.2
@@ -152,9 +153,7 @@ def _read(db_path, filters, query):
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise TokenpakError("cannot read the database %s: %s" % (db_path, exc),
-                            hint="`tokenpak serve` moves a corrupt database aside when it "
-                                 "starts; or move it away yourself") from None
+        raise stats.unreadable(db_path, exc) from None
 
 
 def prompt_tokens(row):

@@ -117,10 +117,16 @@ def cache_info(db_path: str):
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise TokenpakError("cannot read the database %s: %s" % (db_path, exc),
-                            hint="`tokenpak serve` moves a corrupt database aside when it "
-                                 "starts; or move it away yourself") from None
+        raise unreadable(db_path, exc) from None
     return {"entries": n, "bytes": size, "oldest": oldest, "newest": newest, "scopes": scopes}
+
+
+def unreadable(db_path, exc):
+    """The error a read-only command (stats, cache stats, logs) gives for a DB it cannot
+    read, with what the user can do about it."""
+    return TokenpakError("cannot read the database %s: %s" % (db_path, exc),
+                         hint="`tokenpak serve` moves a corrupt database aside when it "
+                              "starts; or move it away yourself")
 
 
 def _connect(db_path):
