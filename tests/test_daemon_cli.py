@@ -33,11 +33,13 @@ def test_daemon_start_status_stop(fake, isolated_env):
         client = openai_client("http://127.0.0.1:%d" % port)
         client.chat.completions.create(model="gpt-4o",
                                        messages=[{"role": "user", "content": "daemon"}])
-        status = tokenpak(env, "status")
-        assert status.returncode == 0
+        # With proxy.workers auto, the worker answering /health adds the others' counts,
+        # which they publish every second: poll.
+        status = wait_for(lambda: (lambda s: "requests: 1" in s.stdout and s)(
+            tokenpak(env, "status")))
+        assert status and status.returncode == 0
         assert "pid:      %d" % pid in status.stdout
         assert "127.0.0.1:%d" % port in status.stdout
-        assert "requests: 1" in status.stdout
         again = tokenpak(env, "serve", "--daemon")
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
