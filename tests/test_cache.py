@@ -192,6 +192,25 @@ def test_put_is_readable_at_once_and_after_commit(store):
     assert got.headers == [("content-type", "application/json"), ("x-id", "1")]
 
 
+def test_a_recheck_asks_the_database_only_after_this_process_committed(store, monkeypatch):
+    """get(since=version()) after a miss: what this process put since is found, from memory
+    or, once committed, from the file; while nothing was committed no SELECT runs."""
+    selects = []
+    real_select = store._select
+    monkeypatch.setattr(store, "_select", lambda *a: selects.append(a) or real_select(*a))
+    version = store.version()
+    assert store.get("s", "k") is None and len(selects) == 1
+    assert store.get("s", "k", since=version) is None and len(selects) == 1  # no SQL
+    e = entry()
+    store.put("s", "k", e)
+    assert store.get("s", "k", since=version) is e  # from memory
+    assert store.flush()
+    assert store.version() != version
+    got = store.get("s", "k", since=version)  # from the file
+    assert got == e and got is not e and len(selects) == 2
+    assert store.get("s", "other", since=store.version()) is None and len(selects) == 2
+
+
 def test_other_scope_never_sees_an_entry(store):
     store.put("scope-a", "k1", entry())
     assert store.get("scope-b", "k1") is None

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from helpers import (ALL_KEYS, anthropic_client, openai_client,
-                     stream_until_final_event)
+                     stream_until_final_event, wait_for)
 from tokenpak import exchange
 
 
@@ -258,19 +258,31 @@ def test_db_holds_no_api_key(make_proxy, fake, tmp_path):
 def test_request_finishing_between_lookup_and_join_is_not_paid_twice(cached, fake,
                                                                       monkeypatch):
     """Request B misses the cache while identical request A is still in flight; A then
-    stores its answer and leaves before B joins. B must find A's answer, not call again."""
-    ask(openai_client(cached), "race")
-    real_lookup, calls = exchange.lookup, []
+    stores its answer and leaves before B joins. B must find A's answer, not call again:
+    from memory, or from the database once the writer committed it."""
+    real_lookup, calls, first = exchange.lookup, [], []
 
-    def racing_lookup(app, rt, ex):
-        calls.append(ex.key)
-        return None if len(calls) == 1 else real_lookup(app, rt, ex)  # the first raced
+    def racing_lookup(app, rt, ex, since=None):
+        calls.append(since)
+        if len(calls) == 1:  # B's lookup missed; A runs from start to end meanwhile
+            thread = threading.Thread(target=lambda: first.append(ask(openai_client(cached), text)))
+            thread.start()
+            thread.join()
+            assert wait_for(lambda: len(app.coalescer) == 0)  # A has left: B cannot follow it
+            if committed:
+                assert rt.cache.store.flush()
+            return None
+        return real_lookup(app, rt, ex, since)
 
     monkeypatch.setattr(exchange, "lookup", racing_lookup)
-    again = ask(openai_client(cached), "race")
-    assert again.headers["x-tokenpak-cache"] == "hit"
-    assert len(calls) == 2
-    assert fake.count("/chat/completions") == 1
+    for committed in (False, True):
+        calls.clear()
+        text = "race %s" % committed
+        again = ask(openai_client(cached), text)
+        assert first.pop().headers["x-tokenpak-cache"] == "miss"
+        assert again.headers["x-tokenpak-cache"] == "hit"
+        assert len(calls) == 4  # B, A, A's re-check, B's re-check
+    assert fake.count("/chat/completions") == 2
 
 
 @pytest.mark.parametrize("round_", range(20))

@@ -251,6 +251,7 @@ class CacheStore:
         self._idle = threading.Condition(self._lock)
         self._pending, self._queue, self._pending_bytes = {}, deque(), 0
         self._writing = False
+        self._settled = 0  # writer batches settled: see version()
         self._touched = {}
         self._readers = []
         self._read_retry_at = 0.0
@@ -266,13 +267,22 @@ class CacheStore:
 
     # -- hot path ------------------------------------------------------------
 
-    def get(self, scope: str, key: str):
-        """The fresh Entry for (scope, key), or None (missing, expired, or DB unusable)."""
+    def get(self, scope: str, key: str, since=None):
+        """The fresh Entry for (scope, key), or None (missing, expired, or DB unusable).
+
+        `since`: a version() taken before an earlier get() of the same (scope, key) that
+        missed. Only entries this process put since then are looked for: they are in
+        memory, or the version moved on and the database is asked. Saves the SELECT of a
+        re-check (exchange.run) that almost always misses; entries another worker
+        committed in between are not looked for (its identical requests are not
+        coalesced with ours either)."""
         try:
             now = self.clock()
             entry = self._pending.get((scope, key))
             if entry is not None:
                 return entry if now < entry.created + self.ttl else None
+            if since is not None and since == self._settled:  # read after _pending: see _write_batch
+                return None
             if self._closed or time.monotonic() < self._read_retry_at:
                 return None
             row = self._select(scope, key)
@@ -286,6 +296,11 @@ class CacheStore:
         except Exception as exc:
             self._read_failed(exc)
             return None
+
+    def version(self) -> int:
+        """Grows before any entry put in this process leaves memory for the database
+        (see get's `since`)."""
+        return self._settled
 
     def put(self, scope: str, key: str, entry: Entry) -> None:
         """Queue `entry` for the writer thread; readable from memory at once."""
@@ -392,6 +407,9 @@ class CacheStore:
                 retry = self._commit(batch, touched, final)
         finally:
             with self._lock:
+                # Before any entry leaves _pending: a get(since=...) that no longer finds
+                # it in memory then sees a new version and asks the database.
+                self._settled += 1
                 for item in reversed(batch):
                     scope, key, entry, size = item
                     if self._pending.get((scope, key)) is not entry:

@@ -264,15 +264,15 @@ _SCOPES = {}
 MAX_SCOPES = 1024
 
 
-def lookup(app, rt, ex):
+def lookup(app, rt, ex, since=None):
     """The cache entry for this request's credential. In shared mode all keys read one
     scope, but only keys that this route's configured provider has itself accepted (a 2xx
-    it answered, see record): a rejected key never gets a hit."""
+    it answered, see record): a rejected key never gets a hit. `since`: see CacheStore.get."""
     if rt.cache.shared:
         if (ex.scope, ex.route.provider) not in app.verified_scopes:
             return None
-        return rt.cache.store.get("shared", ex.key)
-    return rt.cache.store.get(ex.scope, ex.key)
+        return rt.cache.store.get("shared", ex.key, since)
+    return rt.cache.store.get(ex.scope, ex.key, since)
 
 
 # -- 2. cache and coalescing --------------------------------------------------------------
@@ -286,13 +286,16 @@ def run(out, app, rt, ex):
     if ex.key is None:
         forward(out, app, rt, ex, None)
         return
+    version = rt.cache.store.version()  # before the lookup: see CacheStore.get
     entry = None if ex.no_cache else lookup(app, rt, ex)
     if entry is None:
         flight, leader = app.coalescer.join(ex.scope + ex.key)
         if leader and not ex.no_cache:
             # An identical request may have finished between our lookup and the join: its
             # answer is in the cache now, and asking the provider again would be paid twice.
-            entry = lookup(app, rt, ex)
+            # It was put by this process (the coalescer is per process): no SELECT unless
+            # the writer moved entries from memory to the database since our lookup.
+            entry = lookup(app, rt, ex, since=version)
             if entry is not None:
                 app.coalescer.done(ex.scope + ex.key, flight)
     if entry is not None:
