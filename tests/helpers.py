@@ -135,9 +135,10 @@ def wait_for(condition, timeout=WAIT, interval=0.01):
 
 
 def accounting_rows(proxy, count=None):
-    """The accounting rows of an in-process tokenpak, as dicts in arrival order. A row is
-    queued just after its response has gone out, so the client can be ahead of it: wait
-    until `count` requests are done (or, without `count`, until no handler is busy)."""
+    """The accounting rows of an in-process tokenpak, as dicts in the order their requests
+    began (db_rows says why). A row is queued just after its response has gone out, so the
+    client can be ahead of it: wait until `count` requests are done (or, without `count`,
+    until no handler is busy)."""
     if count is None:
         assert wait_for(lambda: not proxy.app.active)
     else:
@@ -146,14 +147,19 @@ def accounting_rows(proxy, count=None):
 
 
 def db_rows(proxy):
-    """The accounting rows the writer has flushed so far (none when there is no DB yet)."""
+    """The accounting rows the writer has flushed so far (none when there is no DB yet), in
+    the order their requests began: a row's id is the order the handler threads queued them
+    after answering, and a client's next request can overtake the previous one's row while
+    that thread waits for the GIL. A row's `ts` and `latency_ms` are taken together at its
+    end, so their difference is its start."""
     proxy.app.recorder.flush()
     if not os.path.exists(proxy.app.db_path):
         return []
     conn = sqlite3.connect(proxy.app.db_path)
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute("select * from requests order by id")]
+        return [dict(r) for r in conn.execute(
+            "select * from requests order by ts - coalesce(latency_ms, 0) / 1000.0, id")]
     finally:
         conn.close()
 

@@ -425,8 +425,15 @@ def test_health_and_status_report_accounting_that_cannot_be_written(capsys, make
     running = make_proxy()  # db.path is tmp_path/state/tokenpak.db
     with urllib.request.urlopen(running.url + "/health") as response:
         assert json.loads(response.read())["status"] == "ok"
-    shutil.rmtree(str(tmp_path / "state"), ignore_errors=True)  # made on the first write
-    (tmp_path / "state").write_text("")  # a path component is now a file
+    # a path component becomes a file; the writer re-creates a missing DB (and its directory)
+    # on its own, so it may win the race between the two steps: then try again
+    for _ in range(50):
+        shutil.rmtree(str(tmp_path / "state"), ignore_errors=True)
+        try:
+            (tmp_path / "state").write_text("")
+            break
+        except IsADirectoryError:
+            continue
     with urllib.request.urlopen(running.url + "/health") as response:
         health = json.loads(response.read())
     assert health["status"] == "degraded"

@@ -27,14 +27,19 @@ def traffic(make_proxy, fake, monkeypatch):
     proxy = make_proxy(**{"proxy.max_request_bytes": 4096})
     monkeypatch.setenv("TOKENPAK_DB", proxy.app.db_path)
     tagged = openai_client(proxy, default_headers={"X-TokenPak-Tag": "proj-a"})
+    # each row waited for before the next request, so the DB's order (which `logs` shows)
+    # is the order they were sent in
     tagged.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    accounting_rows(proxy, 1)
     list(tagged.chat.completions.create(model="gpt-4o-2024-08-06", messages=MESSAGES, stream=True))
+    accounting_rows(proxy, 2)
     anthropic_client(proxy).messages.create(model="claude-sonnet-4-6", max_tokens=20,
                                             messages=MESSAGES,
                                             extra_headers={"X-TokenPak-Tag": "proj-b"})
+    accounting_rows(proxy, 3)
     with pytest.raises(openai.RateLimitError):
         tagged.chat.completions.create(model="fake-429", messages=MESSAGES)
-    accounting_rows(proxy, 4)  # recorded in this order
+    accounting_rows(proxy, 4)
     response, _ = raw_request(proxy, "POST", "/v1/chat/completions", b"x" * 5000,
                               {"Authorization": "Bearer " + OPENAI_KEY})
     rows = accounting_rows(proxy, 5)
