@@ -4,6 +4,7 @@ import json
 
 from pathlib import Path
 
+import openai
 import pytest
 
 from fakeprovider import usage_for
@@ -93,7 +94,7 @@ def test_free_endpoints_cost_zero_and_unknown_prices_count_as_unpriced(proxy, fa
     oa.chat.completions.create(model="gpt-4o", messages=MESSAGES,
                                extra_body={"model": "my-finetune-x"})
     oa.post("/embeddings", body={"input": "x"}, cast_to=object)
-    accounting_rows(proxy, 4)  # a row is queued just after its answer went out
+    accounting_rows(proxy, 4)  # the writer has them all
     stats = json.loads(proxy.get("/stats")[2])
     assert stats["unpriced_requests"] == 2
     by_model = stats["by_model"]
@@ -210,3 +211,33 @@ def test_client_leaving_right_after_the_final_event_is_accounted(proxy, fake):
     assert row["complete"] == 1 and row["error"] is None
     assert row["input_tokens"] == usage_for({"messages": MESSAGES})
     assert row["output_tokens"] == ANSWER_WORDS and row["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_is_counted_before_its_client_has_the_answer(make_proxy, fake, monkeypatch,
+                                                               stream):
+    """Read-your-writes: once the SDK has its answer, /metrics, /stats and the budgets count
+    the request, however late its thread gets to the rest of its bookkeeping (here, half a
+    second late: with thousands of threads on one GIL, a 20 ms switch interval is normal)."""
+    import time
+    from tokenpak import proxy as proxy_module
+    finish = proxy_module.Handler.finish_exchange
+
+    def late(handler):
+        time.sleep(0.5)
+        finish(handler)
+
+    monkeypatch.setattr(proxy_module.Handler, "finish_exchange", late)
+    proxy = make_proxy(**{"pricing.gpt-4o.input": 1000000, "pricing.gpt-4o.output": 1000000,
+                          "budget.daily_usd": 1})
+    client = openai_client(proxy)
+    answer = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=stream)
+    if stream:
+        list(answer)
+    metrics = proxy.get("/metrics")[2].decode()
+    assert ('tokenpak_requests_total{provider="openai",model="gpt-4o",status="200",'
+            'cache="bypass"} 1') in metrics, metrics
+    assert json.loads(proxy.get("/stats")[2])["requests"] == 1
+    with pytest.raises(openai.RateLimitError):  # that one request spent the $1 budget
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert len(fake.requests) == 1

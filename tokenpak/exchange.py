@@ -68,7 +68,7 @@ class Exchange:
                  "sent", "error", "ttfb", "request", "forward_body", "compressed", "cache",
                  "scope", "key", "streamed", "usage", "model", "complete", "drop_usage",
                  "no_store", "no_cache", "local", "priced", "tag", "bad_tag", "key_id",
-                 "_json", "parsed")
+                 "_json", "parsed", "recorded")
 
     def __init__(self, method, path, headers, body):
         self.method = method
@@ -94,6 +94,7 @@ class Exchange:
         self.drop_usage = False
         self.no_store = self.no_cache = False
         self.local = False              # a local endpoint's answer: logged, not recorded
+        self.recorded = False           # its row is queued (Handler.settle)
         self.priced = None              # (price inputs, figures) the footer computed
         self._json = False              # not parsed yet
         self.parsed = None              # jsonbody.Body: the JSON value and its spans

@@ -299,7 +299,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not ex.status and not ex.error:
             ex.error = "no answer: the client's connection closed or timed out"
         self.log_exchange(ex)
-        if not ex.local:
+        if not ex.local and not ex.recorded:
+            exchange.record(self.server.app, self.rt, ex)
+
+    def settle(self):
+        """Queue the exchange's accounting row just before the last bytes of its answer go
+        out. A client that has its whole answer then finds the request in /stats,
+        /metrics and `tokenpak logs`, and its next request is checked against budgets that
+        count this one: read-your-writes, as the cache has it (exchange.relay_stream).
+        Answers that end otherwise (a client gone, a close-delimited body) are recorded by
+        finish_exchange."""
+        ex = self.exchange
+        if ex is not None and not ex.local and not ex.recorded:
+            ex.recorded = True
             exchange.record(self.server.app, self.rt, ex)
 
     def parse_request(self):
@@ -482,9 +494,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """A complete answer with its length, headers and body in one send; body None: the
         head alone (HEAD, 204, 304), whose headers already say any length."""
         if body is None:
+            self.settle()
             self.write_head(status, headers, None)
             return
         self.exchange.sent = len(body)
+        self.settle()
         self.write_head(status, headers, str(len(body)), body)
 
     def start(self, status, headers):
@@ -507,6 +521,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def end(self):
+        self.settle()
         if self.chunked:
             try:
                 self.send_now(b"0\r\n\r\n")
@@ -565,6 +580,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ex = getattr(self, "exchange", None)
         if ex is not None:
             ex.status, ex.sent = status, 0 if self.command == "HEAD" else len(body)
+        self.settle()
         self.write_head(status, headers, str(len(body)), body)
 
     def fail(self, status, message, close=False, extra=()):
