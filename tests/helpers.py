@@ -137,8 +137,8 @@ def wait_for(condition, timeout=WAIT, interval=0.01):
 def accounting_rows(proxy, count=None):
     """The accounting rows of an in-process tokenpak, as dicts in the order their requests
     began (db_rows says why), once `count` requests are done (without `count`: once no
-    handler is busy). A row is queued before its client has the answer (Handler.settle),
-    except for an answer that ends otherwise (a client gone, a close-delimited body)."""
+    handler is busy). An answer with the provider's usage queues its row before its client
+    has it (Handler.settle); other rows come just after."""
     if count is None:
         assert wait_for(lambda: not proxy.app.active)
     else:
@@ -149,8 +149,8 @@ def accounting_rows(proxy, count=None):
 def db_rows(proxy):
     """The accounting rows the writer has flushed so far (none when there is no DB yet), in
     the order their requests began: a row's id is the order the handler threads queued
-    them, which for answers that end without Handler.settle (a client that hung up) is
-    after the client may have sent its next request. A row's `ts` and `latency_ms` are
+    them, which for rows queued after the answer (see Handler.settle) can be after the
+    client's next request. A row's `ts` and `latency_ms` are
     taken together at its end, so their difference is its start."""
     proxy.app.recorder.flush()
     if not os.path.exists(proxy.app.db_path):

@@ -1,8 +1,8 @@
 """Per-request accounting: one row per proxied request, written off the hot path.
 
-A handler thread calls `Recorder.record(row)` with a plain dict just before the last bytes
-of its answer go out (proxy.Handler.settle: a client that has its answer finds it counted)
-and goes on; the call prices the row once (`figures`: a memoised price lookup and a few multiplications) and puts it on a
+A handler thread calls `Recorder.record(row)` with a plain dict, for an answer with the
+provider's usage just before its last bytes go out (proxy.Handler.settle says why), and goes
+on; the call prices the row once (`figures`: a memoised price lookup and a few multiplications) and puts it on a
 bounded queue (it never blocks and never raises). The priced row is what the DB stores and
 what /metrics counts: nothing else computes a request's cost. One writer thread drains the
 queue and writes rows in batches, one transaction per batch (`db.Writer`), to the

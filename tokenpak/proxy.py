@@ -307,12 +307,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         out. A client that has its whole answer then finds the request in /stats,
         /metrics and `tokenpak logs`, and its next request is checked against budgets that
         count this one: read-your-writes, as the cache has it (exchange.relay_stream).
-        Answers that end otherwise (a client gone, a close-delimited body) are recorded by
-        finish_exchange."""
+        finish_exchange records the rest after the answer: those that end otherwise (a
+        client gone, a close-delimited body), and a parsed request without the provider's
+        usage (an error, a refusal), whose row counts the prompt's tokens itself: that can
+        wait for the tokenizer to load, and such a row costs nothing, so no budget or bill
+        is behind by it."""
         ex = self.exchange
-        if ex is not None and not ex.local and not ex.recorded:
-            ex.recorded = True
-            exchange.record(self.server.app, self.rt, ex)
+        if ex is None or ex.local or ex.recorded or (ex.usage is None
+                                                     and ex.compressed is not None):
+            return
+        ex.recorded = True
+        exchange.record(self.server.app, self.rt, ex)
 
     def parse_request(self):
         """The request line and headers, read strictly (framing.py says why); False after
