@@ -16,7 +16,7 @@ import pytest
 
 from helpers import (ANTHROPIC_KEY, OPENAI_KEY, RunningProxy, accounting_rows,
                      anthropic_client, open_stream, openai_client, proxy_settings, raw_request,
-                     wait_for)
+                     run_cli, wait_for)
 from tokenpak import budget, config as configmod
 from tokenpak.cache import load_secret, scope_id
 from tokenpak.errors import TokenpakError
@@ -248,6 +248,45 @@ def test_stats_metrics_and_the_warning_at_80_percent(make_proxy, fake, caplog):
     used = re.search(r'tokenpak_budget_used_ratio\{scope="tag",name="alpha",period="daily"\} '
                      r'(\S+)', metrics)
     assert float(used.group(1)) == pytest.approx(tag["used"])
+
+
+def test_stats_command_shows_the_budgets_the_proxy_enforces(make_proxy, fake, capsys,
+                                                           monkeypatch):
+    """`tokenpak stats` reads the budgets' spend from the database: the same figures the
+    running proxy refuses by, so a user who got a 429 sees why without the daemon."""
+    settings = {"budget.tags.alpha.daily_usd": 5, "budget.monthly_usd": 1000}
+    proxy = make_proxy(**DEAR, **settings)
+    chat(proxy, tag="alpha")
+    with pytest.raises(openai.RateLimitError):
+        chat(proxy, tag="alpha")
+    chat(proxy, tag="beta")
+    expected = json.loads(proxy.get("/stats")[2])["budgets"]  # and the rows are written
+    assert [e["exhausted"] for e in expected] == [False, True]
+    monkeypatch.setenv("TOKENPAK_DB", proxy.app.db_path)
+    for key, value in settings.items():
+        assert run_cli(capsys, "config", "set", key, str(value))[0] == 0
+    status, out, err = run_cli(capsys, "stats", "--json")
+    assert status == 0 and err == ""
+    assert json.loads(out)["budgets"] == expected
+    status, out, err = run_cli(capsys, "stats", "--by", "tag")
+    assert status == 0 and err == ""
+    header, rule, *lines = out.split("\n\n")[-1].splitlines()
+    assert header.split() == ["Budget", "Period", "Limit", "Spent", "Used", "Resets"]
+    (glob, tag) = expected
+    assert lines[0].split()[:5] == ["global", "monthly", "$1,000.00",
+                                    "${:,.2f}".format(glob["spent_usd"]),
+                                    "%.0f%%" % (glob["used"] * 100)]
+    assert lines[1].split()[:6] == ["tag", "'alpha'", "daily", "$5.00",
+                                    "${:,.2f}".format(tag["spent_usd"]),
+                                    "%.0f%%" % (tag["used"] * 100)]
+    assert lines[1].endswith("exhausted: refusing") and not lines[0].endswith("refusing")
+    assert tag["resets_at"].replace("T", " ")[:16] in lines[1]
+    # no database yet: the budgets, nothing spent
+    monkeypatch.setenv("TOKENPAK_DB", str(proxy.app.db_path) + ".none")
+    status, out, _ = run_cli(capsys, "stats")
+    assert status == 0 and "no accounting database" in out
+    assert [line.split()[-4] for line in out.split("\n\n")[-1].splitlines()[2:]] == [
+        "$0.00", "$0.00"]  # spent, before used and the reset's date and time
 
 
 def test_another_process_spend_is_seen_without_a_request(make_proxy, fake, tmp_path):

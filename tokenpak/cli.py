@@ -243,23 +243,31 @@ def cmd_service_uninstall(args):
 def cmd_stats(args):
     from . import stats
     since = stats.parse_since(args.since) if args.since else None
+    from .budget import Budgets
     config = load_config()
     db = config.get("db.path")
+    budgets = stats.budget_report(db, Budgets.from_config(config))
     if not os.path.exists(db) and not args.json:
         print("no accounting database at %s yet: tokenpak has recorded no request" % db)
         hint = _other_db_hint(db)
         if hint:
             print(hint)
+    elif args.json:
+        print(json.dumps({"summary": stats.summary(db, since), "rows":
+                          stats.report(db, since, args.by, config.key_names()),
+                          "budgets": budgets}, indent=2))
         return ExitStatus.OK
-    rows = stats.report(db, since, args.by, config.key_names())
-    if args.json:
-        print(json.dumps({"summary": stats.summary(db, since), "rows": rows}, indent=2))
-        return ExitStatus.OK
-    if not rows:
-        print("no requests recorded %s in %s" % (stats.describe_since(args.since, since), db)
-              if since else "no requests recorded in %s" % db)
-        return ExitStatus.OK
-    print(stats.format_table(rows))
+    else:
+        rows = stats.report(db, since, args.by, config.key_names())
+        if not rows:
+            print("no requests recorded %s in %s" % (stats.describe_since(args.since, since),
+                                                     db)
+                  if since else "no requests recorded in %s" % db)
+        else:
+            print(stats.format_table(rows))
+    if budgets:
+        print()
+        print(stats.format_budgets(budgets))
     return ExitStatus.OK
 
 

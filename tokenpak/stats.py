@@ -356,6 +356,47 @@ def _cell(column, value):
     return printable(value)
 
 
+def budget_report(db_path: str, budgets) -> list:
+    """Each configured budget's state, from the DB, as /stats has it (budget.Ledger): the
+    proxy keeps it in memory, and a user who got a 429 asks the CLI, not the daemon. The
+    spend is that of the current local day and month, whatever --since says. [] without
+    budgets; zero spend without a database yet."""
+    from .budget import Ledger
+    if budgets is None:
+        return []
+    ledger = Ledger()
+    conn = _connect(db_path)
+    if conn is not None:
+        try:
+            ledger.seed(conn)
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):  # a DB with a cache and no requests yet
+                raise unreadable(db_path, exc) from None
+        except sqlite3.Error as exc:
+            raise unreadable(db_path, exc) from None
+        finally:
+            conn.close()
+    return ledger.report(budgets)
+
+
+def format_budgets(rows: list) -> str:
+    """The budgets as a text table: which, its period, limit, spend, share used and when
+    it resets (local time); an exhausted one says that requests under it are refused."""
+    from .budget import Limit, label
+    table = [["Budget", "Period", "Limit", "Spent", "Used", "Resets"]]
+    for r in rows:
+        table.append([printable(label(Limit(r["scope"], r["name"], r["period"], 0))),
+                      r["period"], _money(r["limit_usd"]), _money(r["spent_usd"]),
+                      "%.0f%%" % (r["used"] * 100), r["resets_at"].replace("T", " ")[:16]
+                      + ("  exhausted: refusing" if r["exhausted"] else "")])
+    widths = [max(len(line[i]) for line in table) for i in range(5)]
+    lines = ["  ".join([line[0].ljust(widths[0]), line[1].ljust(widths[1])]
+                       + [v.rjust(w) for v, w in zip(line[2:5], widths[2:5])] + [line[5]])
+             for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 16)
+    return "\n".join(lines)
+
+
 def format_table(rows: list) -> str:
     """Rows of dicts as an aligned text table with a totals row (first column is the label)."""
     if not rows:
