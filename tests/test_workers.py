@@ -109,7 +109,8 @@ def test_sigterm_drains_a_slow_stream_and_exits_0(spawn_tokenpak):
     assert text.startswith("Echo: " + words)
     assert process.wait(30) == 0
     err = process.stderr.read().decode()
-    assert "SIGTERM: stopping 2 workers" in err and "Traceback" not in err
+    assert "SIGTERM: finishing in-flight requests in 2 workers" in err
+    assert "Traceback" not in err
 
 
 def test_ready_reaches_systemd_from_the_parent_once_every_worker_listens(
@@ -127,10 +128,13 @@ def test_ready_reaches_systemd_from_the_parent_once_every_worker_listens(
     assert notify_socket.recv(4096).startswith(b"STOPPING=1")
     assert process.wait(30) == 0
     err = process.stderr.read().decode()
-    # each worker logs that it listens before it tells the parent; the parent's line comes last
-    lines = err.splitlines()
-    parent_line = next(i for i, l in enumerate(lines) if "2 workers listening" in l)
-    assert sum("tokenpak" in l and " listening on " in l for l in lines[:parent_line]) == 2
+    # the parent says it for all of them: one line to start, one to stop, none per worker
+    assert [l.split(" INFO ", 1)[1] for l in err.splitlines() if "listening on" in l
+            or "stop" in l] == [
+        "2 workers listening on %s" % process.url,
+        "SIGTERM: finishing in-flight requests in 2 workers, then stopping (press Ctrl-C "
+        "again to exit at once)",
+        "tokenpak stopped"]
     notify_socket.settimeout(0.2)
     try:
         extra = notify_socket.recv(4096)

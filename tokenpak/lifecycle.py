@@ -61,6 +61,7 @@ def run(overrides, detach=False):
     if not detach:
         setup_logging(None, level, journal=systemd.under_journal())
         if configmod.worker_count(config) > 1:
+            warn_if_exposed(config, host)
             return workers.run(config, serve, reload=load, listen_socket=listen_socket)
         return serve(config, listen_socket=listen_socket, reload=load)
     log_file = config.get("proxy.log_file")
@@ -74,6 +75,7 @@ def run(overrides, detach=False):
             daemon.record_address(pid_file, daemon.base_url(*address[:2]))
             ready()
         if configmod.worker_count(config) > 1:
+            warn_if_exposed(config, host)
             return workers.run(config, serve, reload=load, on_ready=on_ready)
         return serve(config, on_ready=lambda server: on_ready(server.server_address),
                      reload=load)
@@ -128,20 +130,21 @@ def raise_open_files_limit():
             pass
 
 
-def serve(config, on_ready=None, listen_socket=None, reload=None):
+def serve(config, on_ready=None, listen_socket=None, reload=None, worker=False):
     """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
 
-    `reload()` returns the config to apply on SIGHUP (None: SIGHUP keeps its default)."""
+    `reload()` returns the config to apply on SIGHUP (None: SIGHUP keeps its default).
+    A `worker` of proxy.workers logs its start and stop at the debug level: the
+    supervisor says it once for all of them."""
     check_exposure(config, listening_host(config, listen_socket))
     server = create_server(config, listen_socket)
     host, port = server.server_address[:2]
-    if not server.loopback:
-        log.warning("listening on %s: anyone who can reach this address can use the proxy "
-                    "and the cache%s", host, "" if config.get("proxy.auth_token")
-                    else "; set proxy.auth_token to require a token")
+    announce = logging.DEBUG if worker else logging.INFO
+    if not worker:
+        warn_if_exposed(config, host)  # for workers, run() said it before they started
     if threading.current_thread() is threading.main_thread():
-        install_signal_handlers(server, reload)
-    log.info("tokenpak %s listening on http://%s:%d", __version__, host, port)
+        install_signal_handlers(server, reload, announce)
+    log.log(announce, "tokenpak %s listening on http://%s:%d", __version__, host, port)
     if on_ready is not None:
         on_ready(server)
     systemd.ready("listening on %s:%d" % (host, port))
@@ -160,11 +163,19 @@ def serve(config, on_ready=None, listen_socket=None, reload=None):
         if watchdog is not None:
             watchdog.stop()
         server.app.close()
-        log.info("tokenpak stopped")
+        log.log(announce, "tokenpak stopped")
     return 0
 
 
-def install_signal_handlers(server, reload):
+def warn_if_exposed(config, host):
+    """Say so when the address is beyond loopback (check_exposure let it through)."""
+    if not is_loopback(host):
+        log.warning("listening on %s: anyone who can reach this address can use the proxy "
+                    "and the cache%s", host, "" if config.get("proxy.auth_token")
+                    else "; set proxy.auth_token to require a token")
+
+
+def install_signal_handlers(server, reload, announce=logging.INFO):
     stopping = []
 
     def stop(signum, frame):
@@ -174,8 +185,8 @@ def install_signal_handlers(server, reload):
             logging.shutdown()
             os._exit(1)
         stopping.append(signum)
-        log.info("%s: finishing in-flight requests, then stopping (press Ctrl-C again to "
-                 "exit at once)", name)
+        log.log(announce, "%s: finishing in-flight requests, then stopping (press Ctrl-C "
+                "again to exit at once)", name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     def hangup(signum, frame):

@@ -134,7 +134,7 @@ class Supervisor:
             _watch_parent(parent)
 
         return self.serve(self.config, on_ready=on_ready, listen_socket=self.sock,
-                          reload=self.reload)
+                          reload=self.reload, worker=True)
 
     def reap(self):
         """Collect exited workers; returns the pids of ours that were lost."""
@@ -243,8 +243,8 @@ class Supervisor:
     def _stop(self):
         systemd.stopping()
         name = signal.Signals(self.stop_signal).name
-        log.info("%s: stopping %d workers (in-flight requests finish first; press Ctrl-C "
-                 "again to exit at once)", name, len(self.pids))
+        log.info("%s: finishing in-flight requests in %d workers, then stopping (press "
+                 "Ctrl-C again to exit at once)", name, len(self.pids))
         self._signal_all(signal.SIGTERM)
         grace = float(self.config.get("proxy.shutdown_grace_seconds")) + KILL_MARGIN
         if not self._wait(grace):
