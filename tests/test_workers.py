@@ -76,17 +76,25 @@ def test_a_killed_worker_is_replaced(spawn_tokenpak):
     assert "worker %d exited (killed by SIGKILL); starting another" % victim in err.decode()
 
 
-def test_sighup_reaches_every_worker(spawn_tokenpak, isolated_env):
-    process = spawn_tokenpak("serve", "--workers", "2")
+def test_sighup_reaches_every_worker_before_systemd_hears_ready(
+        spawn_tokenpak, notify_socket, fake, isolated_env):
+    """`systemctl reload` returns at READY=1: from then on every answer, whichever worker
+    gives it, has the new settings (each worker confirms on the ready pipe first)."""
+    env = tokenpak_env(fake.url, isolated_env, NOTIFY_SOCKET=os.environ["NOTIFY_SOCKET"])
+    process = spawn_tokenpak("serve", "--workers", "2", env=env, wait=False)
+    assert notify_socket.recv(4096).startswith(b"READY=1")
+    wait_healthy(process.url, process=process)
     workers = wait_for(lambda: len(children(process.pid)) == 2 and children(process.pid))
     assert "[tokenpak]" in ask(process.url, "before")  # the footer is on by default
     config = isolated_env / ".tokenpak" / "config.json"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(json.dumps({"footer": {"enabled": False}}))
     process.send_signal(signal.SIGHUP)
-    # Every answer, whichever worker gives it, has lost its footer: both reloaded.
-    assert wait_for(lambda: all(ask(process.url, "r%d" % i) == "Echo: r%d" % i
-                                for i in range(20)))
+    assert notify_socket.recv(4096).startswith(b"RELOADING=1")
+    assert notify_socket.recv(4096).startswith(b"READY=1")
+    # at once, no waiting: every answer has lost its footer, in both workers
+    assert [ask(process.url, "r%d" % i) for i in range(20)] == [
+        "Echo: r%d" % i for i in range(20)]
     assert children(process.pid) == workers  # reloaded in place, not restarted
     process.terminate()
     _, err = process.communicate(timeout=30)

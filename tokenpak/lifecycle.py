@@ -130,12 +130,14 @@ def raise_open_files_limit():
             pass
 
 
-def serve(config, on_ready=None, listen_socket=None, reload=None, worker=False):
+def serve(config, on_ready=None, listen_socket=None, reload=None, worker=False,
+          on_reload=None):
     """Run the proxy in the foreground until SIGTERM/SIGINT; returns the exit code.
 
-    `reload()` returns the config to apply on SIGHUP (None: SIGHUP keeps its default).
-    A `worker` of proxy.workers logs its start and stop at the debug level: the
-    supervisor says it once for all of them."""
+    `reload()` returns the config to apply on SIGHUP (None: SIGHUP keeps its default), and
+    `on_reload()` is called once a reload is over, applied or refused. A `worker` of
+    proxy.workers logs its start and stop at the debug level: the supervisor says it once
+    for all of them."""
     check_exposure(config, listening_host(config, listen_socket))
     server = create_server(config, listen_socket)
     host, port = server.server_address[:2]
@@ -143,7 +145,7 @@ def serve(config, on_ready=None, listen_socket=None, reload=None, worker=False):
     if not worker:
         warn_if_exposed(config, host)  # for workers, run() said it before they started
     if threading.current_thread() is threading.main_thread():
-        install_signal_handlers(server, reload, announce)
+        install_signal_handlers(server, reload, announce, on_reload)
     log.log(announce, "tokenpak %s listening on http://%s:%d", __version__, host, port)
     if on_ready is not None:
         on_ready(server)
@@ -175,7 +177,7 @@ def warn_if_exposed(config, host):
                     else "; set proxy.auth_token to require a token")
 
 
-def install_signal_handlers(server, reload, announce=logging.INFO):
+def install_signal_handlers(server, reload, announce=logging.INFO, on_reload=None):
     stopping = []
 
     def stop(signum, frame):
@@ -190,7 +192,8 @@ def install_signal_handlers(server, reload, announce=logging.INFO):
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     def hangup(signum, frame):
-        threading.Thread(target=reload_config, args=(server, reload), daemon=True).start()
+        threading.Thread(target=reload_config, args=(server, reload, on_reload),
+                         daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -198,12 +201,13 @@ def install_signal_handlers(server, reload, announce=logging.INFO):
         signal.signal(signal.SIGHUP, hangup)
 
 
-def reload_config(server, load):
+def reload_config(server, load, done=None):
     """SIGHUP: apply the config file again; log what changed and what needs a restart.
 
     `server.app.reload(config)` applies it whole or raises TokenpakError and changes
-    nothing. Whatever happens, systemd hears READY=1 again: after RELOADING=1 it would
-    otherwise show the service as reloading for good."""
+    nothing. Whatever happens, systemd hears READY=1 again (after RELOADING=1 it would
+    otherwise show the service as reloading for good), and `done()` is called: a worker
+    tells its supervisor, which tells systemd once every worker has."""
     systemd.reloading()
     try:
         old, new = server.app.runtime.config, load()
@@ -215,6 +219,8 @@ def reload_config(server, load):
         log.exception("reload failed, keeping the running settings")
     finally:
         systemd.ready()
+        if done is not None:
+            done()
 
 
 def log_changes(old, new):

@@ -11,8 +11,10 @@ server on it (the kernel hands each connection to one of them), and supervises:
 - SIGHUP: the parent re-reads the config (a broken file is reported once, here) and
   forwards SIGHUP, so every worker reloads its own runtime snapshot;
 - systemd hears only the parent (NotifyAccess=main): READY=1 once every worker said it
-  listens (one byte each on a pipe), RELOADING=1/READY=1 around a reload, STOPPING=1,
-  and WATCHDOG=1 from the supervising loop while it runs.
+  listens (a line each on a pipe), RELOADING=1, then READY=1 once every worker said on
+  the same pipe that it applied the reload (so `systemctl reload` returns when the next
+  request gets the new settings, whichever worker takes it), STOPPING=1, and WATCHDOG=1
+  from the supervising loop while it runs.
 
 The parent never opens the database nor starts a thread before forking: each worker opens
 its own sqlite connections and requests Session after the fork (a connection or a pool
@@ -41,6 +43,7 @@ log = logging.getLogger("tokenpak")
 
 PUBLISH_SECONDS = 1.0  # how often a worker writes its /metrics figures for the others
 KILL_MARGIN = 5.0  # seconds past the grace before a draining worker is killed
+RELOAD_TIMEOUT = 10.0  # how long a reload waits for every worker to say it applied it
 START_TIMEOUT = 60.0  # every worker must listen within this after its fork
 BACKLOG = ProxyServer.request_queue_size  # the same accept queue as one process
 
@@ -77,6 +80,7 @@ class Supervisor:
         self.count = configmod.worker_count(config)
         self.pids = set()
         self.ready = set()  # workers that said they listen (their pid, on the pipe)
+        self.reloaded = set()  # workers that said they applied the last SIGHUP ("r<pid>")
         self.start_error = None  # (message, hint) from a worker that could not start
         self._partial = b""
         self.ready_r, self.ready_w = os.pipe()
@@ -105,13 +109,13 @@ class Supervisor:
             os._exit(code)
 
     def _tell_parent(self, exc):
-        """A worker that cannot start says why on the ready pipe (if it still has it), so
-        the parent fails with the worker's own message and hint, as one process would."""
+        """A worker that cannot start says why on the ready pipe, so the parent fails with
+        the worker's own message and hint, as one process would."""
         line = json.dumps({"message": exc.message, "hint": exc.hint})
         try:
             os.write(self.ready_w, b"!" + line.encode() + b"\n")
         except OSError:
-            pass  # it listened already and closed the pipe: the log line above says it
+            pass  # the parent is gone: the log line above says it
 
     def _worker(self):
         """In the child: forget the parent's role, serve until SIGTERM, return the exit code."""
@@ -130,11 +134,16 @@ class Supervisor:
             if metrics_dir is not None:
                 server.app.peers = Peers(metrics_dir, server.app, parent, started)
             os.write(ready_w, b"%d\n" % os.getpid())
-            os.close(ready_w)
             _watch_parent(parent)
 
+        def on_reload():
+            try:
+                os.write(ready_w, b"r%d\n" % os.getpid())
+            except OSError:
+                pass  # the parent is gone; _watch_parent stops us
+
         return self.serve(self.config, on_ready=on_ready, listen_socket=self.sock,
-                          reload=self.reload, worker=True)
+                          reload=self.reload, worker=True, on_reload=on_reload)
 
     def reap(self):
         """Collect exited workers; returns the pids of ours that were lost."""
@@ -179,7 +188,7 @@ class Supervisor:
         watchdog = _watchdog_interval()
         pinged = 0.0
         while self.stop_signal is None:
-            select.select([self.ready_r], [], [], 0.5)  # wakes on a signal too
+            select.select([self.ready_r], [], [], 0.5)  # a signal writes to the pipe
             self._read_ready(0)
             for pid in self.reap():
                 self.ready.discard(pid)
@@ -224,6 +233,8 @@ class Supervisor:
                 if line.startswith(b"!"):
                     said = json.loads(line[1:])
                     self.start_error = (said["message"], said["hint"])
+                elif line.startswith(b"r"):
+                    self.reloaded.add(int(line[1:]))
                 elif line:
                     self.ready.add(int(line))
 
@@ -231,14 +242,27 @@ class Supervisor:
         systemd.reloading()
         try:
             self.config = self.reload()  # validated here: a broken file is reported once
+            self.reloaded = set()
             self._signal_all(signal.SIGHUP)
             log.info("reload: sent to %d workers", len(self.pids))
+            self._await_reload()
         except TokenpakError as exc:
             log.error("reload failed, keeping the running settings: %s", exc.message)
         except Exception:
             log.exception("reload failed, keeping the running settings")
         finally:
             systemd.ready()
+
+    def _await_reload(self):
+        """Wait until every worker has applied the reload (or RELOAD_TIMEOUT passed)."""
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while not self.pids <= self.reloaded and time.monotonic() < deadline \
+                and self.stop_signal is None:
+            self._read_ready(0.1)
+        missing = self.pids - self.reloaded
+        if missing:
+            log.warning("reload: %d of %d workers did not confirm within %.0f s",
+                        len(missing), len(self.pids), RELOAD_TIMEOUT)
 
     def _stop(self):
         systemd.stopping()
@@ -267,6 +291,15 @@ class Supervisor:
         return not self.pids
 
     def _install_signals(self):
+        """Handlers that set a flag and wake the supervising loop: its select() on the ready
+        pipe is resumed after a handler returns (PEP 475), so without a byte on the pipe a
+        SIGHUP or SIGTERM would wait for the select's timeout."""
+        def wake():
+            try:
+                os.write(self.ready_w, b"\n")  # an empty line: _read_ready skips it
+            except OSError:
+                pass
+
         def stop(signum, frame):
             if self.stop_signal is not None:  # a second Ctrl-C: do not wait for the streams
                 log.warning("%s again: exiting now, without waiting for in-flight requests",
@@ -275,9 +308,11 @@ class Supervisor:
                 self._signal_all(signal.SIGKILL)
                 return
             self.stop_signal = signum
+            wake()
 
         def hangup(signum, frame):
             self.hangup = True
+            wake()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
