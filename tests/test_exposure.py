@@ -115,8 +115,8 @@ def test_an_activated_loopback_socket_wins_over_the_configured_host(fake, isolat
             assert wait_healthy(url, process=process)["status"] == "ok"
         finally:
             process.terminate()
-            process.communicate(timeout=15)
-    assert process.returncode == 0
+            _, err = process.communicate(timeout=15)
+    assert process.returncode == 0, err
 
 
 def test_a_reload_cannot_take_the_token_away_beyond_loopback(make_proxy, caplog):

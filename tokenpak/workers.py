@@ -44,6 +44,7 @@ log = logging.getLogger("tokenpak")
 PUBLISH_SECONDS = 1.0  # how often a worker writes its /metrics figures for the others
 KILL_MARGIN = 5.0  # seconds past the grace before a draining worker is killed
 RELOAD_TIMEOUT = 10.0  # how long a reload waits for every worker to say it applied it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 START_TIMEOUT = 60.0  # every worker must listen within this after its fork
 BACKLOG = ProxyServer.request_queue_size  # the same accept queue as one process
 
@@ -92,13 +93,17 @@ class Supervisor:
 
     # -- workers ---------------------------------------------------------------------------
     def spawn(self):
+        # Signals wait until the child has reset its handlers: a SIGTERM meant for the
+        # parent's copy of them would be taken by the child and lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS + (signal.SIGHUP,))
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             self.pids.add(pid)
             return pid
         code = 1
         try:
-            code = self._worker()
+            code = self._worker(mask)
         except TokenpakError as exc:
             log.error("worker %d: %s", os.getpid(), exc.message)
             self._tell_parent(exc)
@@ -117,13 +122,17 @@ class Supervisor:
         except OSError:
             pass  # the parent is gone: the log line above says it
 
-    def _worker(self):
+    def _worker(self, mask):
         """In the child: forget the parent's role, serve until SIGTERM, return the exit code."""
         os.setpgid(0, 0)  # a terminal's Ctrl-C is for the parent, which stops us in order
         for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
             os.environ.pop(name, None)  # only the parent talks to systemd
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        for signum in STOP_SIGNALS + (signal.SIGCHLD,):
+            signal.signal(signum, signal.SIG_DFL)  # stopped before serving: just exit
+        # A reload before serve() installs its handler: this worker was forked with the
+        # parent's config of that moment; dying of it would only cost a replacement.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(self.ready_r)
         parent = os.getppid()
         ready_w = self.ready_w
@@ -180,20 +189,18 @@ class Supervisor:
         for _ in range(self.count):
             self.spawn()
         self._await_start()
-        host, port = self.sock.getsockname()[:2]
-        log.info("%d workers listening on http://%s:%d", self.count, host, port)
-        if on_ready is not None:
-            on_ready((host, port))
-        systemd.ready("%d workers listening on %s:%d" % (self.count, host, port))
+        if self.stop_signal is None:  # else stopped while starting: drain what started
+            host, port = self.sock.getsockname()[:2]
+            log.info("%d workers listening on http://%s:%d", self.count, host, port)
+            if on_ready is not None:
+                on_ready((host, port))
+            systemd.ready("%d workers listening on %s:%d" % (self.count, host, port))
         watchdog = _watchdog_interval()
         pinged = 0.0
         while self.stop_signal is None:
             select.select([self.ready_r], [], [], 0.5)  # a signal writes to the pipe
             self._read_ready(0)
-            for pid in self.reap():
-                self.ready.discard(pid)
-                if self.stop_signal is None:
-                    self.spawn()
+            self._replace_lost()
             if self.hangup:
                 self.hangup = False
                 self._reload()
@@ -203,14 +210,15 @@ class Supervisor:
         return self._stop()
 
     def _await_start(self):
-        """Wait until every worker listens; raise TokenpakError if one dies before it
-        listened (a worker that cannot start would only die again once replaced)."""
+        """Wait until every worker listens, or a stop signal came; raise TokenpakError if
+        one dies before it listened (a worker that cannot start would only die again once
+        replaced)."""
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.pids <= self.ready:
+        while not self.pids <= self.ready and self.stop_signal is None:
             lost = self.reap()
             failed = [pid for pid in lost if pid not in self.ready]
             self.ready.difference_update(lost)
-            if failed or self.stop_signal is not None or time.monotonic() > deadline:
+            if failed or time.monotonic() > deadline:
                 self._signal_all(signal.SIGKILL)
                 self._wait(5.0)
                 if self.metrics_dir is not None:
@@ -253,12 +261,24 @@ class Supervisor:
         finally:
             systemd.ready()
 
+    def _replace_lost(self):
+        """Fork a new worker for each one that exited (none once stopping); returns the new
+        workers' pids."""
+        new = set()
+        for pid in self.reap():
+            self.ready.discard(pid)
+            if self.stop_signal is None:
+                new.add(self.spawn())
+        return new
+
     def _await_reload(self):
-        """Wait until every worker has applied the reload (or RELOAD_TIMEOUT passed)."""
+        """Wait until every worker has applied the reload (or RELOAD_TIMEOUT passed). One
+        that died meanwhile is replaced, and its replacement starts with the new config."""
         deadline = time.monotonic() + RELOAD_TIMEOUT
         while not self.pids <= self.reloaded and time.monotonic() < deadline \
                 and self.stop_signal is None:
             self._read_ready(0.1)
+            self.reloaded |= self._replace_lost()
         missing = self.pids - self.reloaded
         if missing:
             log.warning("reload: %d of %d workers did not confirm within %.0f s",
