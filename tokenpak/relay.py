@@ -50,6 +50,7 @@ MAX_BUFFERED = 256 * 1024    # bytes waiting for a slow client before its upstre
 MAX_CHUNK_PIECE = 64 * 1024  # a chunk larger than this is passed on in pieces as it arrives
 MAX_LINE = 4096              # a chunk-size or trailer line
 MAX_TRAILERS = 64 * 1024     # all trailer lines of a body together
+TAKE_OVER_READ = 256 * 1024  # more than http.client's reader ever buffers
 TICK = 1.0                   # seconds between timeout checks
 
 
@@ -158,15 +159,14 @@ def take_over(response):
             and hasattr(reader, "read1") and getattr(raw, "_fp_bytes_read", 0) == 0):
         return None
     sock.setblocking(False)
-    head = []
-    while True:  # what the reader buffered with the head, then what the socket has
-        try:
-            data = reader.read1(RECV_SIZE)
-        except OSError:  # would block (SSLWantReadError too), or reset: the loop's recv
-            break        # sees the same socket and tells which
-        if not data:  # nothing more now, or the end of file: the loop's recv will tell
-            break
-        head.append(data)
+    # What the reader buffered with the head: read1 returns all of it (its buffer is 8 KiB,
+    # io.DEFAULT_BUFFER_SIZE, far below the size asked) and nothing from the socket; with
+    # an empty buffer it reads the socket once. Anything more the loop reads itself.
+    try:
+        data = reader.read1(TAKE_OVER_READ)
+    except OSError:  # would block (SSLWantReadError too), or reset: the loop's recv sees
+        data = b""   # the same socket and tells which
+    head = [data] if data else []  # b"": nothing now, or end of file: the loop will tell
     return sock, head
 
 
