@@ -427,3 +427,24 @@ def test_bytes_already_decrypted_are_read_without_waiting_for_the_socket(
     proxy = proxy_to(make_proxy, server, proxy__read_timeout=3)
     assert ask(proxy) == "".join(TLS_WORDS)
     assert accounting_rows(proxy, 1)[-1]["complete"] == 1
+
+
+def test_a_failure_inside_the_loop_ends_that_stream_only(make_proxy, fake, monkeypatch):
+    from tokenpak import sse
+    feed = sse.StreamRewriter.feed
+
+    def broken(self, data):
+        if b"boom" in data:
+            raise RuntimeError("a bug in one stream's handling")
+        return feed(self, data)
+
+    monkeypatch.setattr(sse.StreamRewriter, "feed", broken)
+    proxy = make_proxy(compression__enabled=False)
+    with pytest.raises(openai.APIError):
+        ask(proxy, "boom")
+    assert [ask(proxy, "fine %d" % i) for i in range(3)] == ["Echo: fine %d" % i
+                                                              for i in range(3)]
+    rows = accounting_rows(proxy, 4)
+    assert "RuntimeError" in rows[0]["error"] and rows[0]["complete"] == 0
+    assert all(r["complete"] == 1 for r in rows[1:])
+    assert proxy.app.relay.relayed == 4

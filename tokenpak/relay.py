@@ -267,31 +267,37 @@ class RelayLoop:
             if self._closed:
                 self._shutdown()
                 return
-            for key, mask in events:
-                stream = key.data
-                if stream is None:
-                    self._drain_wake()
-                    continue
+            try:
+                next_tick = self._turn(events, next_tick)
+            except Exception:  # a bug outside any one stream: the loop must go on
+                log.exception("relay: loop error")
+
+    def _turn(self, events, next_tick):
+        """One pass over what epoll reported, the ready streams and, when due, the timers."""
+        for key, mask in events:
+            stream = key.data
+            if stream is None:
+                self._drain_wake()
+                continue
+            try:
+                if key.fileobj is stream.sock:
+                    self._read(stream)
+                else:
+                    self._flush(stream)
+            except Exception as exc:  # a bug for this stream only: end it
+                self._fail(stream, exc)
+        for stream in list(self._ready):
+            self._ready.discard(stream)
+            if stream in self._streams and stream.reading:
                 try:
-                    if key.fileobj is stream.sock:
-                        self._read(stream)
-                    else:
-                        self._flush(stream)
-                except Exception as exc:  # a bug for this stream only: end it
-                    log.exception("relay: stream failed")
-                    self._finish(stream, exc)
-            for stream in list(self._ready):
-                self._ready.discard(stream)
-                if stream in self._streams and stream.reading:
-                    try:
-                        self._read(stream)
-                    except Exception as exc:
-                        log.exception("relay: stream failed")
-                        self._finish(stream, exc)
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + TICK
-                self._tick(now)
+                    self._read(stream)
+                except Exception as exc:
+                    self._fail(stream, exc)
+        now = time.monotonic()
+        if now >= next_tick:
+            next_tick = now + TICK
+            self._tick(now)
+        return next_tick
 
     def _drain_wake(self):
         try:
@@ -306,8 +312,7 @@ class RelayLoop:
             try:
                 self._add(stream)
             except Exception as exc:
-                log.exception("relay: cannot take a stream over")
-                self._finish(stream, exc)
+                self._fail(stream, exc)
 
     def _add(self, stream):
         self._streams.add(stream)
@@ -473,6 +478,18 @@ class RelayLoop:
         self._ready.discard(stream)
         stream.done.set()
 
+    def _fail(self, stream, exc):
+        """An unexpected error in this stream's handling (a bug): it ends, as an upstream
+        error, with nothing more written to its client; the other streams go on."""
+        log.error("relay: stream failed", exc_info=exc)
+        stream.failure = stream.failure or exc
+        stream.client_dead = True
+        stream.out = bytearray()
+        try:
+            self._hand_back(stream)
+        except Exception:
+            stream.done.set()
+
     def _tick(self, now):
         """Timeouts, checked once a second rather than per event."""
         for stream in list(self._streams):
@@ -486,8 +503,7 @@ class RelayLoop:
                     self._finish(stream, TimeoutError("no data from the provider for %.0f s"
                                                       % stream.read_timeout))
             except Exception as exc:
-                log.exception("relay: stream failed")
-                self._finish(stream, exc)
+                self._fail(stream, exc)
 
     def _shutdown(self):
         for stream in list(self._streams):
