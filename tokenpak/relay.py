@@ -325,7 +325,9 @@ class RelayLoop:
         self._ready.add(stream)  # the socket may already hold more than epoll reports
 
     def _read(self, stream):
-        """Read the stream's upstream until it would block, it pauses, or its turn ends."""
+        """Read the stream's upstream until it is drained, it pauses, or its turn ends. A
+        read shorter than asked drained the socket (epoll is level-triggered: anything
+        that arrives meanwhile is reported again), unless TLS holds decrypted bytes."""
         for _ in range(READS_PER_TURN):
             try:
                 data = stream.sock.recv(RECV_SIZE)
@@ -341,6 +343,8 @@ class RelayLoop:
                 return
             if stream.paused:
                 break
+            if len(data) < RECV_SIZE and not stream.pending():
+                break  # drained: no recv just to hear EAGAIN; epoll reports what comes next
         else:
             self._ready.add(stream)  # its turn ended, not its data
         self._flush(stream)
