@@ -47,7 +47,7 @@ from .coalesce import Flight, FlightFailed
 from .compression import compress_request
 from .hangup import shutdown_upstream
 from .providers import credential, redact
-from .relay import Stream, take_over
+from .relay import Stream, give_back, take_over
 from .upstream import HOP_BY_HOP, UpstreamError, iter_body, read_body
 
 log = logging.getLogger("tokenpak")
@@ -553,6 +553,8 @@ def relay_stream(out, rt, ex, response, headers, flight):
                 client_lost()
             if failure is not None:
                 raise failure
+            if stream.decoder.done and not stream.decoder.extra:
+                give_back(response, source[0], source[2])
         else:
             for data in iter_body(response):
                 data = feed(data)

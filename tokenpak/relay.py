@@ -28,9 +28,8 @@ no longer read, so TCP back-pressures the provider as it did when the thread blo
 write. Timeouts are checked once a second: an upstream silent for proxy.read_timeout fails
 the stream (TimeoutError), a client that takes nothing for the client timeout is gone.
 
-After the body the upstream connection is closed, not returned to urllib3's pool: http.client
-still thinks its response is being read, and the next request on that connection would fail.
-The next request to that provider opens a new connection (README says what that costs).
+After a clean end with nothing left over, the upstream connection goes back to urllib3's
+pool (give_back) for the next request to reuse; after anything else it is closed.
 """
 
 import collections
@@ -146,10 +145,11 @@ class ChunkedDecoder:
 
 
 def take_over(response):
-    """(socket, bytes already read) for a chunked `requests` response whose body has not
-    been touched, its socket now non-blocking; None for anything else (not chunked, an
-    unknown object shape), which the handler thread relays itself. Works with urllib3 2.x
-    and 1.26: both wrap an http.client response whose buffered reader holds the socket."""
+    """(socket, bytes already read, the socket's timeout) for a chunked `requests` response
+    whose body has not been touched, its socket now non-blocking; None for anything else
+    (not chunked, an unknown object shape), which the handler thread relays itself. Works
+    with urllib3 2.x and 1.26: both wrap an http.client response whose buffered reader
+    holds the socket."""
     raw = getattr(response, "raw", None)
     fp = getattr(raw, "_fp", None)   # http.client.HTTPResponse
     reader = getattr(fp, "fp", None)  # its io.BufferedReader over a SocketIO
@@ -158,6 +158,7 @@ def take_over(response):
             and getattr(fp, "chunk_left", 0) is None and isinstance(sock, socket.socket)
             and hasattr(reader, "read1") and getattr(raw, "_fp_bytes_read", 0) == 0):
         return None
+    timeout = sock.gettimeout()
     sock.setblocking(False)
     # What the reader buffered with the head: read1 returns all of it (its buffer is 8 KiB,
     # io.DEFAULT_BUFFER_SIZE, far below the size asked) and nothing from the socket; with
@@ -167,7 +168,17 @@ def take_over(response):
     except OSError:  # would block (SSLWantReadError too), or reset: the loop's recv sees
         data = b""   # the same socket and tells which
     head = [data] if data else []  # b"": nothing now, or end of file: the loop will tell
-    return sock, head
+    return sock, head, timeout
+
+
+def give_back(response, sock, timeout):
+    """Return the connection of a body that ended cleanly, nothing after it, to urllib3's
+    pool: its socket blocking again with urllib3's timeout, and http.client's response
+    closed (it never read the body; an open one would make the next request on the
+    connection fail with ResponseNotReady). requests' close() then leaves it pooled."""
+    sock.settimeout(timeout)
+    response.raw._fp._close_conn()
+    response.raw.release_conn()
 
 
 class Stream:
