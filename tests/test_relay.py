@@ -466,3 +466,23 @@ def test_a_failure_inside_the_loop_ends_that_stream_only(make_proxy, fake, monke
     assert "RuntimeError" in rows[0]["error"] and rows[0]["complete"] == 0
     assert all(r["complete"] == 1 for r in rows[1:])
     assert proxy.app.relay.relayed == 4
+
+
+def test_closing_the_loop_ends_its_streams_so_a_drain_that_ran_out_of_time_finishes(
+        make_proxy, fake):
+    # App.close after lifecycle's grace period: a stream still in the loop must end (with
+    # the error event), not leave its handler thread waiting for ever.
+    fake.hold_seconds = 20
+    proxy = make_proxy(compression__enabled=False, proxy__read_timeout=30)
+    stream = openai_client(proxy).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "a b c"}], stream=True,
+        extra_headers={"x-fake": "hold"})
+    chunks = iter(stream)
+    next(chunks)  # the stream is in the loop, its provider silent
+    assert wait_for(lambda: proxy.app.relay._streams)
+    proxy.app.relay.close()
+    with pytest.raises(openai.APIError) as caught:
+        list(chunks)
+    assert "incomplete" in str(caught.value)
+    row = accounting_rows(proxy, 1)[-1]
+    assert row["complete"] == 0 and "ConnectionAbortedError" in row["error"]
