@@ -486,3 +486,26 @@ def test_closing_the_loop_ends_its_streams_so_a_drain_that_ran_out_of_time_finis
     assert "incomplete" in str(caught.value)
     row = accounting_rows(proxy, 1)[-1]
     assert row["complete"] == 0 and "ConnectionAbortedError" in row["error"]
+
+
+def test_a_client_that_takes_nothing_for_the_client_timeout_is_gone(make_proxy, scripted):
+    def script(conn):
+        conn.send(HEAD)
+        while True:  # more than any buffers hold, until tokenpak lets go of this upstream
+            conn.send(chunked(sse_event("x" * 60000)))
+
+    server = scripted(script)
+    proxy = proxy_to(make_proxy, server, proxy__client_timeout=1)
+    client = socket.socket()
+    client.connect(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "gpt-4o", "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    try:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                       b"Bearer sk-x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        # Reads nothing: once its socket is full, it takes nothing for a second.
+        row = accounting_rows(proxy, 1)[-1]
+        assert row["complete"] == 0 and "client disconnected" in row["error"]
+        assert proxy.app.relay.relayed == 1 and not proxy.app.relay._streams
+    finally:
+        client.close()

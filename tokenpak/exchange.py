@@ -553,7 +553,7 @@ def relay_stream(out, rt, ex, response, headers, flight):
                 client_lost()
             if failure is not None:
                 raise failure
-            if stream.decoder.done and not stream.decoder.extra:
+            if stream.decoder.done and not stream.decoder.extra and not gone.is_set():
                 give_back(response, source[0], source[2])
         else:
             for data in iter_body(response):

@@ -230,7 +230,7 @@ class RelayLoop:
         self._ready = set()               # streams to read without waiting for epoll
         self._thread = None
         self._closed = False
-        self.relayed = 0                  # streams relayed (tests, /metrics-free)
+        self.relayed = 0                  # streams taken over (the tests read these)
         self.chunks = 0                   # chunks decoded
 
     # -- the handler thread's side ------------------------------------------------------
@@ -394,6 +394,8 @@ class RelayLoop:
             self._client_gone(stream)
             return
         stream.sent += len(data)
+        if not stream.out:  # the client's time to take it starts now, not at its last write
+            stream.last_write = stream.last_read
         if stream.chunked:
             stream.out += b"%x\r\n" % len(data)
             stream.out += data
