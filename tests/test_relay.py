@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import requests
 import requests.adapters
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -369,13 +370,19 @@ def test_the_upstream_connection_is_reused_after_a_relayed_stream(make_proxy, sc
 
     server = scripted(script)
     proxy = proxy_to(make_proxy, server, proxy__max_request_bytes=16 << 20)
-    # The SDK is done at [DONE], before tokenpak has the body's end: each request waits
-    # until the previous one is finished, or it would find the connection still in use.
-    # The last is bigger than the socket buffers: the socket is blocking again, not left
+    # A client that reads each answer to its end (the SDKs may close at [DONE], and then
+    # tokenpak stops the upstream, which is never reused), and a request that waits until
+    # the previous one is finished (or it finds the connection still in use). The fourth
+    # is bigger than the socket buffers: the socket is blocking again, not left
     # non-blocking by the loop (a send would fail half-way).
+    session = requests.Session()
     for i, text in enumerate(["a", "b", "c", "x" * (8 << 20), "d"]):
-        assert ask(proxy, text) == "ok"
+        answer = session.post(proxy.url + "/v1/chat/completions", json={
+            "model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": text}]},
+            headers={"Authorization": "Bearer sk-x"}, timeout=30)
+        assert answer.status_code == 200 and b'"content": "ok"' in answer.content
         assert wait_for(lambda: proxy.app.requests_done > i)
+    session.close()
     assert server.connections == 1  # one connection, back in the pool after each body
     assert proxy.app.relay.relayed == 5
 
