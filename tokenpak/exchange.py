@@ -544,11 +544,17 @@ def relay_stream(out, rt, ex, response, headers, flight):
     source = take_over(response) if target is not None else None
     try:
         if source is not None:
-            loop, fd, chunked, client_lost, read_timeout, client_timeout = target
+            loop, fd, chunked, client_lost, send, read_timeout, client_timeout = target
             stream = Stream(source[0], source[1], feed, fd, chunked, gone, lost,
                             read_timeout, client_timeout)
             failure = loop.relay(stream)  # this thread sleeps until the body is over
             ex.sent += stream.sent
+            if stream.out and not stream.client_dead and not gone.is_set():
+                try:
+                    send(bytes(stream.out))  # a clean end's last bytes (RelayLoop._finish)
+                except OSError:
+                    stream.client_dead = True
+                    abort()
             if stream.client_dead:
                 client_lost()
             if failure is not None:

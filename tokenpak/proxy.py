@@ -556,13 +556,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def direct(self):
         """What the relay loop needs to write this stream's body itself (relay.py): the
         loop, the socket's descriptor, whether the body is chunked, what to call if the
-        loop finds the client gone, the read and client timeouts. None for a socket
+        loop finds the client gone, how to send bytes already framed (a clean end's last
+        ones), the read and client timeouts. None for a socket
         without a timeout (proxy.client_timeout 0): it blocks, and a write from the loop
         would stall every stream; such a stream stays on this thread."""
         app = self.server.app
         if self.connection.gettimeout() is None:
             return None
-        return (app.relay, self.connection.fileno(), self.chunked, self.lost,
+        return (app.relay, self.connection.fileno(), self.chunked, self.lost, self.send_now,
                 app.read_timeout, self.timeout)
 
     def lost(self):

@@ -199,6 +199,7 @@ class Stream:
         self.client_timeout = client_timeout
         self.decoder = ChunkedDecoder()
         self.out = bytearray()        # framed bytes the client's socket has not taken yet
+                                      # (after a clean end: for the handler thread to write)
         self.sent = 0                 # body bytes given to the client (Exchange.sent)
         self.client_dead = False
         self.paused = False           # upstream not read: the client's buffer is full
@@ -482,7 +483,10 @@ class RelayLoop:
         stream.failure = failure
         self._stop_reading(stream)
         self._ready.discard(stream)
-        if not stream.out or stream.client_dead:
+        if not stream.out or stream.client_dead or stream.decoder.done:
+            # A clean end leaves its last bytes (the final event, as a rule) for the handler
+            # thread to write: it then goes straight on to queue the accounting row, as the
+            # client may ask for it the moment it has that event.
             self._hand_back(stream)
         else:
             self._flush(stream)
@@ -497,11 +501,11 @@ class RelayLoop:
 
     def _fail(self, stream, exc):
         """An unexpected error in this stream's handling (a bug): it ends, as an upstream
-        error, with nothing more written to its client; the other streams go on."""
+        error, at once; the handler thread writes what its client had not taken yet, then
+        tells it the answer is incomplete. The other streams go on."""
         log.error("relay: stream failed", exc_info=exc)
         stream.failure = stream.failure or exc
-        stream.client_dead = True
-        stream.out = bytearray()
+        stream.ending = True
         try:
             self._hand_back(stream)
         except Exception:
