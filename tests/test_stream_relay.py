@@ -1,6 +1,7 @@
-"""The stream relay's write path (proxy.Handler.send_now): one write(2) when the client's
-socket takes the whole event, sendall for what it did not. A client that reads slowly
-must still receive every byte of an event larger than its socket buffers, in order."""
+"""The stream relay's write path (the relay loop, relay.py, and proxy.Handler.send_now for
+streams it does not take): one write(2) when the client's socket takes the whole event,
+the rest buffered or sent when there is room. A client that reads slowly must still
+receive every byte of an event larger than its socket buffers, in order."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import socket
 
 from helpers import wait_for
 from tokenpak import proxy as proxymod
+from tokenpak import relay as relaymod
 
 
 class CountingOs:
@@ -62,6 +64,7 @@ def test_an_event_bigger_than_the_socket_buffers_reaches_a_slow_client_whole(
         make_proxy, fake, monkeypatch):
     counting = CountingOs()
     monkeypatch.setattr(proxymod, "os", counting)
+    monkeypatch.setattr(relaymod, "os", counting)
     proxy = make_proxy(compression__enabled=False, proxy__max_request_bytes=16 << 20)
     # nine words of 700 kB: nine events, more than the socket buffers (4 MiB) hold unread
     text = " ".join("".join("%07d" % i for i in range(n, n + 100000))
@@ -76,7 +79,7 @@ def test_an_event_bigger_than_the_socket_buffers_reaches_a_slow_client_whole(
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                      b"sk-x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         # Read nothing until the relay found the socket full: what it could not write at
-        # once waits in sendall for this reader.
+        # once waits for this reader.
         assert wait_for(lambda: counting.partial > 0, timeout=30)
         head, stream = read_response(sock)
     finally:

@@ -12,6 +12,9 @@ client through a small writer interface, which the Handler implements and a test
                                   (HEAD, 204, 304), its headers already saying the length
     fail(status, message, extra=())  tokenpak's own error, in the provider's error shape
     watch(abort) -> unwatch    call abort() if the client hangs up while we relay
+    direct() (optional)        what relay.RelayLoop needs to write a stream's body to the
+                               client's socket itself; a writer without it (or returning
+                               None) gets every chunk through write()
 
 1. prepare: for a JSON body of a shape tokenpak knows (OpenAI chat, OpenAI Responses,
    Anthropic messages), strip old footers from the history and compress (footer.py,
@@ -44,6 +47,7 @@ from .coalesce import Flight, FlightFailed
 from .compression import compress_request
 from .hangup import shutdown_upstream
 from .providers import credential, redact
+from .relay import Stream, give_back, take_over
 from .upstream import HOP_BY_HOP, UpstreamError, iter_body, read_body
 
 log = logging.getLogger("tokenpak")
@@ -479,7 +483,12 @@ def relay_stream(out, rt, ex, response, headers, flight):
     """Relay chunk by chunk: to the client (through the rewriter) and to the flight, which
     followers read and which is the one copy kept for the cache (a cached request always
     has a flight). A client that leaves stops the upstream read at once, unless followers
-    still need it; then the last of them to leave stops it."""
+    still need it; then the last of them to leave stops it.
+
+    A chunked body is moved by the process's relay loop (relay.py), which calls `feed` per
+    chunk from its own thread while this one waits for the body's end: no wake-up per
+    event. Anything else is read here, chunk by chunk. Either way this thread then ends
+    the answer (final event, footer, store, flight)."""
     rewriter = make_rewriter(rt, ex) if ex.request is not None and ex.status < 300 else None
     if flight is not None:
         flight.set_head(ex.status, headers)
@@ -512,15 +521,50 @@ def relay_stream(out, rt, ex, response, headers, flight):
             flight.finish(True)  # after store: a later arrival finds one or the other
         return True
 
+    def feed(data):
+        # One chunk of the body (called by the relay loop's thread): what the client gets.
+        nonlocal size
+        if flight is not None:
+            flight.push(data)
+        size += len(data)
+        if gone.is_set():
+            return None
+        return rewriter.feed(data) if rewriter else data
+
+    def lost():
+        # The relay loop found the client gone (write failed, or it took nothing for the
+        # client timeout): as a failed out.write below.
+        if not gone.is_set():
+            abort()
+
     out.start(ex.status, headers + footer_headers(ex))
     unwatch = out.watch(abort)
+    direct = getattr(out, "direct", None)
+    target = direct() if direct is not None else None
+    source = take_over(response) if target is not None else None
     try:
-        for data in iter_body(response):
-            if flight is not None:
-                flight.push(data)
-            size += len(data)
-            if not gone.is_set():
-                if not out.write(rewriter.feed(data) if rewriter else data):
+        if source is not None:
+            loop, fd, chunked, client_lost, send, read_timeout, client_timeout = target
+            stream = Stream(source[0], source[1], feed, fd, chunked, gone, lost,
+                            read_timeout, client_timeout)
+            failure = loop.relay(stream)  # this thread sleeps until the body is over
+            ex.sent += stream.sent
+            if stream.out and not stream.client_dead and not gone.is_set():
+                try:
+                    send(bytes(stream.out))  # a clean end's last bytes (RelayLoop._finish)
+                except OSError:
+                    stream.client_dead = True
+                    abort()
+            if stream.client_dead:
+                client_lost()
+            if failure is not None:
+                raise failure
+            if stream.decoder.done and not stream.decoder.extra and not gone.is_set():
+                give_back(response, source[0], source[2])
+        else:
+            for data in iter_body(response):
+                data = feed(data)
+                if data is not None and not out.write(data):
                     abort()
                     if gone.is_set():
                         break

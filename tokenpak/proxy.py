@@ -46,6 +46,7 @@ from .errors import TokenpakError
 from .hangup import HangupWatcher
 from .metrics import Metrics
 from .providers import NoRoute, check_target, redact
+from .relay import RelayLoop
 from .runtime import RESTART_KEYS, host_name
 from .stats import printable
 from .upstream import Upstream
@@ -108,6 +109,7 @@ class App:
         self.read_timeout = config.get("proxy.read_timeout")
         self.coalescer = Coalescer()
         self.hangup = HangupWatcher()
+        self.relay = RelayLoop()  # its thread starts with the first stream (after any fork)
         self.metrics = Metrics()
         self.recorder = Recorder(self.db_path)
         self.ledger = self.recorder.ledger = Ledger()  # the spend the budgets are checked on
@@ -231,6 +233,7 @@ class App:
 
     def close(self):
         self.hangup.close()
+        self.relay.close()
         self.recorder.close()
         if self._cache is not None:
             self._cache[0].close()
@@ -554,6 +557,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
         hangup = self.server.app.hangup
         token = hangup.watch(self.connection, abort)
         return lambda: hangup.unwatch(token)
+
+    def direct(self):
+        """What the relay loop needs to write this stream's body itself (relay.py): the
+        loop, the socket's descriptor, whether the body is chunked, what to call if the
+        loop finds the client gone, how to send bytes already framed (a clean end's last
+        ones), the read and client timeouts. None for a socket
+        without a timeout (proxy.client_timeout 0): it blocks, and a write from the loop
+        would stall every stream; such a stream stays on this thread."""
+        app = self.server.app
+        if self.connection.gettimeout() is None:
+            return None
+        return (app.relay, self.connection.fileno(), self.chunked, self.lost, self.send_now,
+                app.read_timeout, self.timeout)
+
+    def lost(self):
+        """The relay loop found this client gone: whatever the tail still writes fails at
+        once rather than waiting on a client that takes nothing."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # -- writing -----------------------------------------------------------------------
     def write_head(self, status, headers, length, body=b"", chunked=False):
