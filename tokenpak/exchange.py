@@ -12,6 +12,8 @@ client through a small writer interface, which the Handler implements and a test
                                   (HEAD, 204, 304), its headers already saying the length
     fail(status, message, extra=())  tokenpak's own error, in the provider's error shape
     watch(abort) -> unwatch    call abort() if the client hangs up while we relay
+    settle()                   queue the accounting row now, before a stream's final event
+                               (end() and whole() do it themselves)
     direct() (optional)        what relay.RelayLoop needs to write a stream's body to the
                                client's socket itself; a writer without it (or returning
                                None) gets every chunk through write()
@@ -331,6 +333,7 @@ def replay(out, rt, ex, entry):
     if entry.streamed:
         rewriter = make_rewriter(rt, ex)
         out.start(entry.status, headers)
+        out.settle()  # its figures are the entry's: accounted before its [DONE] goes out
         for event in sse.split_events(entry.body):
             out.write(rewriter.feed(event) if rewriter else event)
         if rewriter:
@@ -590,23 +593,28 @@ def relay_stream(out, rt, ex, response, headers, flight):
         if flight is not None:
             flight.finish(False)
         return
+    tail = b""
     if rewriter:
         watcher = rewriter.watcher
         if watcher.complete or watcher.errored:
-            out.write(rewriter.close())
+            tail = rewriter.close()
         else:
             # The body ended without [DONE] / message_stop: a truncated answer must not
             # look like a finished one to the client's SDK.
             ex.error = "upstream ended the stream before its final event"
-            out.write(rewriter.abort("the provider closed the stream early; "
-                                     "the answer is incomplete"))
+            tail = rewriter.abort("the provider closed the stream early; "
+                                  "the answer is incomplete")
         ex.usage, ex.complete = watcher.usage, watcher.complete
         ex.model = watcher.model or ex.model
-    # Stored before the client sees the body's end, and the flight finished after that: an
-    # identical request the client sends the moment this one ends finds the entry queued
-    # (read-your-writes), or the flight, never neither.
+    # Stored and accounted before the client has the final event (an SDK returns at
+    # [DONE], before the body's end), and the flight finished after that: an identical
+    # request the client sends the moment it has its answer finds the entry queued
+    # (read-your-writes), or the flight, never neither; /stats, /metrics and the budgets
+    # already count this one.
     if record and ex.complete and rewriter is not None and size <= MAX_CACHED_BODY:
         store(rt, ex, headers, flight.body(), streamed=True)
+    out.settle()
+    out.write(tail)
     if flight is not None:
         flight.finish(ex.complete)
     out.end()
