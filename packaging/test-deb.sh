@@ -117,8 +117,12 @@ trap cleanup EXIT
 cat > "$work/fakeup.py" <<'EOF'
 import http.server, json, sys
 class Upstream(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, and chunked streams as the providers send
+
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        if request.get("stream"):
+            return self.stream()
         body = json.dumps({"id": "chatcmpl-test", "object": "chat.completion", "model": "gpt-4o",
                            "choices": [{"index": 0, "finish_reason": "stop",
                                         "message": {"role": "assistant", "content": "pong"}}],
@@ -129,7 +133,24 @@ class Upstream(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Upstream).serve_forever()
+
+    def stream(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "gpt-4o"}
+        events = [dict(chunk, choices=[{"index": 0, "delta": {"content": piece},
+                                        "finish_reason": None}]) for piece in ("po", "ng")]
+        events.append(dict(chunk, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        events.append(dict(chunk, choices=[], usage={"prompt_tokens": 5, "completion_tokens": 2,
+                                                     "total_tokens": 7}))
+        for data in [json.dumps(e) for e in events] + ["[DONE]"]:
+            event = ("data: %s\n\n" % data).encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Upstream).serve_forever()
 EOF
 cp -a --reflink=auto "$base" "$work/root"
 cp "$deb" "$work/root/var/tmp/tokenpak.deb"
@@ -245,6 +266,26 @@ health >/dev/null || die "GET /health after reload failed"
 log "ok: systemctl reload (SIGHUP) keeps pid $pid serving"
 verdicts=$(in_ct python3 - <<'EOF'
 import json, time, urllib.request
+
+def post(body):
+    return urllib.request.urlopen(urllib.request.Request(
+        "http://127.0.0.1:8766/v1/chat/completions", json.dumps(body).encode(),
+        {"Authorization": "Bearer sk-test-key", "Content-Type": "application/json"}), timeout=10)
+
+# Streams go through the relay loop with Debian's urllib3, which then hands each upstream
+# connection back to its pool: the requests after them reuse those connections.
+for i in range(2):
+    with post({"model": "gpt-4o", "stream": True,
+               "messages": [{"role": "user", "content": "stream %d" % i}]}) as resp:
+        lines = [line.decode().strip() for line in resp]
+    events = [l[6:] for l in lines if l.startswith("data: ")]
+    assert events[-1] == "[DONE]", lines
+    text = "".join(c["delta"].get("content") or "" for e in events[:-1]
+                   for c in json.loads(e)["choices"])
+    assert text.startswith("pong"), lines
+for i in range(4):
+    with post({"model": "gpt-4o", "messages": [{"role": "user", "content": "after %d" % i}]}) as resp:
+        assert json.load(resp)["choices"][0]["message"]["content"].startswith("pong")
 body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "ping"}]})
 verdicts = []
 for attempt in range(2):  # a miss, then a hit in whichever worker takes the repeat
@@ -261,7 +302,7 @@ EOF
 [ "$verdicts" = "miss hit" ] || die "no cache miss then hit: $verdicts"
 [ "$(in_ct stat -c %U /var/lib/tokenpak/tokenpak.db)" = tokenpak ] \
     || die "no database owned by tokenpak in /var/lib/tokenpak"
-log "ok: a request through the service reached the upstream, then hit the cache ($verdicts)"
+log "ok: streams relayed, then requests on the pooled connections; a request reached the upstream, then hit the cache ($verdicts)"
 in_ct systemctl stop fake-upstream
 in_ct systemctl restart tokenpak.service || die "systemctl restart failed"
 wait_active tokenpak.service
