@@ -301,9 +301,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if not ex.status and not ex.error:
             ex.error = "no answer: the client's connection closed or timed out"
-        self.log_exchange(ex)
         if not ex.local and not ex.recorded:
             exchange.record(self.server.app, self.rt, ex)
+        self.log_exchange(ex)  # last: once its line is there, /metrics and the DB count it
 
     def settle(self):
         """Queue the exchange's accounting row just before the last bytes of its answer go
